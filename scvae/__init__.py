@@ -1,0 +1,21 @@
+"""scvae: single-cell variational inference (scVI's model) with a scanpy-style API.
+
+The public face only: everything is defined in the submodules and re-exported here.
+
+Examples
+--------
+>>> import scvae
+>>> adata = scvae.data.simulate(200, 50, seed=0)
+>>> model = scvae.SCVAE(adata)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from scvae import data
+from scvae._settings import settings
+from scvae.data import datasets
+from scvae.model import LATENT_KEY, SCVAE
+
+__all__ = ["LATENT_KEY", "SCVAE", "__version__", "data", "datasets", "settings"]

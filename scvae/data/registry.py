@@ -1,0 +1,311 @@
+"""What in an AnnData is what: the registered layer, keys, categories and genes, validated.
+
+``register`` checks an AnnData once, when a model is built, and records what it found in a
+:class:`Registry`; every later AnnData (queries, ``load``) is checked against that record with
+:meth:`Registry.check`. Each refusal names the problem (layer, key, gene, value) and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+# Non-integer data whose largest value is below this looks log-normalised, not like counts.
+_LOG_DATA_MAX = 30.0
+
+
+class RegistryError(ValueError):
+    """The AnnData does not fit what the model needs or what it was registered with."""
+
+
+@dataclass
+class Registry:
+    """The record of a registered AnnData.
+
+    Attributes
+    ----------
+    layer, batch_key, labels_key
+        Where the counts, batches and labels were read from (None: ``X`` / a single batch /
+        a single label).
+    batch_categories, label_categories
+        The categories in registration order; a cell's code is its category's position.
+    var_names
+        The genes, in order.
+    allow_non_integer
+        Whether fractional counts were accepted.
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np
+    >>> reg = register(ad.AnnData(np.ones((3, 2), dtype=np.float32)))
+    >>> reg.n_batch, reg.var_names
+    (1, ['0', '1'])
+    """
+
+    layer: str | None
+    batch_key: str | None
+    labels_key: str | None
+    batch_categories: list[str]
+    label_categories: list[str]
+    var_names: list[str]
+    allow_non_integer: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_batch(self) -> int:
+        """Number of batches (1 when no batch key is registered)."""
+        return len(self.batch_categories)
+
+    @property
+    def n_labels(self) -> int:
+        """Number of labels (1 when no labels key is registered)."""
+        return len(self.label_categories)
+
+    @property
+    def n_vars(self) -> int:
+        """Number of genes."""
+        return len(self.var_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Registry:
+        """Inverse of :meth:`to_dict`; refuses unknown or missing fields."""
+        try:
+            return cls(**d)
+        except TypeError as err:
+            raise RegistryError(f"The saved registry is malformed ({err}).") from None
+
+    # ------------------------------------------------------------------ checks
+    def check(self, adata: ad.AnnData) -> sp.csr_matrix:
+        """Check a later AnnData against this record and return its validated counts.
+
+        Genes must be the registered ones in the same order; batch and label categories must
+        be among the registered ones.
+        """
+        _check_not_empty(adata)
+        names = list(map(str, adata.var_names))
+        if names != self.var_names:
+            missing = [g for g in self.var_names if g not in set(names)]
+            if missing:
+                raise RegistryError(
+                    f"{len(missing)} of the model's {self.n_vars} genes are missing from this "
+                    f"AnnData (e.g. {', '.join(missing[:5])}). Use an AnnData with the genes "
+                    "the model was trained on."
+                )
+            extra = len(names) - self.n_vars
+            how = f"it has {extra} extra genes" if extra else "they are in another order"
+            raise RegistryError(
+                f"This AnnData's genes differ from the model's: {how}. Subset and reorder it "
+                "first: adata = adata[:, model.var_names].copy()."
+            )
+        self.batch_codes(adata)
+        self.label_codes(adata)
+        return get_counts(adata, self.layer, allow_non_integer=self.allow_non_integer)
+
+    def batch_codes(self, adata: ad.AnnData) -> np.ndarray:
+        """Batch code of each cell (int64); unknown categories are an error."""
+        return _codes(adata, self.batch_key, self.batch_categories, "batch_key")
+
+    def label_codes(self, adata: ad.AnnData) -> np.ndarray:
+        """Label code of each cell (int64); unknown categories are an error."""
+        return _codes(adata, self.labels_key, self.label_categories, "labels_key")
+
+
+def register(
+    adata: ad.AnnData,
+    *,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    labels_key: str | None = None,
+    allow_non_integer: bool = False,
+) -> Registry:
+    """Validate an AnnData of raw counts and record its layer, keys, categories and genes.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes raw counts in ``X`` or in ``layers[layer]``.
+    layer
+        Layer holding the counts (None: ``X``).
+    batch_key, labels_key
+        Columns of ``obs`` with the batch and the cell label (None: one batch / one label).
+    allow_non_integer
+        Accept fractional counts (ambient-corrected or EM-estimated); refused by default.
+
+    Returns
+    -------
+    The :class:`Registry`.
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np, pandas as pd
+    >>> a = ad.AnnData(np.ones((2, 3), dtype=np.float32))
+    >>> a.obs["b"] = pd.Categorical(["x", "y"])
+    >>> register(a, batch_key="b").batch_categories
+    ['x', 'y']
+    """
+    if not isinstance(adata, ad.AnnData):
+        raise TypeError(f"Expected an AnnData, got {type(adata).__name__}.")
+    _check_not_empty(adata)
+    if not adata.var_names.is_unique:
+        dup = adata.var_names[adata.var_names.duplicated()].unique()
+        raise RegistryError(
+            f"Gene names (var_names) are not unique: {len(dup)} repeated, e.g. "
+            f"{', '.join(map(str, dup[:5]))}. Run adata.var_names_make_unique() first."
+        )
+    get_counts(adata, layer, allow_non_integer=allow_non_integer)
+    batches = _categories(adata, batch_key, "batch_key")
+    labels = _categories(adata, labels_key, "labels_key")
+    return Registry(
+        layer=layer,
+        batch_key=batch_key,
+        labels_key=labels_key,
+        batch_categories=batches,
+        label_categories=labels,
+        var_names=list(map(str, adata.var_names)),
+        allow_non_integer=allow_non_integer,
+    )
+
+
+def get_counts(
+    adata: ad.AnnData, layer: str | None, *, allow_non_integer: bool = False
+) -> sp.csr_matrix:
+    """Return the counts as CSR float32 after checking they are usable raw counts.
+
+    Refused, each with the fix: a missing layer, non-numeric data, NaN or inf, negative values,
+    non-integer values (unless ``allow_non_integer``; data that looks log-normalised gets a
+    pointer to the raw counts), and cells with zero total counts.
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np
+    >>> get_counts(ad.AnnData(np.array([[1.0, 0.0]], dtype=np.float32)), None).nnz
+    1
+    """
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    if layer is None:
+        matrix = adata.X
+        if matrix is None:
+            raise RegistryError("adata.X is empty (None). Pass layer= naming the counts layer.")
+    else:
+        if layer not in adata.layers:
+            have = ", ".join(map(repr, adata.layers.keys())) or "none"
+            raise RegistryError(
+                f"Layer {layer!r} is not in adata.layers (layers present: {have}). Pass the "
+                "layer that holds the raw counts, or layer=None for adata.X."
+            )
+        matrix = adata.layers[layer]
+    if isinstance(matrix, ad.abc.CSRDataset | ad.abc.CSCDataset):
+        matrix = matrix.to_memory()
+    if sp.issparse(matrix):
+        csr = sp.csr_matrix(matrix)
+        values = csr.data
+    else:
+        array = np.asarray(matrix)
+        if array.dtype.kind not in "biuf":
+            raise RegistryError(f"{where} has dtype {array.dtype}; counts must be numeric.")
+        values = array.ravel()
+        csr = None
+    if values.dtype.kind not in "biuf":
+        raise RegistryError(f"{where} has dtype {values.dtype}; counts must be numeric.")
+    if values.dtype.kind == "f":
+        bad = ~np.isfinite(values)
+        if bad.any():
+            n_nan = int(np.isnan(values).sum())
+            raise RegistryError(
+                f"{where} holds {n_nan} NaN and {int(bad.sum()) - n_nan} infinite values. Counts "
+                "must be finite: fix or remove the affected cells and genes."
+            )
+    if values.size and values.min() < 0:
+        raise RegistryError(
+            f"{where} holds {int((values < 0).sum())} negative values (minimum "
+            f"{values.min():g}). scvae models raw counts, which are non-negative; pass the raw "
+            "counts (e.g. layer='counts'), not scaled or centred data."
+        )
+    if values.dtype.kind == "f" and not allow_non_integer:
+        frac = values != np.round(values)
+        if frac.any():
+            example = values[frac][0]
+            if values.max() < _LOG_DATA_MAX:
+                hint = (
+                    f"It looks log-normalised (largest value {values.max():.3g}). Pass the raw "
+                    "counts: layer='counts' if you kept them there (adata.layers['counts'] = "
+                    "adata.X.copy() before sc.pp.normalize_total), or adata.raw.to_adata()."
+                )
+            else:
+                hint = (
+                    "If the fractional values are intended (ambient-corrected or EM-estimated "
+                    "counts), pass allow_non_integer=True."
+                )
+            raise RegistryError(
+                f"{where} holds {int(frac.sum())} non-integer values (e.g. {example:g}); scvae "
+                f"expects raw integer counts. {hint}"
+            )
+    if csr is None:
+        csr = sp.csr_matrix(np.asarray(matrix, dtype=np.float32))
+    csr = csr.astype(np.float32)
+    totals = np.asarray(csr.sum(axis=1)).ravel()
+    empty = np.flatnonzero(totals <= 0)
+    if empty.size:
+        first = ", ".join(map(str, adata.obs_names[empty[:3]]))
+        raise RegistryError(
+            f"{empty.size} cells have zero total counts in {where} (e.g. {first}); the library "
+            "size of such a cell is undefined. Remove them first: "
+            "sc.pp.filter_cells(adata, min_counts=1)."
+        )
+    return csr
+
+
+def _check_not_empty(adata: ad.AnnData) -> None:
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise RegistryError(
+            f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes); scvae needs at "
+            "least one cell and one gene. Check the filtering steps before this call."
+        )
+
+
+def _column(adata: ad.AnnData, key: str, what: str) -> pd.Series:
+    if key not in adata.obs.columns:
+        have = ", ".join(map(repr, list(adata.obs.columns)[:20])) or "none"
+        raise RegistryError(f"{what}={key!r} is not a column of adata.obs (columns: {have}).")
+    column = adata.obs[key]
+    if column.isna().any():
+        raise RegistryError(
+            f"adata.obs[{key!r}] ({what}) has {int(column.isna().sum())} missing values (NaN). "
+            "Fill them (e.g. with 'unknown') or remove those cells."
+        )
+    return column
+
+
+def _categories(adata: ad.AnnData, key: str | None, what: str) -> list[str]:
+    if key is None:
+        return ["0"]
+    column = _column(adata, key, what)
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        present = set(column.astype(str))
+        return [str(c) for c in column.cat.categories if str(c) in present]
+    return sorted(map(str, column.unique()))
+
+
+def _codes(adata: ad.AnnData, key: str | None, categories: list[str], what: str) -> np.ndarray:
+    if key is None:
+        return np.zeros(adata.n_obs, dtype=np.int64)
+    values = _column(adata, key, what).astype(str).to_numpy()
+    lookup = {c: i for i, c in enumerate(categories)}
+    unknown = sorted(set(values) - lookup.keys())
+    if unknown:
+        raise RegistryError(
+            f"adata.obs[{key!r}] has categories the model was not trained with: "
+            f"{', '.join(map(repr, unknown[:5]))} "
+            f"(known: {', '.join(map(repr, categories[:10]))}). "
+            "Use cells of the registered categories."
+        )
+    return np.fromiter((lookup[v] for v in values), dtype=np.int64, count=len(values))

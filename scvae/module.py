@@ -1,0 +1,367 @@
+"""The VAE as an ``nn.Module``: inference -> generative -> loss (scVI, Lopez et al. 2018).
+
+Tensors only: this file never sees an AnnData. The model is
+
+* z ~ N(0, I) with ``n_latent`` dimensions (``latent_distribution="ln"``: z = softmax(u),
+  u ~ N(0, I));
+* l, a LOG library size: observed, ``l = log(sum_g x_g)``, or latent with q(l | x) normal and
+  the prior N(mean_b, var_b) of the log totals of the training cells of batch b;
+* rho = softmax(decoder(z, batch)), mu = exp(l) * rho, and x ~ ZINB / NB / Poisson(mu, theta, pi).
+
+The per-cell loss is recon = -log p(x | z, l) summed over genes plus KL terms; training minimises
+``mean(recon + kl_weight * kl_z + kl_l)`` (KL warm-up on z only).
+
+Examples
+--------
+>>> import torch
+>>> module = VAE(ModuleConfig(n_input=30))
+>>> x = torch.poisson(torch.full((8, 30), 2.0))
+>>> batch = torch.zeros(8, dtype=torch.long)
+>>> inf = module.inference(x, batch)
+>>> gen = module.generative(inf["z"], inf["library"], batch)
+>>> module.loss(x, inf, gen).loss.shape
+torch.Size([])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.distributions import Normal, kl_divergence
+from torch.nn import functional as F
+
+from scvae.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
+from scvae.nn import DecoderSCVI, Encoder
+
+GeneLikelihood = Literal["zinb", "nb", "poisson"]
+Dispersion = Literal["gene", "gene-batch", "gene-label", "gene-cell"]
+LatentDistribution = Literal["normal", "ln"]
+NormWhere = Literal["encoder", "decoder", "none", "both"]
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "gene_likelihood": ("zinb", "nb", "poisson"),
+    "dispersion": ("gene", "gene-batch", "gene-label", "gene-cell"),
+    "latent_distribution": ("normal", "ln"),
+    "use_batch_norm": ("encoder", "decoder", "none", "both"),
+    "use_layer_norm": ("encoder", "decoder", "none", "both"),
+}
+
+
+@dataclass(frozen=True)
+class ModuleConfig:
+    """Architecture of the VAE; the defaults are scvi-tools' ``SCVI`` defaults.
+
+    Examples
+    --------
+    >>> ModuleConfig(n_input=100, n_batch=2).n_latent
+    10
+    """
+
+    n_input: int
+    n_batch: int = 1
+    n_labels: int = 1
+    n_hidden: int = 128
+    n_latent: int = 10
+    n_layers: int = 1
+    dropout_rate: float = 0.1
+    dispersion: Dispersion = "gene"
+    gene_likelihood: GeneLikelihood = "zinb"
+    latent_distribution: LatentDistribution = "normal"
+    log_variational: bool = True
+    use_observed_lib_size: bool = True
+    encode_covariates: bool = False
+    deeply_inject_covariates: bool = True
+    use_batch_norm: NormWhere = "both"
+    use_layer_norm: NormWhere = "none"
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}.")
+        for name in ("n_input", "n_batch", "n_labels", "n_hidden", "n_latent", "n_layers"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as a JSON-ready dict."""
+        return asdict(self)
+
+
+def standard_normal_like(t: torch.Tensor) -> Normal:
+    """The prior N(0, I) with the shape, dtype and device of ``t``."""
+    return Normal(torch.zeros_like(t), torch.ones_like(t), validate_args=False)
+
+
+@dataclass
+class LossOutput:
+    """Per-cell terms of the loss and the minibatch loss that is minimised.
+
+    ``reconstruction_loss`` is -log p(x | z, l) per cell (positive); ``kl_z`` and ``kl_l`` are
+    per-cell KL divergences; ``loss`` is ``mean(recon + kl_weight * kl_z + kl_l)``.
+    """
+
+    loss: torch.Tensor
+    reconstruction_loss: torch.Tensor
+    kl_z: torch.Tensor
+    kl_l: torch.Tensor
+
+    @property
+    def elbo(self) -> torch.Tensor:
+        """Per-cell ELBO with KL weight 1 (negative, higher is better)."""
+        return -(self.reconstruction_loss + self.kl_z + self.kl_l)
+
+
+class VAE(nn.Module):
+    """scVI's variational autoencoder (see the module docstring for the model).
+
+    Parameters
+    ----------
+    config
+        The architecture (:class:`ModuleConfig`).
+    library_log_means, library_log_vars
+        Per-batch mean and variance of the log library size of the training cells; the prior
+        of a latent library (ignored, but kept, when the library is observed).
+
+    Examples
+    --------
+    >>> module = VAE(ModuleConfig(n_input=30, n_batch=2))
+    >>> sum(p.numel() for p in module.parameters()) > 0
+    True
+    """
+
+    def __init__(
+        self,
+        config: ModuleConfig,
+        library_log_means: torch.Tensor | None = None,
+        library_log_vars: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = c = config
+        norm_enc = c.use_batch_norm in ("encoder", "both")
+        norm_dec = c.use_batch_norm in ("decoder", "both")
+        ln_enc = c.use_layer_norm in ("encoder", "both")
+        ln_dec = c.use_layer_norm in ("decoder", "both")
+        enc_cats = [c.n_batch] if c.encode_covariates else []
+        common = {
+            "n_layers": c.n_layers,
+            "n_hidden": c.n_hidden,
+            "inject_covariates": c.deeply_inject_covariates,
+        }
+        enc = {**common, "dropout_rate": c.dropout_rate}
+        enc.update(use_batch_norm=norm_enc, use_layer_norm=ln_enc, n_cat_list=enc_cats)
+        self.z_encoder = Encoder(c.n_input, c.n_latent, **enc)
+        self.l_encoder = (
+            None if c.use_observed_lib_size else Encoder(c.n_input, 1, **{**enc, "n_layers": 1})
+        )
+        self.decoder = DecoderSCVI(
+            c.n_latent,
+            c.n_input,
+            n_cat_list=[c.n_batch],
+            use_batch_norm=norm_dec,
+            use_layer_norm=ln_dec,
+            cell_dispersion=c.dispersion == "gene-cell",
+            **common,
+        )
+        n_theta = {"gene": 1, "gene-batch": c.n_batch, "gene-label": c.n_labels}.get(c.dispersion)
+        # log theta, initialised N(0, 1) as in scvi-tools; absent for per-cell dispersion.
+        self.px_r = nn.Parameter(torch.randn(c.n_input, n_theta)) if n_theta else None
+        means = torch.zeros(c.n_batch) if library_log_means is None else library_log_means
+        variances = torch.ones(c.n_batch) if library_log_vars is None else library_log_vars
+        self.register_buffer("library_log_means", means.float().reshape(c.n_batch))
+        self.register_buffer("library_log_vars", variances.float().reshape(c.n_batch))
+
+    # ------------------------------------------------------------------ inference
+    def inference(
+        self, x: torch.Tensor, batch_index: torch.Tensor, n_samples: int = 1
+    ) -> dict[str, Any]:
+        """q(z | x) and q(l | x) (or the observed l), with reparameterized samples.
+
+        Parameters
+        ----------
+        x
+            Counts, ``(n_cells, n_genes)`` float32.
+        batch_index
+            Batch codes, ``(n_cells,)`` int64.
+        n_samples
+            Samples per cell; with more than one, ``z`` and ``library`` get a leading axis.
+
+        Returns
+        -------
+        dict with ``qz`` (Normal over the untransformed latent), ``z`` (the sample, after the
+        softmax for the ln latent), ``untran_z``, ``ql`` (None when observed) and ``library``
+        (log library, shape ``(..., n_cells, 1)``).
+        """
+        x_in = torch.log1p(x) if self.config.log_variational else x
+        cats = [batch_index] if self.config.encode_covariates else []
+        qz, untran_z = self.z_encoder(x_in, *cats)
+        ql = None
+        if self.l_encoder is None:
+            library = torch.log(x.sum(dim=-1, keepdim=True))
+        else:
+            ql, library = self.l_encoder(x_in, *cats)
+        if n_samples > 1:
+            untran_z = qz.rsample((n_samples,))
+            if ql is None:
+                library = library.expand(n_samples, *library.shape)
+            else:
+                library = ql.rsample((n_samples,))
+        z = self.transform_z(untran_z)
+        return {"qz": qz, "z": z, "untran_z": untran_z, "ql": ql, "library": library}
+
+    def transform_z(self, untran_z: torch.Tensor) -> torch.Tensor:
+        """Map a sample of the Gaussian posterior to the latent space (softmax for ``ln``)."""
+        if self.config.latent_distribution == "ln":
+            return torch.softmax(untran_z, dim=-1)
+        return untran_z
+
+    # ----------------------------------------------------------------- generative
+    def generative(
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor,
+        batch_index: torch.Tensor,
+        label_index: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """p(x | z, l, batch): the likelihood and its parameters.
+
+        ``z`` is ``(..., n_cells, n_latent)`` and ``library`` ``(..., n_cells, 1)``; batch and
+        label codes are ``(n_cells,)`` and broadcast over leading sample axes.
+
+        Returns
+        -------
+        dict with ``px`` (the count distribution), ``rho`` (normalised expression, rows sum to
+        1), ``mu`` (mean of the non-zero-inflated counts, ``exp(l) * rho``), ``theta``
+        (inverse dispersion) and ``zi_logits``.
+        """
+        lead = z.shape[:-1]
+        n_genes = self.config.n_input
+        z_flat = z.reshape(-1, z.shape[-1])
+        lib_flat = library.expand(*lead, 1).reshape(-1, 1)
+        batch_flat = batch_index.expand(lead).reshape(-1)
+        rho, log_theta_cell, mu, zi_logits = self.decoder(z_flat, lib_flat, batch_flat)
+        theta = self._theta(batch_flat, label_index, log_theta_cell, lead)
+        rho, mu, zi_logits = (t.reshape(*lead, n_genes) for t in (rho, mu, zi_logits))
+        theta = theta.reshape(*lead, n_genes) if theta.dim() > 1 else theta
+        likelihood = self.config.gene_likelihood
+        if likelihood == "zinb":
+            px = ZeroInflatedNegativeBinomial(mu, theta, zi_logits)
+        elif likelihood == "nb":
+            px = NegativeBinomial(mu, theta)
+        else:
+            px = Poisson(mu)
+        return {"px": px, "rho": rho, "mu": mu, "theta": theta, "zi_logits": zi_logits}
+
+    def _theta(
+        self,
+        batch_flat: torch.Tensor,
+        label_index: torch.Tensor | None,
+        log_theta_cell: torch.Tensor | None,
+        lead: torch.Size,
+    ) -> torch.Tensor:
+        c = self.config
+        if c.dispersion == "gene-cell":
+            assert log_theta_cell is not None
+            return torch.exp(log_theta_cell)
+        assert self.px_r is not None
+        if c.dispersion == "gene":
+            return torch.exp(self.px_r[:, 0])
+        if c.dispersion == "gene-batch":
+            codes, n = batch_flat, c.n_batch
+        else:
+            if label_index is None:
+                raise ValueError("dispersion='gene-label' needs the label codes of the cells.")
+            codes, n = label_index.expand(lead).reshape(-1), c.n_labels
+        return torch.exp(F.one_hot(codes.long(), n).float() @ self.px_r.T)
+
+    # ----------------------------------------------------------------------- loss
+    def loss(
+        self,
+        x: torch.Tensor,
+        inference_outputs: dict[str, Any],
+        generative_outputs: dict[str, Any],
+        kl_weight: float = 1.0,
+        batch_index: torch.Tensor | None = None,
+    ) -> LossOutput:
+        """Per-cell reconstruction and KL terms and the minibatch loss.
+
+        ``batch_index`` selects the library prior of each cell (needed for a latent library).
+        """
+        recon = -generative_outputs["px"].log_prob(x).sum(-1)
+        qz = inference_outputs["qz"]
+        kl_z = kl_divergence(qz, standard_normal_like(qz.loc)).sum(-1)
+        ql = inference_outputs["ql"]
+        if ql is None:
+            kl_l = torch.zeros_like(kl_z)
+        else:
+            prior = self.library_prior(batch_index, like=ql.loc)
+            kl_l = kl_divergence(ql, prior).sum(-1)
+        loss = torch.mean(recon + kl_weight * kl_z + kl_l)
+        return LossOutput(loss=loss, reconstruction_loss=recon, kl_z=kl_z, kl_l=kl_l)
+
+    def library_prior(self, batch_index: torch.Tensor | None, like: torch.Tensor) -> Normal:
+        """The per-batch prior N(mean_b, var_b) of the log library, shaped like ``like``."""
+        if batch_index is None:
+            raise ValueError("A latent library needs the batch codes for its prior.")
+        idx = batch_index.long().reshape(-1)
+        mean = self.library_log_means[idx].unsqueeze(-1).expand_as(like)
+        var = self.library_log_vars[idx].unsqueeze(-1).expand_as(like)
+        return Normal(mean, var.sqrt(), validate_args=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch_index: torch.Tensor,
+        label_index: torch.Tensor | None = None,
+        kl_weight: float = 1.0,
+    ) -> LossOutput:
+        """inference -> generative -> loss on one minibatch."""
+        inf = self.inference(x, batch_index)
+        gen = self.generative(inf["z"], inf["library"], batch_index, label_index)
+        return self.loss(x, inf, gen, kl_weight=kl_weight, batch_index=batch_index)
+
+    # -------------------------------------------------------- marginal likelihood
+    @torch.no_grad()
+    def marginal_ll(
+        self,
+        x: torch.Tensor,
+        batch_index: torch.Tensor,
+        label_index: torch.Tensor | None = None,
+        n_mc_samples: int = 1000,
+        samples_per_pass: int = 100,
+    ) -> torch.Tensor:
+        """Importance-sampled log p(x) per cell, with q(z, l | x) as the proposal.
+
+        log p(x) ~= logsumexp_s [log p(x | z_s, l_s) + log p(z_s) + log p(l_s)
+        - log q(z_s | x) - log q(l_s | x)] - log S. With the observed library this is
+        log p(x | l). Densities are evaluated in the untransformed (Gaussian) latent space, so
+        the estimate is also right for the ``ln`` latent. Negative; higher is better.
+        """
+        inf = self.inference(x, batch_index)
+        qz, ql = inf["qz"], inf["ql"]
+        prior_z = standard_normal_like(qz.loc)
+        prior_l = None if ql is None else self.library_prior(batch_index, like=ql.loc)
+        chunks = []
+        done = 0
+        while done < n_mc_samples:
+            s = min(samples_per_pass, n_mc_samples - done)
+            untran_z = qz.sample((s,))
+            if ql is None:
+                library = inf["library"].expand(s, *inf["library"].shape)
+            else:
+                library = ql.sample((s,))
+            gen = self.generative(self.transform_z(untran_z), library, batch_index, label_index)
+            log_w = gen["px"].log_prob(x).sum(-1)
+            log_w = log_w + prior_z.log_prob(untran_z).sum(-1) - qz.log_prob(untran_z).sum(-1)
+            if ql is not None:
+                log_w = log_w + (prior_l.log_prob(library) - ql.log_prob(library)).sum(-1)
+            chunks.append(log_w)
+            done += s
+        log_w = torch.cat(chunks, dim=0)
+        return torch.logsumexp(log_w, dim=0) - math.log(n_mc_samples)

@@ -1,0 +1,221 @@
+"""SCVAE end to end: training, queries and their signs, reproducibility, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.neighbors import KNeighborsClassifier
+
+import scvae
+from scvae.io import ModelFileError
+
+
+def knn_accuracy(
+    latent: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray
+) -> float:
+    clf = KNeighborsClassifier(n_neighbors=15).fit(latent[train], labels[train])
+    return float((clf.predict(latent[test]) == labels[test]).mean())
+
+
+def test_latent_separates_cell_types(sim, trained):
+    latent = trained.get_latent_representation()
+    assert latent.shape == (sim.n_obs, 10)
+    labels = sim.obs["cell_type"].cat.codes.to_numpy()
+    acc = knn_accuracy(latent, labels, trained.train_indices, trained.validation_indices)
+    chance = np.bincount(labels).max() / len(labels)
+    assert acc > 0.9 > chance + 0.4
+
+
+def test_untrained_latent_is_worse_than_trained(sim, trained):
+    """The training, not the architecture, separates the types: a guard on the test above."""
+    untrained = scvae.SCVAE(sim.copy(), batch_key="batch")
+    labels = sim.obs["cell_type"].cat.codes.to_numpy()
+    idx = np.arange(sim.n_obs)
+    acc_untrained = knn_accuracy(untrained.get_latent_representation(), labels, idx[::2], idx[1::2])
+    acc_trained = knn_accuracy(trained.get_latent_representation(), labels, idx[::2], idx[1::2])
+    assert trained.get_elbo() > untrained.get_elbo() + 50
+    assert acc_trained >= acc_untrained
+
+
+def test_elbo_rises_during_training(trained):
+    hist = trained.history
+    assert list(hist.index) == list(range(40))
+    # history holds the negative ELBO (scvi-tools' convention): it must fall.
+    assert hist["elbo_train"].iloc[-5:].mean() < hist["elbo_train"].iloc[:5].mean() - 20
+    assert hist["elbo_validation"].iloc[-1] < hist["elbo_validation"].iloc[0]
+    assert (hist["kl_weight"].diff().dropna() > 0).all()
+    assert hist["kl_weight"].iloc[0] == 0.0
+
+
+def test_signs_of_queries(trained):
+    elbo = trained.get_elbo()
+    recon = trained.get_reconstruction_error()
+    assert elbo < 0 < recon
+    assert recon < -elbo  # the KL term is positive
+    per_cell = trained.get_elbo(return_mean=False)
+    assert per_cell.shape == (trained.adata.n_obs,)
+    assert np.all(per_cell < 0)
+
+
+def test_marginal_ll_is_at_least_elbo(trained):
+    torch.manual_seed(0)
+    cells = trained.validation_indices
+    mll = trained.get_marginal_ll(indices=cells, n_mc_samples=200, return_mean=False)
+    elbo = np.mean([trained.get_elbo(indices=cells, return_mean=False) for _ in range(10)], axis=0)
+    assert mll.shape == elbo.shape == (len(cells),)
+    assert np.all(mll < 0)
+    assert mll.mean() >= elbo.mean()
+    assert (mll >= elbo - 1.0).mean() > 0.95
+
+
+def test_same_seed_gives_bit_identical_latent(sim):
+    def run(seed):
+        model = scvae.SCVAE(sim.copy(), batch_key="batch", n_latent=4)
+        model.train(max_epochs=3, seed=seed, device="cpu")
+        return model.get_latent_representation()
+
+    first, second, other = run(7), run(7), run(8)
+    assert np.array_equal(first, second)
+    assert not np.allclose(first, other)
+
+
+def test_save_load_gives_identical_outputs(trained, sim, tmp_path):
+    path = tmp_path / "model"
+    trained.save(str(path))
+    loaded = scvae.SCVAE.load(str(path), sim.copy())
+    assert loaded.is_trained
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), trained.get_latent_representation()
+    )
+    torch.manual_seed(3)
+    a = trained.get_elbo(return_mean=False)
+    torch.manual_seed(3)
+    b = loaded.get_elbo(return_mean=False)
+    np.testing.assert_array_equal(a, b)
+    pd.testing.assert_frame_equal(loaded.history, trained.history, check_dtype=False)
+    np.testing.assert_array_equal(loaded.validation_indices, trained.validation_indices)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        trained.save(str(path))
+    trained.save(str(path), overwrite=True)
+    assert sorted(p.name for p in path.iterdir()) == ["model.json", "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_load_without_adata_then_query_other_adata(trained, sim, tmp_path):
+    trained.save(str(tmp_path / "m"))
+    loaded = scvae.SCVAE.load(str(tmp_path / "m"))
+    with pytest.raises(ValueError, match="no AnnData attached"):
+        loaded.get_elbo()
+    sub = sim[:50].copy()
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(sub),
+        trained.get_latent_representation(indices=range(50)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_load_refuses_other_genes(trained, sim, tmp_path):
+    trained.save(str(tmp_path / "m"))
+    with pytest.raises(ValueError, match="genes are missing"):
+        scvae.SCVAE.load(str(tmp_path / "m"), sim[:, :100].copy())
+    reordered = sim[:, ::-1].copy()
+    with pytest.raises(ValueError, match="another order"):
+        scvae.SCVAE.load(str(tmp_path / "m"), reordered)
+
+
+def test_load_refuses_corrupted_weights(trained, tmp_path):
+    path = tmp_path / "m"
+    trained.save(str(path))
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="checksum"):
+        scvae.SCVAE.load(str(path))
+
+
+def test_latent_options(trained):
+    mean, var = trained.get_latent_representation(return_dist=True)
+    assert np.all(var > 0)
+    np.testing.assert_array_equal(mean, trained.get_latent_representation())
+    torch.manual_seed(0)
+    sample = trained.get_latent_representation(give_mean=False)
+    assert not np.allclose(sample, mean)
+    assert np.abs(sample - mean).mean() < 3 * np.sqrt(var).mean()
+
+
+def test_ln_latent_mean_is_on_simplex(sim):
+    model = scvae.SCVAE(sim.copy(), latent_distribution="ln", n_latent=5)
+    model.train(max_epochs=2)
+    z = model.get_latent_representation(mc_samples=200)
+    np.testing.assert_allclose(z.sum(1), 1.0, rtol=1e-5)
+    assert np.all(z > 0)
+
+
+def test_query_chunks_do_not_change_results(trained):
+    full = trained.get_latent_representation()
+    chunked = trained.get_latent_representation(batch_size=7)
+    np.testing.assert_allclose(full, chunked, rtol=1e-5, atol=1e-6)
+
+
+def test_latent_library_prior_from_training_cells(sim):
+    model = scvae.SCVAE(sim.copy(), batch_key="batch", use_observed_lib_size=False)
+    model.train(max_epochs=2)
+    counts = sim.X[model.train_indices]
+    batch = sim.obs["batch"].cat.codes.to_numpy()[model.train_indices]
+    log_totals = np.log(np.asarray(counts.sum(1)).ravel())
+    expected = [log_totals[batch == b].mean() for b in range(2)]
+    np.testing.assert_allclose(model.module.library_log_means.numpy(), expected, rtol=1e-5)
+    assert model.get_marginal_ll(indices=range(20), n_mc_samples=20) < 0
+
+
+def test_train_size_one_has_no_validation(sim):
+    model = scvae.SCVAE(sim[:300].copy())
+    model.train(max_epochs=2, train_size=1.0)
+    assert len(model.validation_indices) == 0
+    assert "elbo_validation" not in model.history
+
+
+def test_default_epochs_follow_scvi_tools(sim):
+    model = scvae.SCVAE(sim[:200].copy())
+    # min(round(20000 / 200 * 400), 400) = 400 epochs would be slow; check the rule itself
+    n = 200
+    assert min(round(20000 / n * 400), 400) == 400
+    model.train(max_epochs=1)
+    assert len(model.history) == 1
+
+
+def test_early_stopping_stops(sim):
+    model = scvae.SCVAE(sim[:400].copy())
+    model.train(
+        max_epochs=200,
+        early_stopping=True,
+        early_stopping_patience=2,
+        lr=0.05,
+        n_epochs_kl_warmup=None,
+    )
+    assert len(model.history) < 200
+
+
+def test_failed_training_restores_weights(sim):
+    model = scvae.SCVAE(sim[:200].copy())
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    with pytest.raises(ValueError, match="device"):
+        model.train(max_epochs=1, device="nonsense")
+    with pytest.raises(ValueError, match="batch_size"):
+        model.train(max_epochs=1, batch_size=1)
+    for k, v in model.module.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert not model.is_trained
+
+
+def test_latent_goes_into_scanpy(sim, trained):
+    import scanpy as sc
+
+    adata = sim.copy()
+    adata.obsm[scvae.LATENT_KEY] = trained.get_latent_representation(adata)
+    sc.pp.neighbors(adata, use_rep="X_scvae", n_neighbors=10)
+    sc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False)
+    assert adata.obs["leiden"].nunique() >= 3
