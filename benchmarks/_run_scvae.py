@@ -1,0 +1,59 @@
+"""Worker: train scvae on the prepared training cells and evaluate on the held-out cells."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import anndata as ad
+from _common import peak_rss_mib, rss_mib, write_result
+
+import scvae
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("h5ad")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--n-mc-samples", type=int, default=1000)
+    p.add_argument("--gene-likelihood", default="zinb")
+    a = p.parse_args()
+
+    adata = ad.read_h5ad(a.h5ad)
+    held = adata.obs["split"].to_numpy() == "held_out"
+    train, test = adata[~held].copy(), adata[held].copy()
+    baseline = rss_mib()
+    scvae.settings.seed = a.seed
+    model = scvae.SCVAE(train, gene_likelihood=a.gene_likelihood)
+    start = time.perf_counter()
+    model.train(
+        max_epochs=a.epochs,
+        batch_size=a.batch_size,
+        train_size=1.0,
+        seed=a.seed,
+        device="cpu",
+        progress_bar=False,
+    )
+    train_seconds = time.perf_counter() - start
+    peak = peak_rss_mib()
+    result = {
+        "tool": "scvae",
+        "version": scvae.__version__,
+        "seed": a.seed,
+        "train_seconds": train_seconds,
+        "epoch_seconds": model.history["seconds"].tolist(),
+        "peak_rss_mib": peak,
+        "peak_above_baseline_mib": peak - baseline,
+        "elbo_held_out": model.get_elbo(test, return_mean=False).tolist(),
+        "marginal_ll_held_out": model.get_marginal_ll(
+            test, n_mc_samples=a.n_mc_samples, return_mean=False
+        ).tolist(),
+    }
+    write_result(a.out, result, model.get_latent_representation(adata))
+
+
+if __name__ == "__main__":
+    main()
