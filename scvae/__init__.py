@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 from scvae import data
 from scvae._settings import settings
 from scvae.data import datasets
+from scvae.ldvae import LDVAE
 from scvae.model import LATENT_KEY, SCVAE
 
-__all__ = ["LATENT_KEY", "SCVAE", "__version__", "data", "datasets", "settings"]
+__all__ = ["LATENT_KEY", "LDVAE", "SCVAE", "__version__", "data", "datasets", "settings"]

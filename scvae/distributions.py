@@ -57,6 +57,7 @@ __all__ = [
     "log_nb_positive",
     "log_poisson",
     "log_zinb_positive",
+    "nb_log_prob_rows",
 ]
 
 # Above this theta, lgamma(x + theta) - lgamma(theta) uses the Stirling series.
@@ -190,6 +191,44 @@ def log_zinb_positive(
     return log_unnormalized - F.softplus(zi_logits)
 
 
+def nb_log_prob_rows(
+    x: Tensor, mu: Tensor, theta: Tensor, zi_logits: Tensor | None = None, eps: float = 1e-8
+) -> Tensor:
+    """Sum over the last axis of the NB (or, with ``zi_logits``, ZINB) log-probability.
+
+    Equal to ``log_nb_positive(...).sum(-1)`` (``log_zinb_positive``), computed sparsely: at
+    x = 0 the log-gamma terms vanish, so every entry pays only for the dense part
+    ``log NB(0) = -theta * log1p(mu / theta)`` (and the zero-inflation mixing), and only the
+    non-zero counts pay for ``lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)`` and
+    ``-x * log1p(theta / mu)``. Same float32 accuracy as the dense functions.
+
+    Examples
+    --------
+    >>> x = torch.tensor([[0.0, 3.0], [1.0, 0.0]])
+    >>> mu, theta = torch.tensor([[2.0, 1.0], [0.5, 4.0]]), torch.tensor([1.0, 3.0])
+    >>> bool(torch.allclose(nb_log_prob_rows(x, mu, theta),
+    ...                     log_nb_positive(x, mu, theta).sum(-1)))
+    True
+    """
+    mu = mu.clamp_min(eps)
+    theta = theta.clamp_min(eps).expand_as(mu)
+    log_nb_zero = -theta * torch.log1p(mu / theta)
+    nonzero = x > 0
+    if zi_logits is None:
+        dense = log_nb_zero
+    else:
+        at_zero = torch.logaddexp(zi_logits, log_nb_zero)
+        dense = torch.where(nonzero, log_nb_zero, at_zero) - F.softplus(zi_logits)
+    n_genes = x.shape[-1]
+    rows = dense.sum(-1).reshape(-1)
+    cell, gene = nonzero.reshape(-1, n_genes).nonzero(as_tuple=True)
+    xs = x.reshape(-1, n_genes)[cell, gene]
+    ms = mu.reshape(-1, n_genes)[cell, gene]
+    ts = theta.reshape(-1, n_genes)[cell, gene]
+    extra = _lgamma_diff(xs, ts) - torch.lgamma(xs + 1.0) - xs * torch.log1p(ts / ms)
+    return rows.index_add(0, cell, extra).reshape(x.shape[:-1])
+
+
 def log_poisson(x: Tensor, rate: Tensor) -> Tensor:
     """Log-probability of the Poisson distribution: ``x log(rate) - rate - lgamma(x + 1)``.
 
@@ -289,6 +328,10 @@ class NegativeBinomial:
         """Elementwise log-probability of counts ``x`` (see :func:`log_nb_positive`)."""
         return log_nb_positive(x, self.mu, self.theta)
 
+    def log_prob_sum(self, x: Tensor) -> Tensor:
+        """``log_prob(x).sum(-1)``, computed sparsely (see :func:`nb_log_prob_rows`)."""
+        return nb_log_prob_rows(x, self.mu, self.theta)
+
     @torch.no_grad()
     def sample(
         self,
@@ -371,6 +414,10 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         """Elementwise log-probability of counts ``x`` (see :func:`log_zinb_positive`)."""
         return log_zinb_positive(x, self.mu, self.theta, self.zi_logits)
 
+    def log_prob_sum(self, x: Tensor) -> Tensor:
+        """``log_prob(x).sum(-1)``, computed sparsely (see :func:`nb_log_prob_rows`)."""
+        return nb_log_prob_rows(x, self.mu, self.theta, self.zi_logits)
+
     @torch.no_grad()
     def sample(
         self,
@@ -437,6 +484,10 @@ class Poisson:
     def log_prob(self, x: Tensor) -> Tensor:
         """Elementwise log-probability of counts ``x`` (see :func:`log_poisson`)."""
         return log_poisson(x, self.rate)
+
+    def log_prob_sum(self, x: Tensor) -> Tensor:
+        """``log_prob(x).sum(-1)``."""
+        return self.log_prob(x).sum(-1)
 
     @torch.no_grad()
     def sample(

@@ -11,15 +11,16 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from scvae import inference
 from scvae._settings import logger, settings
 from scvae.data.loader import DeviceCSR
 from scvae.data.registry import Registry, register
-from scvae.module import VAE, ModuleConfig
+from scvae.module import VAE, Covariates, ModuleConfig
 from scvae.train import TrainConfig, fit, split_indices
 
 LATENT_KEY = "X_scvae"
 # Bound on the elements (cells x samples x genes) held at once by sampling queries.
-_SAMPLE_ELEMENTS = 2**24
+_SAMPLE_ELEMENTS = inference.SAMPLE_ELEMENTS
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -61,6 +62,12 @@ class SCVAE:
     batch_key, labels_key
         Columns of ``obs`` with the batch (enters the decoder) and the cell labels (used by
         ``dispersion="gene-label"``).
+    size_factor_key
+        Column of ``obs`` with positive size factors used as the library size (takes priority
+        over ``use_observed_lib_size``).
+    categorical_covariate_keys, continuous_covariate_keys
+        Further columns of ``obs`` that enter the decoder (and the encoder with
+        ``encode_covariates``) like the batch: one-hot, or as numbers.
     allow_non_integer
         Accept fractional counts (refused by default).
     n_hidden, n_latent, n_layers, dropout_rate
@@ -102,6 +109,9 @@ class SCVAE:
         layer: str | None = None,
         batch_key: str | None = None,
         labels_key: str | None = None,
+        size_factor_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
         allow_non_integer: bool = False,
         n_hidden: int = 128,
         n_latent: int = 10,
@@ -122,6 +132,9 @@ class SCVAE:
             layer=layer,
             batch_key=batch_key,
             labels_key=labels_key,
+            size_factor_key=size_factor_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
             allow_non_integer=allow_non_integer,
         )
         config = ModuleConfig(
@@ -141,6 +154,10 @@ class SCVAE:
             deeply_inject_covariates=deeply_inject_covariates,
             use_batch_norm=use_batch_norm,  # type: ignore[arg-type]
             use_layer_norm=use_layer_norm,  # type: ignore[arg-type]
+            n_cats_per_cov=tuple(registry.n_cats_per_cov),
+            n_continuous_cov=len(registry.continuous_covariate_keys),
+            use_size_factor=size_factor_key is not None,
+            **self._extra_module_options(),
         )
         # Initial weights from scvae.settings.seed, so the same seeds give the same model
         # whatever else used torch's global generator before.
@@ -148,6 +165,10 @@ class SCVAE:
             torch.manual_seed(settings.seed)
             module = VAE(config)
         self._setup(adata, registry, module)
+
+    def _extra_module_options(self) -> dict[str, Any]:
+        """Module options a subclass fixes (the linear decoder of :class:`LDVAE`)."""
+        return {}
 
     def _setup(self, adata: ad.AnnData | None, registry: Registry, module: VAE) -> None:
         self.adata = adata
@@ -269,14 +290,14 @@ class SCVAE:
         adata = self.registry_adata()
         counts = self.registry.check(adata)
         batch = torch.as_tensor(self.registry.batch_codes(adata), device=dev)
-        labels = torch.as_tensor(self.registry.label_codes(adata), device=dev)
+        covariates = self._covariates(adata).to(dev)
         before = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         try:
             self.module.to(dev)
-            if not self.module.config.use_observed_lib_size:
+            if self.module.l_encoder is not None:
                 self._set_library_prior(counts[train_idx], batch[train_idx].cpu().numpy())
             history = fit(
-                self.module, DeviceCSR(counts, dev), batch, labels, train_idx, val_idx, config
+                self.module, DeviceCSR(counts, dev), batch, covariates, train_idx, val_idx, config
             )
         except BaseException:
             self.module.load_state_dict(before)
@@ -311,14 +332,28 @@ class SCVAE:
         return self.adata
 
     # ----------------------------------------------------------------- queries
+    def _covariates(self, adata: ad.AnnData) -> Covariates:
+        """The registered per-cell covariates of ``adata`` as CPU tensors."""
+        reg = self.registry
+
+        def tensor(a: np.ndarray | None) -> torch.Tensor | None:
+            return None if a is None else torch.as_tensor(a)
+
+        return Covariates(
+            labels=tensor(reg.label_codes(adata)),
+            categorical=tensor(reg.categorical_codes(adata)),
+            continuous=tensor(reg.continuous_values(adata)),
+            size_factor=tensor(reg.size_factors(adata)),
+        )
+
     def _chunks(
         self, adata: ad.AnnData | None, indices: Sequence[int] | None, batch_size: int | None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Validated (counts, batch, label) tensors on the model's device, chunk by chunk."""
+    ) -> Iterator[inference.Chunk]:
+        """Validated (counts, batch, covariates) on the model's device, chunk by chunk."""
         adata = self.registry_adata() if adata is None else adata
         counts = self.registry.check(adata)
-        batch = self.registry.batch_codes(adata)
-        labels = self.registry.label_codes(adata)
+        batch = torch.as_tensor(self.registry.batch_codes(adata))
+        covariates = self._covariates(adata)
         idx = np.arange(adata.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= adata.n_obs):
             raise IndexError(
@@ -326,16 +361,20 @@ class SCVAE:
             )
         size = batch_size or settings.inference_batch_size
         dev = self.device
+        self.module.eval()
         for start in range(0, len(idx), size):
             part = idx[start : start + size]
             x = torch.as_tensor(counts[part].toarray(), device=dev)
-            yield (
-                x,
-                torch.as_tensor(batch[part], device=dev),
-                torch.as_tensor(labels[part], device=dev),
-            )
+            part_t = torch.as_tensor(part)
+            yield x, batch[part_t].to(dev), covariates.take(part_t).to(dev)
 
-    @torch.no_grad()
+    def _sampling_batch_size(self, batch_size: int | None, n_samples: int) -> int:
+        """Cells per chunk so that cells x samples x genes stays under a fixed bound."""
+        per_cell = max(1, n_samples) * self.module.config.n_input
+        return max(
+            1, min(batch_size or settings.inference_batch_size, _SAMPLE_ELEMENTS // per_cell)
+        )
+
     def get_latent_representation(
         self,
         adata: ad.AnnData | None = None,
@@ -373,43 +412,13 @@ class SCVAE:
         >>> model.get_latent_representation().shape
         (100, 4)
         """
-        self.module.eval()
-        means, variances = [], []
-        for x, b, _ in self._chunks(adata, indices, batch_size):
-            qz = self.module.inference(x, b)["qz"]
-            if return_dist:
-                means.append(qz.loc.cpu())
-                variances.append(qz.variance.cpu())
-                continue
-            if not give_mean:
-                z = self.module.transform_z(qz.sample())
-            elif self.module.config.latent_distribution == "ln":
-                z = self._ln_mean(qz, mc_samples)
-            else:
-                z = qz.loc
-            means.append(z.cpu())
-        latent = torch.cat(means).numpy() if means else np.zeros((0, self.module.config.n_latent))
-        return (latent, torch.cat(variances).numpy()) if return_dist else latent
-
-    def _ln_mean(self, qz: torch.distributions.Normal, mc_samples: int) -> torch.Tensor:
-        total = torch.zeros_like(qz.loc)
-        step = max(1, _SAMPLE_ELEMENTS // max(1, qz.loc.numel()))
-        done = 0
-        while done < mc_samples:
-            s = min(step, mc_samples - done)
-            total += self.module.transform_z(qz.sample((s,))).sum(0)
-            done += s
-        return total / mc_samples
-
-    @torch.no_grad()
-    def _loss_terms(self, adata, indices, batch_size) -> tuple[np.ndarray, np.ndarray]:
-        self.module.eval()
-        recon, kl = [], []
-        for x, b, lab in self._chunks(adata, indices, batch_size):
-            out = self.module(x, b, lab)
-            recon.append(out.reconstruction_loss.cpu())
-            kl.append((out.kl_z + out.kl_l).cpu())
-        return torch.cat(recon).double().numpy(), torch.cat(kl).double().numpy()
+        return inference.latent(
+            self.module,
+            self._chunks(adata, indices, batch_size),
+            give_mean=give_mean,
+            mc_samples=mc_samples,
+            return_dist=return_dist,
+        )
 
     def get_elbo(
         self,
@@ -430,7 +439,7 @@ class SCVAE:
         >>> model.get_elbo() < 0
         True
         """
-        recon, kl = self._loss_terms(adata, indices, batch_size)
+        recon, kl = inference.loss_terms(self.module, self._chunks(adata, indices, batch_size))
         elbo = -(recon + kl)
         return float(elbo.mean()) if return_mean else elbo
 
@@ -451,10 +460,9 @@ class SCVAE:
         >>> model.get_reconstruction_error() > 0
         True
         """
-        recon, _ = self._loss_terms(adata, indices, batch_size)
+        recon, _ = inference.loss_terms(self.module, self._chunks(adata, indices, batch_size))
         return float(recon.mean()) if return_mean else recon
 
-    @torch.no_grad()
     def get_marginal_ll(
         self,
         adata: ad.AnnData | None = None,
@@ -476,19 +484,238 @@ class SCVAE:
         >>> model.get_marginal_ll(n_mc_samples=20) < 0
         True
         """
-        self.module.eval()
-        n_genes = self.module.config.n_input
-        per_pass = max(1, min(n_mc_samples, 100))
-        cells = max(1, _SAMPLE_ELEMENTS // (per_pass * n_genes))
-        size = min(batch_size or settings.inference_batch_size, cells)
-        out = []
-        for x, b, lab in self._chunks(adata, indices, size):
-            ll = self.module.marginal_ll(
-                x, b, lab, n_mc_samples=n_mc_samples, samples_per_pass=per_pass
-            )
-            out.append(ll.double().cpu())
-        values = torch.cat(out).numpy()
+        size = self._sampling_batch_size(batch_size, min(n_mc_samples, 100))
+        values = inference.marginal_ll(
+            self.module, self._chunks(adata, indices, size), n_mc_samples
+        )
         return float(values.mean()) if return_mean else values
+
+    def _batch_codes(self, transform_batch: str | Sequence[str] | None) -> list[int] | None:
+        if transform_batch is None:
+            return None
+        names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
+        known = self.registry.batch_categories
+        unknown = [str(b) for b in names if str(b) not in known]
+        if unknown:
+            raise ValueError(
+                f"transform_batch {unknown} is not a registered batch (batches: {known})."
+            )
+        return [known.index(str(b)) for b in names]
+
+    def _gene_index(self, gene_list: Sequence[str] | None) -> np.ndarray | None:
+        if gene_list is None:
+            return None
+        lookup = {g: i for i, g in enumerate(self.registry.var_names)}
+        missing = [g for g in gene_list if g not in lookup]
+        if missing:
+            raise ValueError(f"gene_list has genes the model does not know: {missing[:5]}.")
+        return np.array([lookup[g] for g in gene_list], dtype=np.int64)
+
+    def _obs_names(self, adata: ad.AnnData | None, indices: Sequence[int] | None) -> pd.Index:
+        names = (self.registry_adata() if adata is None else adata).obs_names
+        return names if indices is None else names[np.asarray(indices, dtype=np.int64)]
+
+    def get_normalized_expression(
+        self,
+        adata: ad.AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        transform_batch: str | Sequence[str] | None = None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | str = 1,
+        n_samples: int = 1,
+        return_mean: bool = True,
+        return_numpy: bool = False,
+        batch_size: int | None = None,
+    ) -> pd.DataFrame | np.ndarray:
+        """Denoised expression per cell and gene, as in scvi-tools.
+
+        Parameters
+        ----------
+        adata, indices
+            Cells (default: the registered AnnData, all cells).
+        transform_batch
+            Decode every cell as if it came from this batch (a list: averaged over those
+            batches), for batch-corrected expression; None: each cell's own batch.
+        gene_list
+            Genes to return (default: all).
+        library_size
+            1: rho, the normalised expression (rows sum to 1 over all genes); a number: rho
+            times it (e.g. 1e4 for counts per 10,000); "latent": mu, the expected counts at the
+            cell's own library.
+        n_samples, return_mean
+            Posterior samples of z per cell (each gives one value, as in scvi-tools), averaged
+            when ``return_mean``.
+        return_numpy
+            Return an ndarray instead of a DataFrame (forced when samples are kept).
+        batch_size
+            Cells per chunk.
+
+        Returns
+        -------
+        DataFrame cells x genes (obs names x gene names), or an ndarray
+        ``(n_samples, cells, genes)`` when ``n_samples > 1`` and ``return_mean=False``.
+
+        Examples
+        --------
+        >>> import scvae
+        >>> model = scvae.SCVAE(scvae.data.simulate(60, 20, seed=0))
+        >>> expr = model.get_normalized_expression()
+        >>> expr.shape, bool(np.allclose(expr.sum(1), 1, atol=1e-4))
+        ((60, 20), True)
+        """
+        if library_size != "latent" and not (
+            isinstance(library_size, int | float) and library_size > 0
+        ):
+            raise ValueError(
+                f"library_size must be a positive number or 'latent', got {library_size!r}."
+            )
+        gene_idx = self._gene_index(gene_list)
+        values = inference.normalized_expression(
+            self.module,
+            self._chunks(adata, indices, self._sampling_batch_size(batch_size, n_samples)),
+            transform_batch=self._batch_codes(transform_batch),
+            gene_idx=gene_idx,
+            library_size=library_size,
+            n_samples=n_samples,
+            return_mean=return_mean,
+        )
+        if return_numpy or values.ndim == 3:
+            return values
+        genes = self.var_names if gene_idx is None else self.var_names[gene_idx]
+        return pd.DataFrame(values, index=self._obs_names(adata, indices), columns=genes)
+
+    def get_likelihood_parameters(
+        self,
+        adata: ad.AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        n_samples: int = 1,
+        give_mean: bool = False,
+        batch_size: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Parameters of p(x | z, l) per cell and gene: ``mean``, ``dispersions``, ``dropout``.
+
+        ``dropout`` (zinb only) holds the logits of the dropout probability and
+        ``dispersions`` (not for poisson) the inverse dispersion theta, as in scvi-tools.
+        With ``n_samples > 1`` the arrays have a leading sample axis unless ``give_mean``.
+
+        Examples
+        --------
+        >>> import scvae
+        >>> model = scvae.SCVAE(scvae.data.simulate(40, 15, seed=0))
+        >>> sorted(model.get_likelihood_parameters())
+        ['dispersions', 'dropout', 'mean']
+        """
+        return inference.likelihood_parameters(
+            self.module,
+            self._chunks(adata, indices, self._sampling_batch_size(batch_size, n_samples)),
+            n_samples=n_samples,
+            give_mean=give_mean,
+        )
+
+    def get_latent_library_size(
+        self,
+        adata: ad.AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Library size per cell, ``(cells, 1)``, on the count scale.
+
+        A latent library gives the mean of q(l | x) on the count scale with ``give_mean``
+        (else one sample); an observed one gives the total counts (size factors when
+        registered).
+
+        Examples
+        --------
+        >>> import scvae
+        >>> adata = scvae.data.simulate(30, 10, seed=0)
+        >>> model = scvae.SCVAE(adata)
+        >>> bool(np.allclose(model.get_latent_library_size()[:, 0], adata.X.sum(1).A1))
+        True
+        """
+        return inference.latent_library_size(
+            self.module, self._chunks(adata, indices, batch_size), give_mean=give_mean
+        )
+
+    def posterior_predictive_sample(
+        self,
+        adata: ad.AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        n_samples: int = 1,
+        gene_list: Sequence[str] | None = None,
+        batch_size: int | None = None,
+    ) -> sp.csr_matrix | list[sp.csr_matrix]:
+        """Counts drawn from the posterior predictive, as sparse CSR cells x genes.
+
+        One matrix for ``n_samples=1``; a list of ``n_samples`` matrices otherwise (scvi-tools
+        returns a 3-D sparse array there; scipy has none).
+
+        Examples
+        --------
+        >>> import scvae
+        >>> model = scvae.SCVAE(scvae.data.simulate(40, 15, seed=0))
+        >>> model.posterior_predictive_sample().shape
+        (40, 15)
+        """
+        samples = inference.posterior_predictive(
+            self.module,
+            self._chunks(adata, indices, self._sampling_batch_size(batch_size, n_samples)),
+            n_samples=n_samples,
+            gene_idx=self._gene_index(gene_list),
+        )
+        return samples[0] if n_samples == 1 else samples
+
+    def get_feature_correlation_matrix(
+        self,
+        adata: ad.AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        n_samples: int = 10,
+        batch_size: int | None = None,
+        rna_size_factor: float = 1000,
+        transform_batch: str | Sequence[str] | None = None,
+        correlation_type: str = "spearman",
+    ) -> pd.DataFrame:
+        """Gene-gene correlation of denoised expression, genes x genes.
+
+        Denoised values are Gamma draws with mean ``rna_size_factor * rho`` (and the model's
+        dispersion) for ``n_samples`` posterior samples per cell, pooled over the batches of
+        ``transform_batch`` (None: each cell's own); "spearman" or "pearson" correlation.
+        Memory grows with cells x samples x genes.
+
+        Examples
+        --------
+        >>> import scvae
+        >>> model = scvae.SCVAE(scvae.data.simulate(40, 6, seed=0))
+        >>> model.get_feature_correlation_matrix(n_samples=2).shape
+        (6, 6)
+        """
+        if correlation_type not in ("spearman", "pearson"):
+            raise ValueError(
+                f"correlation_type must be 'spearman' or 'pearson', got {correlation_type!r}."
+            )
+        codes = self._batch_codes(transform_batch) or [None]
+        size = self._sampling_batch_size(batch_size, n_samples)
+        data = np.concatenate(
+            [
+                inference.denoised_samples(
+                    self.module,
+                    self._chunks(adata, indices, size),
+                    n_samples=n_samples,
+                    rna_size_factor=rna_size_factor,
+                    transform_batch=code,
+                )
+                for code in codes
+            ]
+        )
+        if correlation_type == "spearman":
+            data = np.apply_along_axis(lambda c: pd.Series(c).rank().to_numpy(), 0, data)
+        corr = np.corrcoef(data, rowvar=False)
+        return pd.DataFrame(corr, index=self.var_names, columns=self.var_names)
 
     # -------------------------------------------------------------------- files
     def save(self, dir_path: str, *, overwrite: bool = False) -> None:
@@ -509,6 +736,7 @@ class SCVAE:
         from scvae.io import save_model
 
         description = {
+            "model_class": type(self).__name__,
             "registry": self.registry.to_dict(),
             "module_config": self.module.config.to_dict(),
             "is_trained": self.is_trained,
@@ -545,6 +773,11 @@ class SCVAE:
         from scvae.io import load_model
 
         weights, description = load_model(dir_path)
+        saved_class = description.get("model_class", "SCVAE")
+        if saved_class != cls.__name__:
+            raise ValueError(
+                f"{dir_path} holds a {saved_class} model; load it with scvae.{saved_class}.load."
+            )
         registry = Registry.from_dict(description["registry"])
         try:
             config = ModuleConfig(**description["module_config"])
@@ -562,6 +795,7 @@ class SCVAE:
         if adata is not None:
             registry.check(adata)
         model = cls.__new__(cls)
+        model._decoder_bias = config.decoder_bias
         model._setup(adata, registry, module.to(resolve_device(device)))
         model.is_trained = bool(description.get("is_trained", False))
         model.train_config = description.get("train_config", {})

@@ -19,7 +19,7 @@ Examples
 >>> batch = torch.zeros(8, dtype=torch.long)
 >>> inf = module.inference(x, batch)
 >>> gen = module.generative(inf["z"], inf["library"], batch)
->>> module.loss(x, inf, gen).loss.shape
+>>> module.loss(x, inf, gen, batch_index=batch).loss.shape
 torch.Size([])
 """
 
@@ -35,7 +35,7 @@ from torch.distributions import Normal, kl_divergence
 from torch.nn import functional as F
 
 from scvae.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
-from scvae.nn import DecoderSCVI, Encoder
+from scvae.nn import DecoderSCVI, Encoder, LinearDecoderSCVI
 
 GeneLikelihood = Literal["zinb", "nb", "poisson"]
 Dispersion = Literal["gene", "gene-batch", "gene-label", "gene-cell"]
@@ -77,6 +77,11 @@ class ModuleConfig:
     deeply_inject_covariates: bool = True
     use_batch_norm: NormWhere = "both"
     use_layer_norm: NormWhere = "none"
+    n_cats_per_cov: tuple[int, ...] = ()
+    n_continuous_cov: int = 0
+    use_size_factor: bool = False
+    linear_decoder: bool = False
+    decoder_bias: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -88,10 +93,47 @@ class ModuleConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}.")
+        object.__setattr__(self, "n_cats_per_cov", tuple(int(n) for n in self.n_cats_per_cov))
+
+    @property
+    def n_cat_list(self) -> list[int]:
+        """Categories of the batch and of each categorical covariate, in decoder order."""
+        return [self.n_batch, *self.n_cats_per_cov]
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as a JSON-ready dict."""
         return asdict(self)
+
+
+@dataclass
+class Covariates:
+    """Per-cell inputs besides the counts and the batch (all optional).
+
+    ``labels`` (n,) int64 codes; ``categorical`` (n, k) int64 codes, one column per registered
+    categorical covariate; ``continuous`` (n, m) float32; ``size_factor`` (n, 1) positive
+    float32 (used as the library instead of the observed or latent one).
+    """
+
+    labels: torch.Tensor | None = None
+    categorical: torch.Tensor | None = None
+    continuous: torch.Tensor | None = None
+    size_factor: torch.Tensor | None = None
+
+    def take(self, idx: torch.Tensor) -> Covariates:
+        """The covariates of cells ``idx``."""
+        return Covariates(*(None if t is None else t[idx] for t in self._fields()))
+
+    def to(self, device: torch.device | str) -> Covariates:
+        """The covariates on ``device``."""
+        return Covariates(*(None if t is None else t.to(device) for t in self._fields()))
+
+    def _fields(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.labels, self.categorical, self.continuous, self.size_factor)
+
+
+def _expand_cells(t: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+    """Broadcast per-cell rows ``(n, ...)`` over leading sample axes and flatten them."""
+    return t.expand(*lead, *t.shape[1:]).reshape(-1, *t.shape[1:])
 
 
 def standard_normal_like(t: torch.Tensor) -> Normal:
@@ -148,7 +190,8 @@ class VAE(nn.Module):
         norm_dec = c.use_batch_norm in ("decoder", "both")
         ln_enc = c.use_layer_norm in ("encoder", "both")
         ln_dec = c.use_layer_norm in ("decoder", "both")
-        enc_cats = [c.n_batch] if c.encode_covariates else []
+        enc_cats = c.n_cat_list if c.encode_covariates else []
+        n_enc_in = c.n_input + (c.n_continuous_cov if c.encode_covariates else 0)
         common = {
             "n_layers": c.n_layers,
             "n_hidden": c.n_hidden,
@@ -156,19 +199,34 @@ class VAE(nn.Module):
         }
         enc = {**common, "dropout_rate": c.dropout_rate}
         enc.update(use_batch_norm=norm_enc, use_layer_norm=ln_enc, n_cat_list=enc_cats)
-        self.z_encoder = Encoder(c.n_input, c.n_latent, **enc)
+        self.z_encoder = Encoder(n_enc_in, c.n_latent, **enc)
         self.l_encoder = (
-            None if c.use_observed_lib_size else Encoder(c.n_input, 1, **{**enc, "n_layers": 1})
+            None
+            if c.use_observed_lib_size or c.use_size_factor
+            else Encoder(n_enc_in, 1, **{**enc, "n_layers": 1})
         )
-        self.decoder = DecoderSCVI(
-            c.n_latent,
-            c.n_input,
-            n_cat_list=[c.n_batch],
-            use_batch_norm=norm_dec,
-            use_layer_norm=ln_dec,
-            cell_dispersion=c.dispersion == "gene-cell",
-            **common,
-        )
+        n_dec_in = c.n_latent + c.n_continuous_cov
+        if c.linear_decoder:
+            self.decoder: nn.Module = LinearDecoderSCVI(
+                n_dec_in,
+                c.n_input,
+                n_cat_list=c.n_cat_list,
+                use_batch_norm=norm_dec,
+                use_layer_norm=ln_dec,
+                bias=c.decoder_bias,
+            )
+        else:
+            self.decoder = DecoderSCVI(
+                n_dec_in,
+                c.n_input,
+                n_cat_list=c.n_cat_list,
+                use_batch_norm=norm_dec,
+                use_layer_norm=ln_dec,
+                cell_dispersion=c.dispersion == "gene-cell",
+                **common,
+            )
+        if c.linear_decoder and c.dispersion == "gene-cell":
+            raise ValueError("The linear decoder has no per-cell dispersion; use another one.")
         n_theta = {"gene": 1, "gene-batch": c.n_batch, "gene-label": c.n_labels}.get(c.dispersion)
         # log theta, initialised N(0, 1) as in scvi-tools; absent for per-cell dispersion.
         self.px_r = nn.Parameter(torch.randn(c.n_input, n_theta)) if n_theta else None
@@ -179,7 +237,11 @@ class VAE(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def inference(
-        self, x: torch.Tensor, batch_index: torch.Tensor, n_samples: int = 1
+        self,
+        x: torch.Tensor,
+        batch_index: torch.Tensor,
+        covariates: Covariates | None = None,
+        n_samples: int = 1,
     ) -> dict[str, Any]:
         """q(z | x) and q(l | x) (or the observed l), with reparameterized samples.
 
@@ -189,20 +251,32 @@ class VAE(nn.Module):
             Counts, ``(n_cells, n_genes)`` float32.
         batch_index
             Batch codes, ``(n_cells,)`` int64.
+        covariates
+            Other per-cell inputs (:class:`Covariates`).
         n_samples
             Samples per cell; with more than one, ``z`` and ``library`` get a leading axis.
 
         Returns
         -------
         dict with ``qz`` (Normal over the untransformed latent), ``z`` (the sample, after the
-        softmax for the ln latent), ``untran_z``, ``ql`` (None when observed) and ``library``
-        (log library, shape ``(..., n_cells, 1)``).
+        softmax for the ln latent), ``untran_z``, ``ql`` (None unless the library is latent)
+        and ``library`` (log library, shape ``(..., n_cells, 1)``).
         """
-        x_in = torch.log1p(x) if self.config.log_variational else x
-        cats = [batch_index] if self.config.encode_covariates else []
+        c = self.config
+        cov = covariates or Covariates()
+        x_in = torch.log1p(x) if c.log_variational else x
+        cats: list[torch.Tensor] = []
+        if c.encode_covariates:
+            if cov.continuous is not None:
+                x_in = torch.cat([x_in, cov.continuous], dim=-1)
+            cats = [batch_index, *self._categorical_columns(cov)]
         qz, untran_z = self.z_encoder(x_in, *cats)
         ql = None
-        if self.l_encoder is None:
+        if c.use_size_factor:
+            if cov.size_factor is None:
+                raise ValueError("This module was built for size factors; pass them.")
+            library = torch.log(cov.size_factor)
+        elif self.l_encoder is None:
             library = torch.log(x.sum(dim=-1, keepdim=True))
         else:
             ql, library = self.l_encoder(x_in, *cats)
@@ -214,6 +288,13 @@ class VAE(nn.Module):
                 library = ql.rsample((n_samples,))
         z = self.transform_z(untran_z)
         return {"qz": qz, "z": z, "untran_z": untran_z, "ql": ql, "library": library}
+
+    def _categorical_columns(self, cov: Covariates) -> list[torch.Tensor]:
+        if not self.config.n_cats_per_cov:
+            return []
+        if cov.categorical is None:
+            raise ValueError("This module was built with categorical covariates; pass them.")
+        return list(cov.categorical.unbind(-1))
 
     def transform_z(self, untran_z: torch.Tensor) -> torch.Tensor:
         """Map a sample of the Gaussian posterior to the latent space (softmax for ``ln``)."""
@@ -227,12 +308,12 @@ class VAE(nn.Module):
         z: torch.Tensor,
         library: torch.Tensor,
         batch_index: torch.Tensor,
-        label_index: torch.Tensor | None = None,
+        covariates: Covariates | None = None,
     ) -> dict[str, Any]:
-        """p(x | z, l, batch): the likelihood and its parameters.
+        """p(x | z, l, batch, covariates): the likelihood and its parameters.
 
-        ``z`` is ``(..., n_cells, n_latent)`` and ``library`` ``(..., n_cells, 1)``; batch and
-        label codes are ``(n_cells,)`` and broadcast over leading sample axes.
+        ``z`` is ``(..., n_cells, n_latent)`` and ``library`` ``(..., n_cells, 1)``; batch codes
+        ``(n_cells,)`` and the covariates broadcast over leading sample axes.
 
         Returns
         -------
@@ -240,19 +321,25 @@ class VAE(nn.Module):
         1), ``mu`` (mean of the non-zero-inflated counts, ``exp(l) * rho``), ``theta``
         (inverse dispersion) and ``zi_logits``.
         """
+        c = self.config
+        cov = covariates or Covariates()
         lead = z.shape[:-1]
-        n_genes = self.config.n_input
         z_flat = z.reshape(-1, z.shape[-1])
+        if c.n_continuous_cov:
+            if cov.continuous is None:
+                raise ValueError("This module was built with continuous covariates; pass them.")
+            z_flat = torch.cat([z_flat, _expand_cells(cov.continuous, lead)], dim=-1)
         lib_flat = library.expand(*lead, 1).reshape(-1, 1)
         batch_flat = batch_index.expand(lead).reshape(-1)
-        rho, log_theta_cell, mu, zi_logits = self.decoder(z_flat, lib_flat, batch_flat)
-        theta = self._theta(batch_flat, label_index, log_theta_cell, lead)
-        rho, mu, zi_logits = (t.reshape(*lead, n_genes) for t in (rho, mu, zi_logits))
-        theta = theta.reshape(*lead, n_genes) if theta.dim() > 1 else theta
-        likelihood = self.config.gene_likelihood
-        if likelihood == "zinb":
+        cats = [_expand_cells(col, lead) for col in self._categorical_columns(cov)]
+        rho, log_theta_cell, mu, zi_logits = self.decoder(z_flat, lib_flat, batch_flat, *cats)
+        labels = None if cov.labels is None else cov.labels.expand(lead).reshape(-1)
+        theta = self._theta(batch_flat, labels, log_theta_cell)
+        rho, mu, zi_logits = (t.reshape(*lead, c.n_input) for t in (rho, mu, zi_logits))
+        theta = theta.reshape(*lead, c.n_input) if theta.dim() > 1 else theta
+        if c.gene_likelihood == "zinb":
             px = ZeroInflatedNegativeBinomial(mu, theta, zi_logits)
-        elif likelihood == "nb":
+        elif c.gene_likelihood == "nb":
             px = NegativeBinomial(mu, theta)
         else:
             px = Poisson(mu)
@@ -261,9 +348,8 @@ class VAE(nn.Module):
     def _theta(
         self,
         batch_flat: torch.Tensor,
-        label_index: torch.Tensor | None,
+        labels_flat: torch.Tensor | None,
         log_theta_cell: torch.Tensor | None,
-        lead: torch.Size,
     ) -> torch.Tensor:
         c = self.config
         if c.dispersion == "gene-cell":
@@ -275,9 +361,9 @@ class VAE(nn.Module):
         if c.dispersion == "gene-batch":
             codes, n = batch_flat, c.n_batch
         else:
-            if label_index is None:
+            if labels_flat is None:
                 raise ValueError("dispersion='gene-label' needs the label codes of the cells.")
-            codes, n = label_index.expand(lead).reshape(-1), c.n_labels
+            codes, n = labels_flat, c.n_labels
         return torch.exp(F.one_hot(codes.long(), n).float() @ self.px_r.T)
 
     # ----------------------------------------------------------------------- loss
@@ -293,7 +379,7 @@ class VAE(nn.Module):
 
         ``batch_index`` selects the library prior of each cell (needed for a latent library).
         """
-        recon = -generative_outputs["px"].log_prob(x).sum(-1)
+        recon = -generative_outputs["px"].log_prob_sum(x)
         qz = inference_outputs["qz"]
         kl_z = kl_divergence(qz, standard_normal_like(qz.loc)).sum(-1)
         ql = inference_outputs["ql"]
@@ -318,13 +404,20 @@ class VAE(nn.Module):
         self,
         x: torch.Tensor,
         batch_index: torch.Tensor,
-        label_index: torch.Tensor | None = None,
+        covariates: Covariates | None = None,
         kl_weight: float = 1.0,
     ) -> LossOutput:
         """inference -> generative -> loss on one minibatch."""
-        inf = self.inference(x, batch_index)
-        gen = self.generative(inf["z"], inf["library"], batch_index, label_index)
+        inf = self.inference(x, batch_index, covariates)
+        gen = self.generative(inf["z"], inf["library"], batch_index, covariates)
         return self.loss(x, inf, gen, kl_weight=kl_weight, batch_index=batch_index)
+
+    @torch.no_grad()
+    def loadings(self) -> torch.Tensor:
+        """Genes x latent loadings of the linear decoder, its batch norm folded in."""
+        if not isinstance(self.decoder, LinearDecoderSCVI):
+            raise ValueError("Loadings exist only for the linear decoder (LDVAE).")
+        return self.decoder.loadings()[:, : self.config.n_latent]
 
     # -------------------------------------------------------- marginal likelihood
     @torch.no_grad()
@@ -332,18 +425,19 @@ class VAE(nn.Module):
         self,
         x: torch.Tensor,
         batch_index: torch.Tensor,
-        label_index: torch.Tensor | None = None,
+        covariates: Covariates | None = None,
         n_mc_samples: int = 1000,
         samples_per_pass: int = 100,
     ) -> torch.Tensor:
         """Importance-sampled log p(x) per cell, with q(z, l | x) as the proposal.
 
         log p(x) ~= logsumexp_s [log p(x | z_s, l_s) + log p(z_s) + log p(l_s)
-        - log q(z_s | x) - log q(l_s | x)] - log S. With the observed library this is
-        log p(x | l). Densities are evaluated in the untransformed (Gaussian) latent space, so
-        the estimate is also right for the ``ln`` latent. Negative; higher is better.
+        - log q(z_s | x) - log q(l_s | x)] - log S. With the observed library (or size
+        factors) this is log p(x | l). Densities are evaluated in the untransformed (Gaussian)
+        latent space, so the estimate is also right for the ``ln`` latent. Negative; higher
+        is better.
         """
-        inf = self.inference(x, batch_index)
+        inf = self.inference(x, batch_index, covariates)
         qz, ql = inf["qz"], inf["ql"]
         prior_z = standard_normal_like(qz.loc)
         prior_l = None if ql is None else self.library_prior(batch_index, like=ql.loc)
@@ -356,8 +450,8 @@ class VAE(nn.Module):
                 library = inf["library"].expand(s, *inf["library"].shape)
             else:
                 library = ql.sample((s,))
-            gen = self.generative(self.transform_z(untran_z), library, batch_index, label_index)
-            log_w = gen["px"].log_prob(x).sum(-1)
+            gen = self.generative(self.transform_z(untran_z), library, batch_index, covariates)
+            log_w = gen["px"].log_prob_sum(x.expand_as(gen["mu"]))
             log_w = log_w + prior_z.log_prob(untran_z).sum(-1) - qz.log_prob(untran_z).sum(-1)
             if ql is not None:
                 log_w = log_w + (prior_l.log_prob(library) - ql.log_prob(library)).sum(-1)

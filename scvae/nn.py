@@ -62,6 +62,8 @@ class FCLayers(nn.Module):
         Concatenate the covariates to every block's input, not only the first one.
     bias
         Bias in the linear layers.
+    use_activation
+        ReLU after each block (False for a linear decoder).
 
     Examples
     --------
@@ -83,6 +85,7 @@ class FCLayers(nn.Module):
         use_layer_norm: bool = False,
         inject_covariates: bool = True,
         bias: bool = True,
+        use_activation: bool = True,
     ) -> None:
         super().__init__()
         self.n_cat_list = [n if n > 1 else 0 for n in n_cat_list]
@@ -97,7 +100,8 @@ class FCLayers(nn.Module):
                 block.append(nn.BatchNorm1d(w_out, momentum=0.01, eps=0.001))
             if use_layer_norm:
                 block.append(nn.LayerNorm(w_out, elementwise_affine=False))
-            block.append(nn.ReLU())
+            if use_activation:
+                block.append(nn.ReLU())
             if dropout_rate > 0:
                 block.append(nn.Dropout(p=dropout_rate))
             self.layers.append(nn.Sequential(*block))
@@ -174,6 +178,61 @@ class Encoder(nn.Module):
         var = torch.exp(self.var_encoder(h)) + self.var_eps
         q = torch.distributions.Normal(mean, var.sqrt(), validate_args=False)
         return q, q.rsample()
+
+
+class LinearDecoderSCVI(nn.Module):
+    """Linear decoder (LDVAE, Svensson et al. 2020): rho = softmax(BN(W [z, batch])).
+
+    No hidden layer and no activation, so the genes x latent weights (corrected for the batch
+    norm) are interpretable loadings. The dropout logits come from a second linear map.
+
+    Examples
+    --------
+    >>> dec = LinearDecoderSCVI(4, 20, n_cat_list=[2])
+    >>> rho, _, mu, zi = dec(torch.randn(3, 4), torch.zeros(3, 1), torch.tensor([0, 1, 0]))
+    >>> rho.shape
+    torch.Size([3, 20])
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_output: int,
+        *,
+        n_cat_list: Sequence[int] = (),
+        use_batch_norm: bool = True,
+        use_layer_norm: bool = False,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        linear = {
+            "n_cat_list": n_cat_list,
+            "n_layers": 1,
+            "dropout_rate": 0.0,
+            "use_batch_norm": use_batch_norm,
+            "use_layer_norm": use_layer_norm,
+            "bias": bias,
+            "use_activation": False,
+        }
+        self.factor_regressor = FCLayers(n_input, n_output, **linear)
+        self.px_dropout_decoder = FCLayers(n_input, n_output, **linear)
+
+    def forward(
+        self, z: torch.Tensor, library: torch.Tensor, *cat_list: torch.Tensor
+    ) -> tuple[torch.Tensor, None, torch.Tensor, torch.Tensor]:
+        """Return ``(rho, None, mu, zi_logits)`` as :class:`DecoderSCVI` does."""
+        rho = torch.softmax(self.factor_regressor(z, *cat_list), dim=-1)
+        mu = torch.exp(library) * rho
+        return rho, None, mu, self.px_dropout_decoder(z, *cat_list)
+
+    def loadings(self) -> torch.Tensor:
+        """Genes x inputs weights, the batch norm folded in: diag(gamma / sigma) W."""
+        block = self.factor_regressor.layers[0]
+        weight = block[0].weight
+        if len(block) > 1 and isinstance(block[1], nn.BatchNorm1d):
+            bn = block[1]
+            weight = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).unsqueeze(1) * weight
+        return weight
 
 
 class DecoderSCVI(nn.Module):

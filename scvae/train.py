@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from scvae._settings import logger
 from scvae.data.loader import DeviceCSR, minibatches
-from scvae.module import VAE
+from scvae.module import VAE, Covariates
 
 # A last minibatch with fewer cells than this is dropped (BatchNorm needs more than one).
 _MIN_LAST_BATCH = 3
@@ -137,7 +137,7 @@ def fit(
     module: VAE,
     counts: DeviceCSR,
     batch_codes: torch.Tensor,
-    label_codes: torch.Tensor,
+    covariates: Covariates,
     train_idx: np.ndarray,
     val_idx: np.ndarray,
     config: TrainConfig,
@@ -157,7 +157,8 @@ def fit(
     >>> module = VAE(ModuleConfig(n_input=12))
     >>> codes = torch.zeros(40, dtype=torch.long)
     >>> cfg = TrainConfig(max_epochs=2, progress_bar=False)
-    >>> hist = fit(module, DeviceCSR(x, "cpu"), codes, codes, np.arange(36), np.arange(36, 40), cfg)
+    >>> data = DeviceCSR(x, "cpu")
+    >>> hist = fit(module, data, codes, Covariates(), np.arange(36), np.arange(36, 40), cfg)
     >>> len(hist)
     2
     """
@@ -201,7 +202,7 @@ def fit(
             generator=generator,
             drop_last_below=_MIN_LAST_BATCH,
         ):
-            out = module(counts.rows(idx), batch_codes[idx], label_codes[idx], kl_weight=weight)
+            out = module(counts.rows(idx), batch_codes[idx], covariates.take(idx), kl_weight=weight)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()
@@ -215,7 +216,7 @@ def fit(
                 "this data (try lr=1e-4), extreme counts in a few cells, or non-count input."
             )
         if len(val_t):
-            row.update(evaluate(module, counts, batch_codes, label_codes, val_t, "validation"))
+            row.update(evaluate(module, counts, batch_codes, covariates, val_t, "validation"))
         row.update(
             kl_weight=weight,
             lr=optimizer.param_groups[0]["lr"],
@@ -249,7 +250,7 @@ def evaluate(
     module: VAE,
     counts: DeviceCSR,
     batch_codes: torch.Tensor,
-    label_codes: torch.Tensor,
+    covariates: Covariates,
     idx: torch.Tensor,
     suffix: str,
     chunk: int = 1024,
@@ -262,7 +263,7 @@ def evaluate(
     >>> from scvae.module import ModuleConfig, VAE
     >>> x = np.ones((4, 3), dtype="float32")
     >>> codes = torch.zeros(4, dtype=torch.long)
-    >>> out = evaluate(VAE(ModuleConfig(n_input=3)), DeviceCSR(x, "cpu"), codes, codes,
+    >>> out = evaluate(VAE(ModuleConfig(n_input=3)), DeviceCSR(x, "cpu"), codes, Covariates(),
     ...                torch.arange(4), "validation")
     >>> sorted(out)
     ['elbo_validation', 'kl_local_validation', 'reconstruction_loss_validation']
@@ -271,6 +272,6 @@ def evaluate(
     module.eval()
     sums = _Sums(counts.device)
     for part in minibatches(idx, chunk, shuffle=False):
-        sums.add(module(counts.rows(part), batch_codes[part], label_codes[part]))
+        sums.add(module(counts.rows(part), batch_codes[part], covariates.take(part)))
     module.train(was_training)
     return sums.row(suffix)

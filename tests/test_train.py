@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from scvae.data.loader import DeviceCSR
-from scvae.module import VAE, ModuleConfig
+from scvae.module import VAE, Covariates, ModuleConfig
 from scvae.train import TrainConfig, TrainingDiverged, fit, kl_weight, split_indices
 
 
@@ -33,10 +33,10 @@ def test_divergence_is_caught_and_weights_restored():
     module = VAE(ModuleConfig(n_input=10))
     codes = torch.zeros(64, dtype=torch.long)
     cfg = TrainConfig(max_epochs=3, progress_bar=False)
-    fit(module, DeviceCSR(x, "cpu"), codes, codes, np.arange(64), np.array([], int), cfg)
+    fit(module, DeviceCSR(x, "cpu"), codes, Covariates(), np.arange(64), np.array([], int), cfg)
     good = {k: v.clone() for k, v in module.state_dict().items()}
     x[10, 3] = np.inf  # one bad value reaching the loop makes the loss NaN
     with pytest.raises(TrainingDiverged, match="NaN or infinite in epoch 0"):
-        fit(module, DeviceCSR(x, "cpu"), codes, codes, np.arange(64), np.array([], int), cfg)
+        fit(module, DeviceCSR(x, "cpu"), codes, Covariates(), np.arange(64), np.array([], int), cfg)
     for k, v in module.state_dict().items():
         assert torch.equal(v, good[k]), k

@@ -38,6 +38,12 @@ class Registry:
         The genes, in order.
     allow_non_integer
         Whether fractional counts were accepted.
+    size_factor_key
+        Column of ``obs`` with positive per-cell size factors (used as the library).
+    categorical_covariate_keys, categorical_covariate_categories
+        Other categorical columns of ``obs`` entering the decoder, and their categories.
+    continuous_covariate_keys
+        Numeric columns of ``obs`` entering the decoder.
 
     Examples
     --------
@@ -54,7 +60,10 @@ class Registry:
     label_categories: list[str]
     var_names: list[str]
     allow_non_integer: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    size_factor_key: str | None = None
+    categorical_covariate_keys: list[str] = field(default_factory=list)
+    categorical_covariate_categories: dict[str, list[str]] = field(default_factory=dict)
+    continuous_covariate_keys: list[str] = field(default_factory=list)
 
     @property
     def n_batch(self) -> int:
@@ -108,6 +117,9 @@ class Registry:
             )
         self.batch_codes(adata)
         self.label_codes(adata)
+        self.categorical_codes(adata)
+        self.continuous_values(adata)
+        self.size_factors(adata)
         return get_counts(adata, self.layer, allow_non_integer=self.allow_non_integer)
 
     def batch_codes(self, adata: ad.AnnData) -> np.ndarray:
@@ -118,6 +130,45 @@ class Registry:
         """Label code of each cell (int64); unknown categories are an error."""
         return _codes(adata, self.labels_key, self.label_categories, "labels_key")
 
+    @property
+    def n_cats_per_cov(self) -> list[int]:
+        """Number of categories of each categorical covariate."""
+        cats = self.categorical_covariate_categories
+        return [len(cats[k]) for k in self.categorical_covariate_keys]
+
+    def categorical_codes(self, adata: ad.AnnData) -> np.ndarray | None:
+        """Codes of the categorical covariates, cells x keys (int64), or None."""
+        if not self.categorical_covariate_keys:
+            return None
+        cats = self.categorical_covariate_categories
+        cols = [
+            _codes(adata, key, cats[key], "categorical_covariate_keys")
+            for key in self.categorical_covariate_keys
+        ]
+        return np.stack(cols, axis=1)
+
+    def continuous_values(self, adata: ad.AnnData) -> np.ndarray | None:
+        """The continuous covariates, cells x keys (float32), or None."""
+        if not self.continuous_covariate_keys:
+            return None
+        cols = [
+            _numeric(adata, key, "continuous_covariate_keys")
+            for key in self.continuous_covariate_keys
+        ]
+        return np.stack(cols, axis=1).astype(np.float32)
+
+    def size_factors(self, adata: ad.AnnData) -> np.ndarray | None:
+        """Per-cell size factors (n, 1) float32, checked positive, or None."""
+        if self.size_factor_key is None:
+            return None
+        values = _numeric(adata, self.size_factor_key, "size_factor_key")
+        if (values <= 0).any():
+            raise RegistryError(
+                f"adata.obs[{self.size_factor_key!r}] (size_factor_key) has "
+                f"{int((values <= 0).sum())} values <= 0; size factors must be positive."
+            )
+        return values.astype(np.float32)[:, None]
+
 
 def register(
     adata: ad.AnnData,
@@ -125,6 +176,9 @@ def register(
     layer: str | None = None,
     batch_key: str | None = None,
     labels_key: str | None = None,
+    size_factor_key: str | None = None,
+    categorical_covariate_keys: list[str] | None = None,
+    continuous_covariate_keys: list[str] | None = None,
     allow_non_integer: bool = False,
 ) -> Registry:
     """Validate an AnnData of raw counts and record its layer, keys, categories and genes.
@@ -137,6 +191,10 @@ def register(
         Layer holding the counts (None: ``X``).
     batch_key, labels_key
         Columns of ``obs`` with the batch and the cell label (None: one batch / one label).
+    size_factor_key
+        Column of ``obs`` with positive size factors, used as the library size.
+    categorical_covariate_keys, continuous_covariate_keys
+        Further columns of ``obs`` that enter the decoder (one-hot or as numbers).
     allow_non_integer
         Accept fractional counts (ambient-corrected or EM-estimated); refused by default.
 
@@ -164,7 +222,12 @@ def register(
     get_counts(adata, layer, allow_non_integer=allow_non_integer)
     batches = _categories(adata, batch_key, "batch_key")
     labels = _categories(adata, labels_key, "labels_key")
-    return Registry(
+    cat_keys = list(categorical_covariate_keys or [])
+    cont_keys = list(continuous_covariate_keys or [])
+    for keys, what in ((cat_keys, "categorical"), (cont_keys, "continuous")):
+        if len(set(keys)) != len(keys):
+            raise RegistryError(f"{what}_covariate_keys lists a column twice: {keys}.")
+    registry = Registry(
         layer=layer,
         batch_key=batch_key,
         labels_key=labels_key,
@@ -172,7 +235,16 @@ def register(
         label_categories=labels,
         var_names=list(map(str, adata.var_names)),
         allow_non_integer=allow_non_integer,
+        size_factor_key=size_factor_key,
+        categorical_covariate_keys=cat_keys,
+        categorical_covariate_categories={
+            k: _categories(adata, k, "categorical_covariate_keys") for k in cat_keys
+        },
+        continuous_covariate_keys=cont_keys,
     )
+    registry.continuous_values(adata)
+    registry.size_factors(adata)
+    return registry
 
 
 def get_counts(
@@ -283,6 +355,19 @@ def _column(adata: ad.AnnData, key: str, what: str) -> pd.Series:
             "Fill them (e.g. with 'unknown') or remove those cells."
         )
     return column
+
+
+def _numeric(adata: ad.AnnData, key: str, what: str) -> np.ndarray:
+    column = _column(adata, key, what)
+    try:
+        values = column.to_numpy(dtype=np.float64)
+    except (TypeError, ValueError):
+        raise RegistryError(
+            f"adata.obs[{key!r}] ({what}) is not numeric (dtype {column.dtype})."
+        ) from None
+    if not np.isfinite(values).all():
+        raise RegistryError(f"adata.obs[{key!r}] ({what}) has infinite values.")
+    return values
 
 
 def _categories(adata: ad.AnnData, key: str | None, what: str) -> list[str]:

@@ -1,0 +1,210 @@
+"""Queries of a trained module, chunk by chunk, with no grad.
+
+Tensors only (no AnnData): each function takes the module and an iterable of chunks
+``(x, batch_index, covariates)`` already on the module's device, and returns numpy arrays on
+the host. ``SCVAE`` builds the chunks from an AnnData; memory is bounded by the chunk size
+(and, for sampling queries, by the samples kept per chunk), not by the number of cells.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from scvae.module import VAE, Covariates
+
+Chunk = tuple[torch.Tensor, torch.Tensor, Covariates]
+# Bound on the elements (cells x samples x latent dims) held at once for the ln posterior mean.
+SAMPLE_ELEMENTS = 2**24
+
+
+@torch.no_grad()
+def latent(
+    module: VAE,
+    chunks: Iterable[Chunk],
+    *,
+    give_mean: bool = True,
+    mc_samples: int = 5000,
+    return_dist: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Posterior mean (or one sample, or the Gaussian's mean and variance) per cell."""
+    means, variances = [], []
+    for x, b, cov in chunks:
+        qz = module.inference(x, b, cov)["qz"]
+        if return_dist:
+            means.append(qz.loc.cpu())
+            variances.append(qz.variance.cpu())
+        elif not give_mean:
+            means.append(module.transform_z(qz.sample()).cpu())
+        elif module.config.latent_distribution == "ln":
+            means.append(_ln_mean(module, qz, mc_samples).cpu())
+        else:
+            means.append(qz.loc.cpu())
+    empty = torch.zeros(0, module.config.n_latent)
+    out = torch.cat(means).numpy() if means else empty.numpy()
+    return (out, torch.cat(variances).numpy()) if return_dist else out
+
+
+def _ln_mean(module: VAE, qz: torch.distributions.Normal, mc_samples: int) -> torch.Tensor:
+    total = torch.zeros_like(qz.loc)
+    step = max(1, SAMPLE_ELEMENTS // max(1, qz.loc.numel()))
+    done = 0
+    while done < mc_samples:
+        s = min(step, mc_samples - done)
+        total += module.transform_z(qz.sample((s,))).sum(0)
+        done += s
+    return total / mc_samples
+
+
+@torch.no_grad()
+def loss_terms(module: VAE, chunks: Iterable[Chunk]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell -log p(x | z, l) and KL (z and l), one posterior sample, KL weight 1."""
+    recon, kl = [], []
+    for x, b, cov in chunks:
+        out = module(x, b, cov)
+        recon.append(out.reconstruction_loss.cpu())
+        kl.append((out.kl_z + out.kl_l).cpu())
+    return torch.cat(recon).double().numpy(), torch.cat(kl).double().numpy()
+
+
+@torch.no_grad()
+def marginal_ll(module: VAE, chunks: Iterable[Chunk], n_mc_samples: int) -> np.ndarray:
+    """Importance-sampled log p(x) per cell (see :meth:`VAE.marginal_ll`)."""
+    per_pass = max(1, min(n_mc_samples, 100))
+    out = [
+        module.marginal_ll(x, b, cov, n_mc_samples=n_mc_samples, samples_per_pass=per_pass)
+        .double()
+        .cpu()
+        for x, b, cov in chunks
+    ]
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def normalized_expression(
+    module: VAE,
+    chunks: Iterable[Chunk],
+    *,
+    transform_batch: Sequence[int] | None,
+    gene_idx: np.ndarray | None,
+    library_size: float | str,
+    n_samples: int,
+    return_mean: bool,
+) -> np.ndarray:
+    """rho (times ``library_size``), or mu for ``library_size="latent"``, per cell and gene.
+
+    With ``transform_batch`` (batch codes), the decoder is run under each of those batches and
+    the results averaged; else under each cell's own batch. Returns ``(cells, genes)`` or, with
+    ``n_samples > 1`` and ``return_mean=False``, ``(samples, cells, genes)``.
+    """
+    parts = []
+    for x, b, cov in chunks:
+        inf = module.inference(x, b, cov, n_samples=n_samples)
+        batches = [None] if transform_batch is None else list(transform_batch)
+        acc = None
+        for code in batches:
+            b_t = b if code is None else torch.full_like(b, code)
+            gen = module.generative(inf["z"], inf["library"], b_t, cov)
+            value = gen["mu"] if library_size == "latent" else gen["rho"] * float(library_size)
+            if gene_idx is not None:
+                value = value[..., torch.as_tensor(gene_idx, device=value.device)]
+            acc = value if acc is None else acc + value
+        acc = acc / len(batches)
+        if n_samples > 1 and return_mean:
+            acc = acc.mean(0)
+        parts.append(acc.cpu())
+    return torch.cat(parts, dim=-2).numpy()
+
+
+@torch.no_grad()
+def likelihood_parameters(
+    module: VAE, chunks: Iterable[Chunk], *, n_samples: int, give_mean: bool
+) -> dict[str, np.ndarray]:
+    """``mean`` (mu), ``dispersions`` (theta) and ``dropout`` (zi logits) per cell and gene."""
+    keys = {"mean": "mu", "dispersions": "theta", "dropout": "zi_logits"}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    n_genes = module.config.n_input
+    for x, b, cov in chunks:
+        inf = module.inference(x, b, cov, n_samples=n_samples)
+        gen = module.generative(inf["z"], inf["library"], b, cov)
+        for key, name in keys.items():
+            value = gen[name]
+            if value.dim() == 1:  # per-gene theta: one row per cell
+                value = value.expand(*inf["z"].shape[:-1], n_genes)
+            if n_samples > 1 and give_mean:
+                value = value.mean(0)
+            parts[key].append(value.cpu())
+    out = {k: torch.cat(v, dim=-2).numpy() for k, v in parts.items()}
+    if module.config.gene_likelihood != "zinb":
+        del out["dropout"]
+    if module.config.gene_likelihood == "poisson":
+        del out["dispersions"]
+    return out
+
+
+@torch.no_grad()
+def latent_library_size(module: VAE, chunks: Iterable[Chunk], *, give_mean: bool) -> np.ndarray:
+    """Library size per cell, ``(cells, 1)``: exp of the log library.
+
+    For a latent library with ``give_mean``, the mean of the log-normal q(l | x); otherwise the
+    observed totals (or size factors), or one sample of the latent library.
+    """
+    parts = []
+    for x, b, cov in chunks:
+        inf = module.inference(x, b, cov)
+        ql = inf["ql"]
+        if ql is not None and give_mean:
+            value = torch.exp(ql.loc + 0.5 * ql.variance)
+        else:
+            value = torch.exp(inf["library"])
+        parts.append(value.cpu())
+    return torch.cat(parts).numpy()
+
+
+@torch.no_grad()
+def posterior_predictive(
+    module: VAE, chunks: Iterable[Chunk], *, n_samples: int, gene_idx: np.ndarray | None
+) -> list[sp.csr_matrix]:
+    """Counts drawn from p(x | z, l) with z, l from the posterior: one CSR matrix per sample."""
+    parts: list[list[sp.csr_matrix]] = [[] for _ in range(n_samples)]
+    for x, b, cov in chunks:
+        inf = module.inference(x, b, cov, n_samples=n_samples)
+        counts = module.generative(inf["z"], inf["library"], b, cov)["px"].sample()
+        if n_samples == 1:
+            counts = counts.unsqueeze(0)
+        if gene_idx is not None:
+            counts = counts[..., torch.as_tensor(gene_idx, device=counts.device)]
+        for s in range(n_samples):
+            parts[s].append(sp.csr_matrix(counts[s].cpu().numpy()))
+    return [sp.vstack(p, format="csr") for p in parts]
+
+
+@torch.no_grad()
+def denoised_samples(
+    module: VAE,
+    chunks: Iterable[Chunk],
+    *,
+    n_samples: int,
+    rna_size_factor: float,
+    transform_batch: int | None,
+) -> np.ndarray:
+    """Gamma draws of the denoised expression at a fixed library, ``(cells * samples, genes)``.
+
+    For each posterior sample, rate = ``rna_size_factor * rho`` and the draw is
+    Gamma(theta, theta / rate) (mean ``rate``), as in scVI's gene-gene correlations.
+    """
+    parts = []
+    for x, b, cov in chunks:
+        inf = module.inference(x, b, cov, n_samples=n_samples)
+        b_t = b if transform_batch is None else torch.full_like(b, transform_batch)
+        gen = module.generative(inf["z"], inf["library"], b_t, cov)
+        rate = rna_size_factor * gen["rho"]
+        theta = gen["theta"].expand_as(rate) if module.config.gene_likelihood != "poisson" else None
+        draw = rate if theta is None else torch.distributions.Gamma(theta, theta / rate).sample()
+        if n_samples == 1:
+            draw = draw.unsqueeze(0)
+        parts.append(draw.transpose(0, 1).reshape(-1, draw.shape[-1]).cpu())
+    return torch.cat(parts).numpy()
