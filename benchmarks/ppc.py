@@ -72,16 +72,17 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--n-samples", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", type=Path, default=DATA)
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in DATASETS:
-        if not (DATA / name).exists():
-            print(f"skipping {name}: not in {DATA}")
+        if not (args.data_dir / name).exists():
+            print(f"skipping {name}: not in {args.data_dir}")
             continue
         for likelihood in ("zinb", "nb", "poisson"):
-            row = check(DATA / name, likelihood, args.epochs, args.n_samples, args.seed)
+            row = check(args.data_dir / name, likelihood, args.epochs, args.n_samples, args.seed)
             rows.append(row)
             print(json.dumps(row), flush=True)
     (args.out / "ppc.json").write_text(json.dumps(rows, indent=1))
