@@ -93,7 +93,10 @@ def test_save_load_gives_identical_outputs(trained, sim, tmp_path):
     a = trained.get_elbo(return_mean=False)
     torch.manual_seed(3)
     b = loaded.get_elbo(return_mean=False)
-    np.testing.assert_array_equal(a, b)
+    if trained.device.type == "cpu":
+        np.testing.assert_array_equal(a, b)
+    else:  # CUDA reductions are not bit-reproducible run to run
+        np.testing.assert_allclose(a, b, rtol=1e-6)
     pd.testing.assert_frame_equal(loaded.history, trained.history, check_dtype=False)
     np.testing.assert_array_equal(loaded.validation_indices, trained.validation_indices)
     with pytest.raises(FileExistsError, match="overwrite=True"):
@@ -167,7 +170,7 @@ def test_latent_library_prior_from_training_cells(sim):
     batch = sim.obs["batch"].cat.codes.to_numpy()[model.train_indices]
     log_totals = np.log(np.asarray(counts.sum(1)).ravel())
     expected = [log_totals[batch == b].mean() for b in range(2)]
-    np.testing.assert_allclose(model.module.library_log_means.numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(model.module.library_log_means.cpu().numpy(), expected, rtol=1e-5)
     assert model.get_marginal_ll(indices=range(20), n_mc_samples=20) < 0
 
 

@@ -35,7 +35,7 @@ def two_group_data(n_cells=600, n_genes=40, thetas=(1.0, 50.0), key="batch", see
 
 
 def fitted_theta(model: scvae.SCVAE) -> np.ndarray:
-    return torch.exp(model.module.px_r).detach().numpy()
+    return torch.exp(model.module.px_r).detach().cpu().numpy()
 
 
 @pytest.mark.parametrize("key", ["batch", "labels"])
@@ -293,13 +293,13 @@ def test_ldvae_defaults_and_loadings_fold_in_batch_norm():
     # the logits of rho move by loadings @ (z1 - z2) between two latent points (batch fixed)
     dec = model.module.decoder.factor_regressor
     z1, z2 = torch.randn(1, 3), torch.randn(1, 3)
-    batch = torch.zeros(1, dtype=torch.long)
+    batch = torch.zeros(1, dtype=torch.long, device=model.device)
     with torch.no_grad():
-        diff = dec(z1, batch) - dec(z2, batch)
+        diff = (dec(z1.to(model.device), batch) - dec(z2.to(model.device), batch)).cpu()
     np.testing.assert_allclose(
         diff[0].numpy(), loadings.to_numpy() @ (z1 - z2)[0].numpy(), rtol=1e-4, atol=1e-5
     )
-    raw = model.module.decoder.factor_regressor.layers[0][0].weight[:, :3].detach().numpy()
+    raw = dec.layers[0][0].weight[:, :3].detach().cpu().numpy()
     assert not np.allclose(raw, loadings.to_numpy())  # the batch norm was folded in
 
 
