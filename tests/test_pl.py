@@ -1,0 +1,42 @@
+"""scvae.pl draws what it says (real matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import scvae
+
+
+def test_history_draws_train_and_validation(trained):
+    ax = scvae.pl.history(trained, show=False)
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["elbo_train", "elbo_validation"]
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), trained.history["elbo_train"])
+
+
+def test_history_refuses_untrained(sim):
+    with pytest.raises(ValueError, match="no training history"):
+        scvae.pl.history(scvae.SCVAE(sim[:50].copy()), show=False)
+
+
+def test_volcano_labels_top_genes_and_needs_a_comparison():
+    table = pd.DataFrame(
+        {
+            "lfc_mean": [3.0, -2.0, 0.1, 0.0],
+            "proba_de": [0.99, 0.98, 0.1, 0.2],
+            "comparison": ["A vs Rest"] * 2 + ["B vs Rest"] * 2,
+        },
+        index=["g1", "g2", "g3", "g4"],
+    )
+    with pytest.raises(ValueError, match="several comparisons"):
+        scvae.pl.volcano(table, show=False)
+    ax = scvae.pl.volcano(table, comparison="A vs Rest", n_labels=1, show=False)
+    assert [t.get_text() for t in ax.texts] == ["g1"]
+    with pytest.raises(ValueError, match="'lfc_max' is not in"):
+        scvae.pl.volcano(table, x="lfc_max", comparison="A vs Rest", show=False)
