@@ -6,11 +6,13 @@ its own), read the same prepared h5ad and split, and write one JSON file each.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 
 
@@ -31,3 +33,23 @@ def write_result(path: str | Path, result: dict, latent: np.ndarray) -> None:
     path = Path(path)
     np.save(path.with_suffix(".latent.npy"), latent.astype(np.float32))
     path.write_text(json.dumps(result))
+
+
+def worker_args() -> argparse.Namespace:
+    """The command line both parity workers take."""
+    p = argparse.ArgumentParser()
+    p.add_argument("h5ad")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--n-mc-samples", type=int, default=1000)
+    p.add_argument("--gene-likelihood", default="zinb")
+    return p.parse_args()
+
+
+def read_split(path: str) -> tuple[ad.AnnData, ad.AnnData, ad.AnnData]:
+    """The prepared AnnData and its training and held-out cells (``obs["split"]``)."""
+    adata = ad.read_h5ad(path)
+    held = adata.obs["split"].to_numpy() == "held_out"
+    return adata, adata[~held].copy(), adata[held].copy()

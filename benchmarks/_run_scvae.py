@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 
-import anndata as ad
-from _common import peak_rss_mib, rss_mib, write_result
+from _common import peak_rss_mib, read_split, rss_mib, worker_args, write_result
 
 import scvae
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("h5ad")
-    p.add_argument("out")
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--n-mc-samples", type=int, default=1000)
-    p.add_argument("--gene-likelihood", default="zinb")
-    a = p.parse_args()
-
-    adata = ad.read_h5ad(a.h5ad)
-    held = adata.obs["split"].to_numpy() == "held_out"
-    train, test = adata[~held].copy(), adata[held].copy()
+    a = worker_args()
+    adata, train, test = read_split(a.h5ad)
     baseline = rss_mib()
     scvae.settings.seed = a.seed
     model = scvae.SCVAE(train, gene_likelihood=a.gene_likelihood)

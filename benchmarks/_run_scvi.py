@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 
-import anndata as ad
 import numpy as np
 import scvi
-from _common import peak_rss_mib, rss_mib, write_result
+from _common import peak_rss_mib, read_split, rss_mib, worker_args, write_result
 from lightning.pytorch.callbacks import Callback
 
 
@@ -26,19 +24,8 @@ class EpochTimer(Callback):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("h5ad")
-    p.add_argument("out")
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--n-mc-samples", type=int, default=1000)
-    p.add_argument("--gene-likelihood", default="zinb")
-    a = p.parse_args()
-
-    adata = ad.read_h5ad(a.h5ad)
-    held = adata.obs["split"].to_numpy() == "held_out"
-    train, test = adata[~held].copy(), adata[held].copy()
+    a = worker_args()
+    adata, train, test = read_split(a.h5ad)
     baseline = rss_mib()
     scvi.settings.seed = a.seed
     scvi.settings.progress_bar_style = "tqdm"
