@@ -57,8 +57,10 @@ def pbmc68k() -> ad.AnnData:
             "n_counts_all_genes": totals,
             "batch": pd.Categorical(["pbmc68k"] * source.n_obs),
         },
-        index=source.obs_names,
+        # plain object indices: pandas 3's string arrays are refused by anndata 0.12's writer
+        index=pd.Index(source.obs_names.astype(object)),
     )
-    adata = ad.AnnData(x, obs=obs, var=pd.DataFrame(index=source.raw.var_names.copy()))
+    var = pd.DataFrame(index=pd.Index(source.raw.var_names.astype(object)))
+    adata = ad.AnnData(x, obs=obs, var=var)
     adata.layers["counts"] = x.copy()
     return adata
