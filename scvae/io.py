@@ -1,23 +1,36 @@
 """Model files: weights in safetensors plus a JSON description; loading never runs code.
 
-A model directory holds exactly two files that scvae reads:
+A model directory holds the two files that scvae reads to rebuild a model:
 
 * ``model.safetensors``: the module's ``state_dict`` (tensors only; the format cannot hold code);
 * ``model.json``: ``format`` ("scvae-model"), ``format_version``, ``scvae_version``,
   ``weights_sha256`` (checksum of the weights file) and the model's description (registry with
   the genes, module configuration, training options and history).
 
-Anything else in the directory is ignored. Saving writes into a temporary sibling directory and
-renames it into place, so an interrupted save leaves the previous model intact.
+A training checkpoint is a model directory with one more safetensors file (the optimizer and
+random-generator states, see :mod:`scvae.checkpoint`), listed with its checksum under
+``extra_files`` in ``model.json``. Any other file in the directory is ignored: a pickle planted
+beside the weights is never opened.
+
+Saving writes into a temporary sibling directory ``.<name>.tmp-<random>``, fsyncs it and then
+puts it in place in one step: on Linux an existing directory is swapped with the new one by
+``renameat2(RENAME_EXCHANGE)``, so at every instant ``<name>`` is either the complete previous
+model or the complete new one. (Elsewhere the old directory is first renamed to
+``.<name>.old-<random>``; a process killed between the two renames leaves the previous model
+there, and :func:`load_model` says so.) A killed save can leave ``.<name>.tmp-*`` siblings
+behind; loading ignores them and they can be deleted.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +43,8 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 DESCRIPTION_FILE = "model.json"
 _MAX_JSON_BYTES = 512 * 2**20
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
 
 
 class ModelFileError(ValueError):
@@ -54,18 +69,123 @@ def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a directory
+        if not path.is_dir():
+            raise
     finally:
         os.close(fd)
 
 
+def _load_renameat2() -> Callable[..., int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _load_renameat2()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux); False where the system cannot."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _install(tmp: Path, target: Path) -> None:
+    """Put the complete directory ``tmp`` at ``target``, replacing what is there atomically."""
+    if target.exists():
+        if _exchange(tmp, target):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous directory
+        else:
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+    _fsync(target.parent)
+
+
+def _unwritable(target: Path, err: Exception) -> OSError:
+    """The same kind of OSError, with a message naming the model path and the fix."""
+    code = getattr(err, "errno", None)
+    reason = getattr(err, "strerror", None) or str(err)
+    msg = f"Cannot write the model to {target}: {reason}. Choose a writable path"
+    if code == errno.ENOSPC:
+        msg += " on a disk with enough free space"
+    msg += "; nothing was written there."
+    # OSError(errno, ...) builds the matching subclass (PermissionError, ...).
+    return OSError(code, msg) if code is not None else OSError(msg)
+
+
+def _prepare(dir_path: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
+    """Check ``dir_path`` can be (re)written and create the temporary sibling directory."""
+    target = Path(dir_path).absolute()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory; choose another path.")
+    if target.exists() and not overwrite:
+        raise FileExistsError(
+            f"{target} already exists; pass overwrite=True to replace it, or choose another path."
+        )
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(
+            errno.ENOTDIR,
+            f"Cannot write the model to {target}: {ancestor} is a file, not a directory. "
+            "Choose another path; nothing was written.",
+        )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as err:
+        raise _unwritable(target, err) from None
+    return target, tmp
+
+
 def save_model(
     dir_path: str | os.PathLike,
-    state_dict: dict[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor],
     description: dict[str, Any],
     *,
     overwrite: bool = False,
+    extra_files: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> None:
     """Write ``state_dict`` and ``description`` into the directory ``dir_path``, atomically.
+
+    Parameters
+    ----------
+    dir_path
+        The model directory; its parent folders are created.
+    state_dict
+        The weights, written to ``model.safetensors``.
+    description
+        JSON-ready facts about the model, written into ``model.json`` after the format keys.
+    overwrite
+        Replace an existing directory (atomically); otherwise an existing one is an error.
+    extra_files
+        More safetensors files to write (file name -> tensors), each listed with its checksum
+        under ``extra_files`` in ``model.json`` and read back by :func:`load_extra`.
+
+    Raises
+    ------
+    FileExistsError
+        ``dir_path`` exists (without ``overwrite``) or is a file.
+    OSError
+        The path cannot be written (``PermissionError``, ``NotADirectoryError``, disk full...);
+        the message names the path, and nothing was written there.
 
     Examples
     --------
@@ -75,53 +195,96 @@ def save_model(
     >>> load_model(path)[1]["note"]
     'hi'
     """
-    target = Path(dir_path)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory; choose another path.")
-    if target.exists() and not overwrite:
-        raise FileExistsError(
-            f"{target} already exists; pass overwrite=True to replace it, or choose another path."
-        )
-    parent = target.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-    except OSError as err:
-        raise PermissionError(
-            f"Cannot write the model to {target}: {err.strerror or err}. Choose a writable path."
-        ) from None
+    extra = dict(extra_files or {})
+    for name in extra:
+        if name in (WEIGHTS_FILE, DESCRIPTION_FILE) or Path(name).name != name:
+            raise ValueError(f"{name!r} cannot be an extra file name of a model directory.")
+    target, tmp = _prepare(dir_path, overwrite)
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         save_file(tensors, tmp / WEIGHTS_FILE)
+        checksums = {}
+        for name, content in extra.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in content.items()}, tmp / name)
+            checksums[name] = _sha256(tmp / name)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "scvae_version": _version(),
             "weights_file": WEIGHTS_FILE,
             "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
+            **({"extra_files": checksums} if checksums else {}),
             **description,
         }
         (tmp / DESCRIPTION_FILE).write_text(json.dumps(meta, indent=1))
-        for name in (WEIGHTS_FILE, DESCRIPTION_FILE):
+        for name in (WEIGHTS_FILE, DESCRIPTION_FILE, *extra):
             _fsync(tmp / name)
-        if target.exists():
-            old = parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
+        _install(tmp, target)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _unwritable(target, err) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def link_model(src: str | os.PathLike, dir_path: str | os.PathLike) -> None:
+    """Make ``dir_path`` a copy of the complete model directory ``src``, atomically.
+
+    The files are hard-linked where the file system allows (saves never modify a file in
+    place, so the two directories cannot affect each other), else copied; an existing
+    ``dir_path`` is replaced.
+
+    Examples
+    --------
+    >>> import tempfile, os, torch
+    >>> root = tempfile.mkdtemp()
+    >>> save_model(os.path.join(root, "a"), {"w": torch.ones(1)}, {})
+    >>> link_model(os.path.join(root, "a"), os.path.join(root, "b"))
+    >>> load_model(os.path.join(root, "b"))[0]["w"].tolist()
+    [1.0]
+    """
+    source = Path(src)
+    target, tmp = _prepare(dir_path, overwrite=True)
+    try:
+        for path in source.iterdir():
+            if path.is_file() and not path.name.startswith("."):
+                try:
+                    os.link(path, tmp / path.name)
+                except OSError:
+                    shutil.copy2(path, tmp / path.name)
+                    _fsync(tmp / path.name)
+        _install(tmp, target)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _unwritable(target, err) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _interrupted_save_hint(root: Path) -> str:
+    olds = sorted(root.parent.glob(f".{root.name}.old-*")) if root.parent.is_dir() else []
+    if not olds:
+        return ""
+    return (
+        f" A save there was interrupted; the previous model is in {olds[-1]}: rename it to "
+        f"{root.name} to use it."
+    )
+
+
 def load_model(dir_path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a model directory: ``(state_dict, description)``. Never unpickles anything.
 
-    Raises :class:`ModelFileError` naming the problem for a missing, truncated, corrupted or
-    newer-format directory.
+    Only ``model.json`` (parsed as JSON) and ``model.safetensors`` (checked against the
+    checksum in ``model.json``, then parsed as safetensors) are opened; every other file in the
+    directory is ignored.
+
+    Raises
+    ------
+    ModelFileError
+        Naming the problem for a missing, truncated, corrupted, foreign or newer-format
+        directory.
 
     Examples
     --------
@@ -133,39 +296,75 @@ def load_model(dir_path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     """
     root = Path(dir_path)
     if not root.is_dir():
-        raise ModelFileError(f"No model directory at {root}.")
+        what = "is a file, not a model directory" if root.exists() else "does not exist"
+        raise ModelFileError(
+            f"No model directory at {root}: the path {what}.{_interrupted_save_hint(root)}"
+        )
     meta_path = root / DESCRIPTION_FILE
     if not meta_path.is_file():
         raise ModelFileError(
-            f"{root} is not a scvae model directory: {DESCRIPTION_FILE} is missing."
+            f"{root} is not a scvae model directory: {DESCRIPTION_FILE} is missing. Pass the "
+            "directory written by model.save()."
         )
     if meta_path.stat().st_size > _MAX_JSON_BYTES:
         raise ModelFileError(f"{meta_path} is implausibly large; it is not a scvae description.")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelFileError(f"{meta_path} is corrupted or truncated ({err}).") from None
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ModelFileError(
+            f"{meta_path} is corrupted or truncated ({err}). Restore the directory from the "
+            "original save."
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ModelFileError(f"{meta_path} is not a scvae model description.")
+        raise ModelFileError(
+            f'{meta_path} is not a scvae model description (no "format": "{FORMAT}"). '
+            "Pass a directory written by model.save()."
+        )
     version = meta.get("format_version")
-    if not isinstance(version, int):
-        raise ModelFileError(f"{meta_path} has no valid format_version.")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ModelFileError(f"{meta_path} has no valid format_version (got {version!r}).")
     if version > FORMAT_VERSION:
         raise ModelFileError(
             f"{root} was saved by a newer scvae ({meta.get('scvae_version')}, model format "
             f"{version}); this scvae ({_version()}) reads formats up to {FORMAT_VERSION}. "
             "Upgrade scvae-torch to load it."
         )
-    weights_path = root / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise ModelFileError(f"{root} is incomplete: {WEIGHTS_FILE} is missing.")
-    if _sha256(weights_path) != meta.get("weights_sha256"):
+    weights = _read_tensors(root, WEIGHTS_FILE, meta.get("weights_sha256"))
+    return weights, meta
+
+
+def load_extra(dir_path: str | os.PathLike, meta: Mapping[str, Any], name: str) -> dict:
+    """Read the extra safetensors file ``name`` of a model directory, checked by its checksum.
+
+    ``meta`` is the description returned by :func:`load_model` for the same directory.
+
+    Examples
+    --------
+    >>> import tempfile, os, torch
+    >>> path = os.path.join(tempfile.mkdtemp(), "m")
+    >>> save_model(path, {}, {}, extra_files={"state.safetensors": {"s": torch.ones(1)}})
+    >>> load_extra(path, load_model(path)[1], "state.safetensors")["s"].tolist()
+    [1.0]
+    """
+    listed = meta.get("extra_files")
+    if not isinstance(listed, dict) or name not in listed:
+        raise ModelFileError(f"{dir_path} does not list {name} in {DESCRIPTION_FILE}.")
+    return _read_tensors(Path(dir_path), name, listed[name])
+
+
+def _read_tensors(root: Path, name: str, checksum: Any) -> dict[str, torch.Tensor]:
+    path = root / name
+    if not path.is_file():
         raise ModelFileError(
-            f"{weights_path} does not match the checksum in {DESCRIPTION_FILE}: the weights "
-            "file is corrupted, truncated or was replaced. Restore it from the original save."
+            f"{root} is incomplete: {name} is missing. Restore the directory from the original "
+            "save."
+        )
+    if not isinstance(checksum, str) or _sha256(path) != checksum:
+        raise ModelFileError(
+            f"{path} does not match the checksum in {DESCRIPTION_FILE}: the file is corrupted, "
+            "truncated or was replaced. Restore it from the original save."
         )
     try:
-        weights = load_file(weights_path)
+        return load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
-        raise ModelFileError(f"{weights_path} cannot be read as safetensors ({err}).") from None
-    return weights, meta
+        raise ModelFileError(f"{path} cannot be read as safetensors ({err}).") from None

@@ -6,8 +6,8 @@ and label codes and a :class:`TrainConfig`, and returns the history, one row per
 
 from __future__ import annotations
 
-import copy
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass
 
@@ -17,16 +17,22 @@ import torch
 from tqdm.auto import tqdm
 
 from scvae._settings import logger
+from scvae.checkpoint import Checkpointer, LoopState
 from scvae.data.loader import DeviceCSR, minibatches
 from scvae.module import VAE, Covariates
 
 # A last minibatch with fewer cells than this is dropped (BatchNorm needs more than one).
 _MIN_LAST_BATCH = 3
+# A minibatch count above this is named as a likely cause of divergence.
+_EXTREME_COUNT = 1e6
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Options of one training run; the defaults are scvi-tools' ``SCVI.train`` defaults.
+
+    Every option is checked when the config is made: a wrong type or a value out of range is a
+    ``ValueError`` naming the option, the value and what is allowed.
 
     Examples
     --------
@@ -50,14 +56,40 @@ class TrainConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_epochs < 1:
-            raise ValueError(f"max_epochs must be at least 1, got {self.max_epochs}.")
-        if self.batch_size < 2:
-            raise ValueError(
-                f"batch_size must be at least 2 (BatchNorm needs two cells), got {self.batch_size}."
-            )
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}.")
+        def whole(name: str, low: int, why: str = "") -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{name} must be a whole number >= {low}{why}, got {value!r}.")
+            object.__setattr__(self, name, int(value))
+
+        def real(name: str, low: float, *, strict: bool, high: float = math.inf) -> None:
+            value = getattr(self, name)
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            ok = ok and math.isfinite(value) and (value > low if strict else value >= low)
+            if not ok or value >= high:
+                side = ">" if strict else ">="
+                upper = f" and < {high:g}" if math.isfinite(high) else ""
+                raise ValueError(
+                    f"{name} must be a finite number {side} {low:g}{upper}, got {value!r}."
+                )
+            object.__setattr__(self, name, float(value))
+
+        whole("max_epochs", 1)
+        whole("batch_size", 2, " (BatchNorm needs two cells)")
+        real("lr", 0.0, strict=True)
+        real("weight_decay", 0.0, strict=False)
+        real("eps", 0.0, strict=True)
+        if self.n_epochs_kl_warmup is not None:
+            whole("n_epochs_kl_warmup", 0, " (or None)")
+        whole("early_stopping_patience", 1)
+        real("early_stopping_min_delta", 0.0, strict=False)
+        whole("lr_patience", 0)
+        real("lr_factor", 0.0, strict=True, high=1.0)
+        whole("seed", 0)
+        for name in ("early_stopping", "reduce_lr_on_plateau", "progress_bar"):
+            if not isinstance(getattr(self, name), bool | np.bool_):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+            object.__setattr__(self, name, bool(getattr(self, name)))
 
     def to_dict(self) -> dict:
         """The options as a JSON-ready dict."""
@@ -90,10 +122,15 @@ def split_indices(
     >>> len(tr), len(va)
     (9, 1)
     """
+    for name, value in (("train_size", train_size), ("validation_size", validation_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise ValueError(f"{name} must be a number, got {value!r}.")
     if not 0.0 < train_size <= 1.0:
         raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
     if validation_size is None:
         validation_size = 1.0 - train_size
+    if not math.isfinite(validation_size):
+        raise ValueError(f"validation_size must be a number in [0, 1), got {validation_size}.")
     if validation_size < 0 or train_size + validation_size > 1.0 + 1e-9:
         raise ValueError(
             f"train_size + validation_size must be at most 1, got {train_size} + {validation_size}."
@@ -130,7 +167,54 @@ class _Sums:
 
 
 class TrainingDiverged(FloatingPointError):
-    """The loss became NaN or infinite; the last good weights were restored."""
+    """The loss (or its gradient) became NaN or infinite; the bad step was not applied.
+
+    The module keeps the weights of the last good step. Attributes: ``epoch`` and ``step``
+    where it happened, ``history`` of the finished epochs, ``steps_applied`` in this call.
+    """
+
+    def __init__(
+        self, message: str, *, epoch: int, step: int, history: pd.DataFrame, steps_applied: int
+    ) -> None:
+        super().__init__(message)
+        self.epoch, self.step, self.history = epoch, step, history
+        self.steps_applied = steps_applied
+
+
+def _all_finite(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> bool:
+    """Whether the loss and every gradient are finite (one host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    ok = torch.isfinite(loss)
+    if grads:
+        ok = ok & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+    return bool(ok)
+
+
+def _divergence_message(
+    epoch: int, step: int, x: torch.Tensor, loss: torch.Tensor, lr: float
+) -> str:
+    """Name the likely cause of a non-finite loss from what the bad minibatch held."""
+    what = "loss" if not torch.isfinite(loss) else "gradient of the loss"
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        cause = (
+            f"this minibatch's counts hold {bad} NaN or infinite values: non-count data reached "
+            "the training loop. Validate the input (scvae.SCVAE checks an AnnData for this)"
+        )
+    elif x.numel() and float(x.max()) > _EXTREME_COUNT:
+        cause = (
+            f"extreme counts in this minibatch (up to {float(x.max()):.3g}): check for outlier "
+            "cells or data that are not raw counts, or lower the learning rate"
+        )
+    else:
+        cause = (
+            f"a learning rate too high for this data (lr={lr:g}): try lr={lr / 10:g}; extreme "
+            "counts in a few cells or non-count input can also cause it"
+        )
+    return (
+        f"The training {what} became NaN or infinite in epoch {epoch}, step {step}; that step "
+        f"was not applied and the weights of the last good step were kept. Likely cause: {cause}."
+    )
 
 
 def fit(
@@ -141,6 +225,7 @@ def fit(
     train_idx: np.ndarray,
     val_idx: np.ndarray,
     config: TrainConfig,
+    checkpoint: Checkpointer | None = None,
 ) -> pd.DataFrame:
     """Train ``module`` in place and return the history (one row per epoch).
 
@@ -148,6 +233,14 @@ def fit(
     KL weight 1 (positive, lower is better), plus ``reconstruction_loss_train``,
     ``kl_local_train``, the same for ``_validation`` when there are validation cells,
     ``kl_weight``, ``lr`` and ``seconds``.
+
+    Every step checks that the loss and its gradient are finite before the optimizer applies
+    it; if not, the module is left with the weights (and batch-norm statistics) of the last
+    good step and :class:`TrainingDiverged` names the epoch, the step and the likely cause.
+
+    With a :class:`~scvae.checkpoint.Checkpointer`, the latest checkpoint (if any) is restored
+    first and the run continues from its epoch; checkpoints are written after the epochs it
+    asks for.
 
     Examples
     --------
@@ -165,11 +258,9 @@ def fit(
     device = counts.device
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
+    params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(
-        [p for p in module.parameters() if p.requires_grad],
-        lr=config.lr,
-        eps=config.eps,
-        weight_decay=config.weight_decay,
+        params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay
     )
     scheduler = (
         torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -182,39 +273,71 @@ def fit(
         if config.reduce_lr_on_plateau and len(val_idx)
         else None
     )
+    loop = LoopState()
+    if checkpoint is not None:
+        resumed = checkpoint.restore(module, optimizer, scheduler, generator)
+        if resumed is not None:
+            loop = resumed
+            logger.info(
+                "Resuming training from the checkpoint in %s after epoch %d (of %d)%s.",
+                checkpoint.latest_path,
+                loop.next_epoch - 1,
+                config.max_epochs,
+                "; nothing is left to train"
+                if loop.stopped_early or loop.next_epoch >= config.max_epochs
+                else "",
+            )
     train_t = torch.as_tensor(train_idx, dtype=torch.long, device=device)
     val_t = torch.as_tensor(val_idx, dtype=torch.long, device=device)
-    rows: list[dict[str, float]] = []
-    best, since_best = math.inf, 0
+    # Batch-norm statistics change in the forward pass: kept so a bad step can be undone.
+    buffers = [b for b in module.buffers() if b.numel()]
+    saved = [b.detach().clone() for b in buffers]
+    steps_applied = 0
     bar = tqdm(
-        range(config.max_epochs), desc="Training", disable=not config.progress_bar, unit="epoch"
+        total=config.max_epochs,
+        initial=min(loop.next_epoch, config.max_epochs),
+        desc="Training",
+        disable=not config.progress_bar,
+        unit="epoch",
     )
-    for epoch in bar:
+    while loop.next_epoch < config.max_epochs and not loop.stopped_early:
+        epoch = loop.next_epoch
         start = time.perf_counter()
         weight = kl_weight(epoch, config.n_epochs_kl_warmup)
-        last_good = copy.deepcopy(module.state_dict())
         module.train()
         sums = _Sums(device)
-        for idx in minibatches(
+        batches = minibatches(
             train_t,
             config.batch_size,
             shuffle=True,
             generator=generator,
             drop_last_below=_MIN_LAST_BATCH,
-        ):
-            out = module(counts.rows(idx), batch_codes[idx], covariates.take(idx), kl_weight=weight)
+        )
+        for step, idx in enumerate(batches):
+            for keep, buf in zip(saved, buffers, strict=True):
+                keep.copy_(buf)
+            x = counts.rows(idx)
+            out = module(x, batch_codes[idx], covariates.take(idx), kl_weight=weight)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            if not _all_finite(out.loss, params):
+                for keep, buf in zip(saved, buffers, strict=True):
+                    buf.copy_(keep)
+                optimizer.zero_grad(set_to_none=True)
+                module.eval()
+                bar.close()
+                lr = optimizer.param_groups[0]["lr"]
+                raise TrainingDiverged(
+                    _divergence_message(epoch, step, x, out.loss.detach(), lr),
+                    epoch=epoch,
+                    step=step,
+                    history=loop.history(),
+                    steps_applied=steps_applied,
+                )
             optimizer.step()
+            steps_applied += 1
             sums.add(out)
         row = {"epoch": epoch, **sums.row("train")}
-        if not all(math.isfinite(v) for v in row.values()):
-            module.load_state_dict(last_good)
-            raise TrainingDiverged(
-                f"The training loss became NaN or infinite in epoch {epoch}; the weights from "
-                "before that epoch were restored. Likely causes: a learning rate too high for "
-                "this data (try lr=1e-4), extreme counts in a few cells, or non-count input."
-            )
         if len(val_t):
             row.update(evaluate(module, counts, batch_codes, covariates, val_t, "validation"))
         row.update(
@@ -222,27 +345,37 @@ def fit(
             lr=optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - start,
         )
-        rows.append(row)
+        loop.rows.append(row)
+        loop.next_epoch = epoch + 1
+        bar.update(1)
         bar.set_postfix(elbo_train=f"{row['elbo_train']:.1f}", refresh=False)
         monitor = row.get("elbo_validation", row["elbo_train"])
         if scheduler is not None:
             scheduler.step(monitor)
         if config.early_stopping and len(val_t):
-            if monitor < best - config.early_stopping_min_delta:
-                best, since_best = monitor, 0
+            if monitor < loop.early_stopping_best - config.early_stopping_min_delta:
+                loop.early_stopping_best, loop.since_best = monitor, 0
             else:
-                since_best += 1
-                if since_best >= config.early_stopping_patience:
+                loop.since_best += 1
+                if loop.since_best >= config.early_stopping_patience:
+                    loop.stopped_early = True
                     logger.info(
                         "Early stopping after epoch %d: the validation ELBO did not improve for "
                         "%d epochs.",
                         epoch,
                         config.early_stopping_patience,
                     )
-                    break
+        improved = monitor < loop.best_monitor
+        if improved:
+            loop.best_monitor, loop.best_epoch = monitor, epoch
+        if checkpoint is not None:
+            final = loop.next_epoch >= config.max_epochs or loop.stopped_early
+            checkpoint.epoch_end(
+                module, optimizer, scheduler, generator, loop, improved=improved, final=final
+            )
     bar.close()
     module.eval()
-    return pd.DataFrame(rows).set_index("epoch")
+    return loop.history()
 
 
 @torch.no_grad()

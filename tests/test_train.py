@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from scvae.data.loader import DeviceCSR
 from scvae.module import VAE, Covariates, ModuleConfig
@@ -40,3 +41,60 @@ def test_divergence_is_caught_and_weights_restored():
         fit(module, DeviceCSR(x, "cpu"), codes, Covariates(), np.arange(64), np.array([], int), cfg)
     for k, v in module.state_dict().items():
         assert torch.equal(v, good[k]), k
+
+
+def first_epoch_order(n: int, seed: int) -> list[int]:
+    """The minibatch order of epoch 0 (fit shuffles with a CPU generator seeded by seed)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_divergence_is_caught_at_its_step_with_last_good_weights_kept():
+    x = np.random.default_rng(0).poisson(5.0, (64, 10)).astype("float32") + 1
+    bad_cell = first_epoch_order(64, seed=0)[8 * 2 + 3]  # a cell of step 2 (batches of 8)
+    x[bad_cell, 4] = np.nan
+    module = VAE(ModuleConfig(n_input=10))
+    after_step = []
+
+    def snapshot(optimizer, args, kwargs):
+        after_step.append({k: v.clone() for k, v in module.state_dict().items()})
+
+    hook = register_optimizer_step_post_hook(snapshot)
+    cfg = TrainConfig(max_epochs=3, batch_size=8, progress_bar=False)
+    try:
+        with pytest.raises(TrainingDiverged, match=r"epoch 0, step 2.*1 NaN or infinite") as err:
+            fit(module, DeviceCSR(x, "cpu"), torch.zeros(64, dtype=torch.long), Covariates(),
+                np.arange(64), np.array([], int), cfg)  # fmt: skip
+    finally:
+        hook.remove()
+    assert (err.value.epoch, err.value.step, err.value.steps_applied) == (0, 2, 2)
+    assert len(after_step) == 2  # steps 0 and 1 were applied, step 2 was not
+    for k, v in module.state_dict().items():  # weights AND batch-norm statistics of step 1
+        assert torch.equal(v, after_step[-1][k]), k
+        assert torch.isfinite(v.float()).all(), k
+
+
+def test_divergence_from_a_high_learning_rate_names_it(sim):
+    import scvae
+
+    model = scvae.SCVAE(sim[:300].copy())
+    with pytest.raises(TrainingDiverged, match=r"learning rate too high.*lr=1e\+06.*try lr=100000"):
+        model.train(max_epochs=20, lr=1e6, n_epochs_kl_warmup=None, device="cpu")
+    # the model keeps the last good step: finite weights, trained, history of finished epochs
+    assert model.is_trained
+    for k, v in model.module.state_dict().items():
+        assert torch.isfinite(v.float()).all(), k
+    assert list(model.history.index) == list(range(len(model.history)))
+
+
+def test_divergence_before_any_step_leaves_model_untouched():
+    import scvae
+
+    model = scvae.SCVAE(scvae.data.simulate(60, 10, seed=0))
+    with torch.no_grad():  # weights that make the very first loss non-finite
+        model.module.z_encoder.mean_encoder.bias.fill_(float("inf"))
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    with pytest.raises(TrainingDiverged, match="epoch 0, step 0"):
+        model.train(max_epochs=2, device="cpu")
+    assert not model.is_trained and model.history.empty
+    for k, v in model.module.state_dict().items():
+        assert torch.equal(v, before[k]), k

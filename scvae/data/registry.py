@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -211,7 +212,12 @@ def register(
     ['x', 'y']
     """
     if not isinstance(adata, ad.AnnData):
-        raise TypeError(f"Expected an AnnData, got {type(adata).__name__}.")
+        hint = (
+            f" Read the file first: adata = scvae.data.read({str(adata)!r})."
+            if isinstance(adata, str | os.PathLike)
+            else " Wrap a matrix as anndata.AnnData(counts)."
+        )
+        raise TypeError(f"Expected an AnnData, got {type(adata).__name__}.{hint}")
     _check_not_empty(adata)
     if not adata.var_names.is_unique:
         dup = adata.var_names[adata.var_names.duplicated()].unique()
@@ -278,7 +284,14 @@ def get_counts(
     if isinstance(matrix, ad.abc.CSRDataset | ad.abc.CSCDataset):
         matrix = matrix.to_memory()
     if sp.issparse(matrix):
-        csr = sp.csr_matrix(matrix)
+        try:  # out-of-range indices (a corrupted file) would crash scipy's conversions
+            _check_compressed(matrix)
+            csr = sp.csr_matrix(matrix)
+        except (ValueError, TypeError, IndexError, OverflowError) as err:
+            raise RegistryError(
+                f"{where} is a malformed sparse matrix ({err}); the file it came from may be "
+                "corrupted. Read or build the counts again."
+            ) from None
         values = csr.data
     else:
         array = np.asarray(matrix)
@@ -334,6 +347,14 @@ def get_counts(
             "sc.pp.filter_cells(adata, min_counts=1)."
         )
     return csr
+
+
+def _check_compressed(matrix: Any) -> None:
+    """Full structural check of a CSR/CSC matrix (index bounds, indptr), on a shallow copy so
+    the user's matrix is not modified; raises ValueError for a malformed one."""
+    if matrix.format in ("csr", "csc"):
+        parts = (matrix.data, matrix.indices, matrix.indptr)
+        type(matrix)(parts, shape=matrix.shape, copy=False).check_format(full_check=True)
 
 
 def _check_not_empty(adata: ad.AnnData) -> None:

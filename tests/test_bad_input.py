@@ -1,0 +1,359 @@
+"""Bad input across the Python API: each gets an error naming the problem (the option, key,
+value or path) and the fix, or a documented handling, and leaves nothing half-done behind: no
+model changed, no file written.
+
+The bad counts, keys and categories at registration are in tests/data/test_registry.py and
+tests/data/test_registry_properties.py; unreadable data files in tests/data/test_read.py;
+planted pickles and killed saves in tests/test_safe_files.py; checkpoints in
+tests/test_checkpoint.py; divergence in tests/test_train.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+import scvae
+from scvae.data import RegistryError
+from scvae.io import ModelFileError
+
+
+@pytest.fixture(scope="module")
+def adata():
+    return scvae.data.simulate(80, 15, n_batches=2, seed=2)
+
+
+@pytest.fixture(scope="module")
+def saved_dir(adata, tmp_path_factory):
+    model = scvae.SCVAE(adata, batch_key="batch", n_hidden=16, n_latent=3)
+    model.train(max_epochs=2, device="cpu")
+    path = tmp_path_factory.mktemp("saved") / "model"
+    model.save(path)
+    return path
+
+
+@pytest.fixture
+def model_dir(saved_dir, tmp_path):
+    """A fresh copy of a valid model directory, to damage."""
+    path = tmp_path / "model"
+    shutil.copytree(saved_dir, path)
+    return path
+
+
+def state(model: scvae.SCVAE) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.module.state_dict().items()}
+
+
+def assert_unchanged(model: scvae.SCVAE, before: dict[str, torch.Tensor]) -> None:
+    for k, v in model.module.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not model.is_trained and model.history.empty
+
+
+# ----------------------------------------------------------------- model options
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"n_latent": 0}, ValueError, r"n_latent must be a whole number >= 1, got 0"),
+        ({"n_hidden": 12.5}, ValueError, r"n_hidden must be a whole number >= 1, got 12.5"),
+        ({"n_layers": True}, ValueError, r"n_layers must be a whole number"),
+        ({"dropout_rate": 1.5}, ValueError, r"dropout_rate must be a number in \[0, 1\)"),
+        ({"gene_likelihood": "zinbb"}, ValueError, r"gene_likelihood='zinbb' is not one of 'zinb'"),
+        ({"dispersion": "per-gene"}, ValueError, r"dispersion='per-gene' is not one of 'gene'"),
+        ({"latent_distribution": "lognormal"}, ValueError, r"latent_distribution='lognormal'"),
+        ({"batch_key": ["batch"]}, TypeError, r"batch_key must be a column/layer name \(str\)"),
+        (
+            {"categorical_covariate_keys": "batch"},
+            TypeError,
+            r"categorical_covariate_keys must be a list of obs columns, e\.g\. \['batch'\]",
+        ),
+        ({"log_variational": "yes"}, TypeError, r"log_variational must be True or False"),
+    ],
+    ids=lambda v: str(v)[:30] if isinstance(v, dict) else "",
+)
+def test_bad_model_options(adata, options, error, match):
+    with pytest.raises(error, match=match):
+        scvae.SCVAE(adata, **options)
+
+
+def test_malformed_sparse_matrix_is_refused_and_not_modified(adata):
+    bad = adata.copy()
+    x = sp.csr_matrix(bad.X)
+    x.indices = x.indices.astype(np.int64)
+    x.indices[5] = 10_000  # a gene index past the last gene, as a corrupted file can hold
+    bad.X = x
+    with pytest.raises(RegistryError, match=r"adata\.X is a malformed sparse matrix.*indices"):
+        scvae.SCVAE(bad)
+    assert bad.X.indices[5] == 10_000 and bad.X.indices.dtype == np.int64  # left as it was
+
+
+def test_x_none_without_layer(adata):
+    empty = adata.copy()
+    empty.layers["counts"] = empty.X.copy()
+    empty.X = None
+    with pytest.raises(RegistryError, match=r"adata\.X is empty \(None\)\. Pass layer="):
+        scvae.SCVAE(empty)
+    assert scvae.SCVAE(empty, layer="counts").registry.layer == "counts"
+
+
+# -------------------------------------------------------------- training options
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"max_epochs": 0}, r"max_epochs must be a whole number >= 1, got 0"),
+        ({"max_epochs": 2.5}, r"max_epochs must be a whole number >= 1, got 2\.5"),
+        ({"batch_size": 1}, r"batch_size must be a whole number >= 2 \(BatchNorm"),
+        ({"lr": -0.001}, r"lr must be a finite number > 0, got -0\.001"),
+        ({"lr": float("nan")}, r"lr must be a finite number > 0, got nan"),
+        ({"weight_decay": -1.0}, r"weight_decay must be a finite number >= 0"),
+        ({"eps": 0.0}, r"eps must be a finite number > 0"),
+        ({"early_stopping_patience": 0}, r"early_stopping_patience must be a whole number >= 1"),
+        ({"n_epochs_kl_warmup": -5}, r"n_epochs_kl_warmup must be a whole number >= 0"),
+        ({"train_size": 1.5}, r"train_size must be in \(0, 1\], got 1\.5"),
+        ({"train_size": 0.0}, r"train_size must be in \(0, 1\], got 0\.0"),
+        ({"train_size": "0.9"}, r"train_size must be a number, got '0\.9'"),
+        ({"validation_size": float("nan")}, r"validation_size must be a number in \[0, 1\)"),
+        ({"train_size": 0.8, "validation_size": 0.5}, r"train_size \+ validation_size must be"),
+        ({"device": "tpu"}, r"device='tpu' is not a torch device"),
+        ({"seed": -1}, r"seed must be a whole number >= 0"),
+        ({"checkpoint_every": "2"}, r"checkpoint_every must be a whole number"),
+    ],
+    ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else "",
+)
+def test_bad_training_options_leave_the_model_untouched(adata, options, match):
+    model = scvae.SCVAE(adata, n_hidden=16)
+    before = state(model)
+    with pytest.raises(ValueError, match=match):
+        model.train(**{"max_epochs": 1, **options})
+    assert_unchanged(model, before)
+
+
+def test_batch_size_larger_than_the_data_is_one_minibatch(adata):
+    """Documented handling: one minibatch of all training cells per epoch."""
+    model = scvae.SCVAE(adata, n_hidden=16)
+    steps = []
+    hook = register_optimizer_step_post_hook(lambda *a: steps.append(1))
+    try:
+        model.train(max_epochs=3, batch_size=10_000, device="cpu")
+    finally:
+        hook.remove()
+    assert len(steps) == 3 and len(model.history) == 3
+    assert np.isfinite(model.history["elbo_train"]).all()
+
+
+def test_one_cell_cannot_train_but_can_be_queried(adata):
+    one = adata[:1].copy()
+    model = scvae.SCVAE(one, n_hidden=16)
+    before = state(model)
+    with pytest.raises(ValueError, match=r"Only 1 training cell\(s\): training needs at least two"):
+        model.train(max_epochs=1, train_size=1.0)
+    assert_unchanged(model, before)
+    trained = scvae.SCVAE(adata, n_hidden=16, n_latent=3)
+    trained.train(max_epochs=2, device="cpu")
+    latent = trained.get_latent_representation(one)
+    assert latent.shape == (1, 3) and np.isfinite(latent).all()
+    assert np.isfinite(trained.get_elbo(one))
+
+
+def test_one_gene_trains_and_queries(adata):
+    one_gene = adata[:, :1].copy()
+    one_gene = one_gene[np.asarray(one_gene.X.sum(1)).ravel() > 0].copy()
+    model = scvae.SCVAE(one_gene, n_hidden=16, n_latent=2)
+    model.train(max_epochs=3, device="cpu")
+    expr = model.get_normalized_expression()
+    assert expr.shape == (one_gene.n_obs, 1)
+    np.testing.assert_allclose(expr.to_numpy(), 1.0, rtol=1e-6)  # rho of the only gene
+    assert np.isfinite(model.get_elbo())
+
+
+# ---------------------------------------------------------------------- queries
+def test_bad_query_inputs(adata, saved_dir):
+    model = scvae.SCVAE.load(saved_dir, adata)
+    with pytest.raises(IndexError, match=r"indices must lie in \[0, 80\); got 0\.\.80"):
+        model.get_latent_representation(indices=[0, 80])
+    with pytest.raises(IndexError, match=r"got -1\.\.3"):
+        model.get_elbo(indices=[-1, 3])
+    no_key = adata.copy()
+    del no_key.obs["batch"]
+    with pytest.raises(RegistryError, match=r"batch_key='batch' is not a column of adata\.obs"):
+        model.get_latent_representation(no_key)
+    with pytest.raises(ValueError, match=r"gene_list has genes the model does not know: \['nope'"):
+        model.get_normalized_expression(gene_list=["nope"])
+    with pytest.raises(ValueError, match=r"library_size must be a positive number or 'latent'"):
+        model.get_normalized_expression(library_size=-1)
+    with pytest.raises(ValueError, match=r"transform_batch \['b9'\] is not a registered batch"):
+        model.get_normalized_expression(transform_batch="b9")
+    with pytest.raises(RegistryError, match=r"genes differ.*another order"):
+        model.get_elbo(adata[:, ::-1].copy())
+
+
+# ------------------------------------------------------------------------ saving
+def test_save_under_a_regular_file_names_the_path(adata, tmp_path):
+    model = scvae.SCVAE(adata, n_hidden=16)
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me")
+    for target in (blocker / "model", blocker / "deeper" / "model"):
+        with pytest.raises(NotADirectoryError, match=r"notes\.txt is a file, not a directory"):
+            model.save(target)
+    with pytest.raises(FileExistsError, match=r"notes\.txt exists and is not a directory"):
+        model.save(blocker, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores permissions")
+def test_save_into_read_only_folder(adata, tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError, match=r"Cannot write the model to .*ro/model"):
+            scvae.SCVAE(adata, n_hidden=16).save(folder / "model")
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o700)
+
+
+# ----------------------------------------------------------------------- loading
+def edit_json(path: Path, change) -> None:
+    meta = json.loads((path / "model.json").read_text())
+    change(meta)
+    (path / "model.json").write_text(json.dumps(meta))
+
+
+def test_load_missing_or_wrong_paths(tmp_path):
+    with pytest.raises(ModelFileError, match=r"No model directory at .*nowhere.*does not exist"):
+        scvae.SCVAE.load(tmp_path / "nowhere")
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(ModelFileError, match=r"is a file, not a model directory"):
+        scvae.SCVAE.load(tmp_path / "model.safetensors")
+    with pytest.raises(ModelFileError, match=r"model\.json is missing.*model\.save\(\)"):
+        scvae.SCVAE.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (
+            lambda p: (p / "model.json").write_text((p / "model.json").read_text()[:200]),
+            r"model\.json is corrupted or truncated",
+        ),
+        (
+            lambda p: (p / "model.json").write_bytes(b"\xff\xfe\x00garbage"),
+            r"model\.json is corrupted or truncated",
+        ),
+        (
+            lambda p: (p / "model.json").write_text('{"format": "anndata"}'),
+            r"not a scvae model description",
+        ),
+        (
+            lambda p: edit_json(p, lambda m: m.update(format_version=99, scvae_version="9.0")),
+            r"saved by a newer scvae \(9\.0, model format 99\).*Upgrade scvae-torch",
+        ),
+        (
+            lambda p: edit_json(p, lambda m: m.update(format_version="1")),
+            r"no valid format_version",
+        ),
+        (
+            lambda p: (p / "model.safetensors").unlink(),
+            r"incomplete: model\.safetensors is missing",
+        ),
+        (
+            lambda p: (p / "model.safetensors").write_bytes(b""),
+            r"does not match the checksum.*Restore it",
+        ),
+        (
+            lambda p: edit_json(p, lambda m: m.update(registry=5)),
+            r"model\.json is malformed",
+        ),
+        (
+            lambda p: edit_json(p, lambda m: m["module_config"].update(n_hidden=32)),
+            r"weights do not fit the saved configuration",
+        ),
+        (
+            lambda p: edit_json(p, lambda m: m["module_config"].update(n_hidden=10**9)),
+            r"weights do not fit the saved configuration",
+        ),
+        (
+            lambda p: edit_json(p, lambda m: m["module_config"].update(dispersion="x")),
+            r"model\.json is malformed.*dispersion='x'",
+        ),
+        (
+            lambda p: edit_json(p, lambda m: m["registry"]["var_names"].pop()),
+            r"registry .* does not match its module configuration",
+        ),
+        (
+            lambda p: edit_json(p, lambda m: m.update(history={"epoch": [0, 1], "elbo": [1]})),
+            r"model\.json is malformed",
+        ),
+        (
+            lambda p: edit_json(p, lambda m: m.update(model_class="LDVAE")),
+            r"holds a LDVAE model; load it with scvae\.LDVAE\.load",
+        ),
+    ],
+    ids=[
+        "truncated-json",
+        "binary-json",
+        "foreign-json",
+        "newer-format",
+        "format-version-str",
+        "no-weights",
+        "empty-weights",
+        "registry-not-dict",
+        "config-mismatch",
+        "config-huge",
+        "config-bad-choice",
+        "registry-mismatch",
+        "history-ragged",
+        "other-class",
+    ],
+)
+def test_damaged_model_directory(model_dir, adata, damage, match):
+    damage(model_dir)
+    with pytest.raises(ModelFileError, match=match):
+        scvae.SCVAE.load(model_dir, adata)
+
+
+def test_weights_truncated_with_matching_checksum(model_dir):
+    """A truncated weights file whose checksum was also rewritten still fails cleanly."""
+    import hashlib
+
+    data = (model_dir / "model.safetensors").read_bytes()[:-100]
+    (model_dir / "model.safetensors").write_bytes(data)
+    edit_json(model_dir, lambda m: m.update(weights_sha256=hashlib.sha256(data).hexdigest()))
+    with pytest.raises(ModelFileError, match="cannot be read as safetensors"):
+        scvae.SCVAE.load(model_dir)
+
+
+def test_load_ignores_leftover_temporary_siblings(model_dir, adata):
+    leftover = model_dir.parent / ".model.tmp-1234abcd"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    assert scvae.SCVAE.load(model_dir, adata).is_trained
+
+
+def test_fuzz_model_json(model_dir, adata):
+    """Random edits of model.json: every failure is a ModelFileError or a RegistryError."""
+    text = (model_dir / "model.json").read_text()
+    rng = np.random.default_rng(0)
+    outcomes = {"loaded": 0, "ModelFileError": 0, "RegistryError": 0}
+    alphabet = list('0123456789-.,:{}[]"eE truefalsnNIy')
+    for _ in range(150):
+        chars = list(text)
+        for pos in rng.integers(0, len(chars), size=rng.integers(1, 4)):
+            chars[pos] = str(rng.choice(alphabet))
+        (model_dir / "model.json").write_text("".join(chars))
+        try:
+            scvae.SCVAE.load(model_dir, adata)
+            outcomes["loaded"] += 1
+        except (ModelFileError, RegistryError) as err:
+            outcomes[type(err).__name__] += 1
+    assert outcomes["ModelFileError"] > 20 and outcomes["loaded"] > 5, outcomes
