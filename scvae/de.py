@@ -1,0 +1,556 @@
+"""Differential expression: scVI's Bayesian test (as in scvi-tools), in bounded memory.
+
+Arrays only (numpy and scipy; no AnnData): :meth:`scvae.SCVAE.differential_expression` turns
+an AnnData into the cell sets and an expression function, and :func:`run` does the rest.
+
+The test compares rho, the normalised expression of cells drawn from two groups. For each
+comparison, cells are sampled first (with replacement, ``n_samples`` per group, split evenly
+over the batches when the expression is batch-corrected), then one posterior sample of rho is
+drawn for each sampled cell, and the i-th sample of group 1 is paired with the i-th of group 2
+(under the same batch). Only the sampled cells are ever decoded, so memory is
+O(samples x genes), whatever the number of cells. scvi-tools decodes every cell of each group
+(``n_samples // n_cells + 1`` times) before it subsamples, a dense cells x genes array.
+
+``mode="vanilla"`` (Lopez et al. 2018): ``proba_m1 = P(rho1 > rho2)``, ``proba_m2 = 1 -
+proba_m1``, ``bayes_factor = log(proba_m1 + 1e-8) - log(proba_m2 + 1e-8)``.
+
+``mode="change"`` (Boyeau et al. 2019): ``lfc = log2(rho1 + c) - log2(rho2 + c)`` per pair,
+with the pseudocount ``c`` estimated from genes that are nearly unexpressed in the raw counts
+(:func:`estimate_pseudocounts`) unless given; ``proba_de = max(P(lfc >= delta), P(lfc <=
+-delta))`` (``test_mode="three"``) or ``P(|lfc| >= delta)`` (``"two"``); the ``lfc_*`` summaries
+use ``1e-3 * c`` so that they estimate the log fold change itself, as scvi-tools does. Genes are
+called DE by the posterior expected FDR (:func:`fdr_calls`). The test gives no p-values.
+
+Examples
+--------
+>>> import numpy as np
+>>> rng = np.random.default_rng(0)
+>>> s1 = rng.dirichlet(np.ones(5), size=200).astype(np.float32)
+>>> s2 = s1[:, ::-1].copy()
+>>> vanilla_statistics(s1, s2)["proba_m1"].shape
+(5,)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+EPS = 1e-8
+# Genes per block when per-pair statistics are computed (bounds the temporaries).
+_GENE_BLOCK = 256
+# Cells per block when count statistics are accumulated from the CSR matrix.
+_CELL_BLOCK = 8192
+
+Selection = np.ndarray | Sequence[int] | Sequence[bool]
+ExpressionFn = Callable[[np.ndarray, int | None], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two cell sets (indices into the cells) and their names.
+
+    Examples
+    --------
+    >>> Comparison("B", "Rest", np.array([0, 1]), np.array([2])).label
+    'B vs Rest'
+    """
+
+    name1: str
+    name2: str
+    cells1: np.ndarray
+    cells2: np.ndarray
+
+    @property
+    def label(self) -> str:
+        """``"A vs B"`` (or ``"A vs Rest"``), the ``comparison`` column."""
+        return f"{self.name1} vs {self.name2}"
+
+
+def as_indices(selection: Selection, n_obs: int, what: str) -> np.ndarray:
+    """Sorted unique cell indices from a boolean mask or a list of integer indices.
+
+    Examples
+    --------
+    >>> as_indices([True, False, True], 3, "idx1")
+    array([0, 2])
+    >>> as_indices([2, 0, 2], 3, "idx1")
+    array([0, 2])
+    """
+    arr = np.asarray(selection).ravel()
+    if arr.dtype == bool:
+        if arr.size != n_obs:
+            raise ValueError(f"{what} is a boolean mask of {arr.size} entries; expected {n_obs}.")
+        return np.flatnonzero(arr)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise ValueError(f"{what} must be a boolean mask or integer indices, got {arr.dtype}.")
+    arr = np.unique(arr.astype(np.int64))
+    if arr.size and (arr[0] < 0 or arr[-1] >= n_obs):
+        raise IndexError(f"{what} must lie in [0, {n_obs}); got {arr[0]}..{arr[-1]}.")
+    return arr
+
+
+def define_comparisons(
+    n_obs: int,
+    *,
+    labels: pd.Series | np.ndarray | None = None,
+    groupby: str = "groupby",
+    group1: str | Sequence[str] | None = None,
+    group2: str | None = None,
+    idx1: Selection | None = None,
+    idx2: Selection | None = None,
+) -> list[Comparison]:
+    """The comparisons asked for, as cell index sets.
+
+    ``idx1`` (with ``idx2``, or against all other cells) takes priority over ``labels``; with
+    labels, each of ``group1`` (None: every group, in category order) is compared with
+    ``group2`` (None: all other cells, named "Rest").
+
+    Examples
+    --------
+    >>> labels = np.array(["a", "b", "a", "c"])
+    >>> [c.label for c in define_comparisons(4, labels=labels)]
+    ['a vs Rest', 'b vs Rest', 'c vs Rest']
+    >>> define_comparisons(4, labels=labels, group1="a", group2="c")[0].cells2
+    array([3])
+    """
+    if idx1 is not None:
+        cells1 = as_indices(idx1, n_obs, "idx1")
+        if idx2 is None:
+            cells2 = np.setdiff1d(np.arange(n_obs), cells1)
+            name2 = "Rest"
+        else:
+            cells2 = as_indices(idx2, n_obs, "idx2")
+            name2 = "group2"
+        comps = [Comparison("group1", name2, cells1, cells2)]
+    else:
+        if labels is None:
+            raise ValueError("Pass groupby= (a column of adata.obs) or idx1= (the cells).")
+        series = pd.Series(np.asarray(labels)) if not isinstance(labels, pd.Series) else labels
+        series = series.reset_index(drop=True)
+        if isinstance(series.dtype, pd.CategoricalDtype):
+            present = set(series.dropna().astype(str))
+            known = [str(c) for c in series.cat.categories if str(c) in present]
+        else:
+            known = sorted(set(series.dropna().astype(str)))
+        values = series.astype(str).to_numpy()
+        if group1 is None:
+            if group2 is not None:
+                raise ValueError("group2 needs group1; pass the group(s) to compare with it.")
+            if len(known) < 2:
+                raise ValueError(
+                    f"{groupby!r} has {len(known)} group(s); one-vs-rest needs at least two."
+                )
+            groups = known
+        else:
+            groups = [group1] if isinstance(group1, str) else [str(g) for g in group1]
+        for g in [*groups, *([] if group2 is None else [group2])]:
+            if str(g) not in known:
+                raise ValueError(f"Group {g!r} is not in {groupby!r} (groups: {known}).")
+        comps = []
+        for g in groups:
+            cells1 = np.flatnonzero(values == str(g))
+            if group2 is None:
+                cells2 = np.flatnonzero(values != str(g))
+            else:
+                cells2 = np.flatnonzero(values == str(group2))
+            comps.append(
+                Comparison(str(g), "Rest" if group2 is None else str(group2), cells1, cells2)
+            )
+    for c in comps:
+        for name, cells in ((c.name1, c.cells1), (c.name2, c.cells2)):
+            if cells.size == 0:
+                raise ValueError(f"Comparison {c.label!r}: {name!r} has no cells.")
+    return comps
+
+
+def sample_pairs(
+    cells1: np.ndarray,
+    cells2: np.ndarray,
+    n_samples: int,
+    n_batches: int,
+    rng: np.random.Generator,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Cells drawn with replacement: ``n_samples // n_batches`` per group, for each batch.
+
+    The i-th cell of group 1 is paired with the i-th of group 2 in each batch's draw.
+
+    Examples
+    --------
+    >>> pairs = sample_pairs(np.arange(3), np.arange(3, 10), 100, 2, np.random.default_rng(0))
+    >>> [(len(a), len(b)) for a, b in pairs]
+    [(50, 50), (50, 50)]
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples_overall must be at least 1, got {n_samples}.")
+    per_batch = max(1, n_samples // n_batches)
+    return [
+        (rng.choice(cells1, size=per_batch), rng.choice(cells2, size=per_batch))
+        for _ in range(n_batches)
+    ]
+
+
+def count_statistics(
+    counts: sp.csr_matrix, comparisons: Sequence[Comparison]
+) -> list[dict[str, np.ndarray]]:
+    """Raw-count summaries of both sides of each comparison, in one pass over the cells.
+
+    Per gene: ``raw_mean``, ``non_zeros_proportion`` and ``raw_normalized_mean`` (the mean of
+    counts per 10,000 of the cell's total), suffixed 1 and 2 for the two sides. Memory: one
+    block of rows of ``counts`` at a time plus cells x (2 * comparisons) weights.
+
+    Examples
+    --------
+    >>> x = sp.csr_matrix(np.array([[1.0, 0.0], [3.0, 1.0], [0.0, 2.0]]))
+    >>> st = count_statistics(x, [Comparison("a", "b", np.array([0, 1]), np.array([2]))])[0]
+    >>> st["raw_mean1"].tolist(), st["non_zeros_proportion2"].tolist()
+    ([2.0, 0.5], [0.0, 1.0])
+    """
+    counts = sp.csr_matrix(counts)
+    n_obs, n_genes = counts.shape
+    members = np.zeros((n_obs, 2 * len(comparisons)), dtype=np.float64)
+    for k, c in enumerate(comparisons):
+        members[c.cells1, 2 * k] = 1.0
+        members[c.cells2, 2 * k + 1] = 1.0
+    sums = np.zeros((n_genes, members.shape[1]))
+    nonzero = np.zeros_like(sums)
+    normalised = np.zeros_like(sums)
+    for start in range(0, n_obs, _CELL_BLOCK):
+        block = counts[start : start + _CELL_BLOCK]
+        w = members[start : start + _CELL_BLOCK]
+        totals = np.asarray(block.sum(axis=1)).ravel()
+        scale = np.divide(
+            1e4, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0
+        )
+        ones = sp.csr_matrix((np.ones_like(block.data), block.indices, block.indptr), block.shape)
+        sums += block.T @ w
+        nonzero += ones.T @ w
+        normalised += block.T @ (w * scale[:, None])
+    n = members.sum(axis=0)
+    out = []
+    for k in range(len(comparisons)):
+        st = {}
+        for name, values in (
+            ("raw_mean", sums),
+            ("non_zeros_proportion", nonzero),
+            ("raw_normalized_mean", normalised),
+        ):
+            st[f"{name}1"] = values[:, 2 * k] / n[2 * k]
+            st[f"{name}2"] = values[:, 2 * k + 1] / n[2 * k + 1]
+        out.append(st)
+    return out
+
+
+def _blocks(n_genes: int) -> list[slice]:
+    return [slice(s, min(s + _GENE_BLOCK, n_genes)) for s in range(0, n_genes, _GENE_BLOCK)]
+
+
+def vanilla_statistics(s1: np.ndarray, s2: np.ndarray) -> dict[str, np.ndarray]:
+    """``proba_m1 = P(rho1 > rho2)`` over paired samples, ``proba_m2`` and ``bayes_factor``.
+
+    Parameters
+    ----------
+    s1, s2
+        Paired samples of rho, ``(n_samples, n_genes)``.
+
+    Examples
+    --------
+    >>> s1 = np.array([[0.6, 0.4], [0.7, 0.3], [0.2, 0.8], [0.9, 0.1]])
+    >>> vanilla_statistics(s1, s1[:, ::-1])["proba_m1"].tolist()
+    [0.75, 0.25]
+    """
+    _check_pairs(s1, s2)
+    p = np.empty(s1.shape[1])
+    for b in _blocks(s1.shape[1]):
+        p[b] = np.mean(s1[:, b] > s2[:, b], axis=0)
+    return {
+        "proba_m1": p,
+        "proba_m2": 1.0 - p,
+        "bayes_factor": np.log(p + EPS) - np.log(1.0 - p + EPS),
+    }
+
+
+def estimate_pseudocounts(
+    s1: np.ndarray,
+    s2: np.ndarray,
+    where_zero1: np.ndarray,
+    where_zero2: np.ndarray,
+    quantile: float = 0.9,
+) -> float:
+    """The pseudocount of change mode, from genes that are (nearly) unexpressed, as in scVI.
+
+    For each group, the largest sampled rho of each gene whose raw mean count in that group
+    is below the threshold (``where_zero``); the ``quantile`` of those over genes; the larger of
+    the two groups' values, divided by the number of genes (at least 1e-10). It shrinks the
+    log fold changes of genes that neither group expresses towards zero.
+
+    Examples
+    --------
+    >>> s = np.full((4, 100), 1e-3)
+    >>> zero = np.zeros(100, dtype=bool); zero[:10] = True
+    >>> round(estimate_pseudocounts(s, s, zero, zero), 10)
+    1e-05
+    """
+    _check_pairs(s1, s2)
+    values = []
+    for s, zero in ((s1, where_zero1), (s2, where_zero2)):
+        zero = np.asarray(zero, dtype=bool)
+        if zero.shape != (s.shape[1],):
+            raise ValueError(f"where_zero has shape {zero.shape}; expected ({s.shape[1]},).")
+        values.append(float(np.quantile(s[:, zero].max(axis=0), quantile)) if zero.any() else 1e-10)
+    return max(1e-10, max(values) / s1.shape[1])
+
+
+def change_statistics(
+    s1: np.ndarray,
+    s2: np.ndarray,
+    *,
+    delta: float,
+    pseudocounts: float,
+    test_mode: Literal["three", "two"] = "three",
+) -> dict[str, np.ndarray | float]:
+    """Posterior probability that ``|LFC| >= delta`` and summaries of the LFC samples.
+
+    ``lfc = log2(s1 + c) - log2(s2 + c)`` per pair with ``c = pseudocounts``; ``proba_de`` is
+    ``max(P(lfc >= delta), P(lfc <= -delta))`` for ``test_mode="three"`` and their sum for
+    ``"two"``; ``lfc_mean/median/std/min/max`` summarise ``log2(s1 + c') - log2(s2 + c')`` with
+    ``c' = 1e-3 * c`` (nearly the LFC itself, as in scvi-tools).
+
+    Examples
+    --------
+    >>> s1 = np.tile([0.4, 0.1, 0.5], (10, 1)); s2 = np.tile([0.1, 0.1, 0.8], (10, 1))
+    >>> st = change_statistics(s1, s2, delta=0.25, pseudocounts=1e-6)
+    >>> st["proba_de"].tolist(), np.round(st["lfc_mean"], 3).tolist()
+    ([1.0, 0.0, 1.0], [2.0, 0.0, -0.678])
+    """
+    _check_pairs(s1, s2)
+    if test_mode not in ("three", "two"):
+        raise ValueError(f"test_mode must be 'three' or 'two', got {test_mode!r}.")
+    if not delta > 0:
+        raise ValueError(f"delta must be positive, got {delta}.")
+    n_genes = s1.shape[1]
+    out = {k: np.empty(n_genes) for k in ("up", "down", "mean", "median", "std", "min", "max")}
+    small = 1e-3 * pseudocounts
+    for b in _blocks(n_genes):
+        a, c = s1[:, b].astype(np.float64), s2[:, b].astype(np.float64)
+        lfc = np.log2(a + pseudocounts) - np.log2(c + pseudocounts)
+        out["up"][b] = np.mean(lfc >= delta, axis=0)
+        out["down"][b] = np.mean(lfc <= -delta, axis=0)
+        lfc = np.log2(a + small) - np.log2(c + small)
+        out["mean"][b] = lfc.mean(axis=0)
+        out["median"][b] = np.median(lfc, axis=0)
+        out["std"][b] = lfc.std(axis=0)
+        out["min"][b] = lfc.min(axis=0)
+        out["max"][b] = lfc.max(axis=0)
+    if test_mode == "three":
+        proba = np.maximum(out["up"], out["down"])
+    else:
+        proba = np.minimum(out["up"] + out["down"], 1.0)
+    return {
+        "proba_de": proba,
+        "proba_not_de": 1.0 - proba,
+        "bayes_factor": np.log(proba + EPS) - np.log(1.0 - proba + EPS),
+        "pseudocounts": float(pseudocounts),
+        "delta": float(delta),
+        **{f"lfc_{k}": out[k] for k in ("mean", "median", "std", "min", "max")},
+    }
+
+
+def fdr_calls(proba_de: np.ndarray, fdr_target: float) -> np.ndarray:
+    """Genes called DE by the posterior expected FDR rule.
+
+    With genes sorted by decreasing ``proba_de`` (ties in the given order), the largest top
+    set whose mean of ``1 - proba_de`` is at most ``fdr_target`` is called DE.
+
+    Examples
+    --------
+    >>> fdr_calls(np.array([0.99, 0.2, 0.97, 0.9]), 0.05).tolist()
+    [True, False, True, True]
+    """
+    p = np.asarray(proba_de, dtype=np.float64)
+    order = np.argsort(-p, kind="stable")
+    expected_fdr = np.cumsum(1.0 - p[order]) / np.arange(1, p.size + 1)
+    n_called = int(np.sum(expected_fdr <= fdr_target + 1e-12))
+    calls = np.zeros(p.size, dtype=bool)
+    calls[order[:n_called]] = True
+    return calls
+
+
+def fdr_column(fdr_target: float) -> str:
+    """Name of the FDR call column, as in scvi-tools.
+
+    Examples
+    --------
+    >>> fdr_column(0.05)
+    'is_de_fdr_0.05'
+    """
+    return f"is_de_fdr_{fdr_target}"
+
+
+@dataclass(frozen=True)
+class DEOptions:
+    """Options of :func:`run` (see :meth:`scvae.SCVAE.differential_expression`).
+
+    Examples
+    --------
+    >>> DEOptions(mode="change").delta
+    0.25
+    """
+
+    mode: Literal["vanilla", "change"] = "vanilla"
+    delta: float = 0.25
+    fdr_target: float | tuple[float, ...] = 0.05
+    n_samples: int = 5000
+    pseudocounts: float | None = None
+    test_mode: Literal["three", "two"] = "three"
+    threshold_counts: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("vanilla", "change"):
+            raise ValueError(f"mode must be 'vanilla' or 'change', got {self.mode!r}.")
+        for t in self.fdr_targets:
+            if not 0 < t < 1:
+                raise ValueError(f"fdr_target must lie in (0, 1), got {t}.")
+        if self.pseudocounts is not None and not self.pseudocounts >= 0:
+            raise ValueError(f"pseudocounts must be non-negative, got {self.pseudocounts}.")
+
+    @property
+    def fdr_targets(self) -> tuple[float, ...]:
+        t = self.fdr_target
+        return (float(t),) if isinstance(t, int | float) else tuple(float(x) for x in t)
+
+
+def compare(
+    s1: np.ndarray,
+    s2: np.ndarray,
+    stats: dict[str, np.ndarray],
+    gene_names: Sequence[str],
+    options: DEOptions,
+) -> pd.DataFrame:
+    """One comparison's table from paired samples and count statistics, sorted.
+
+    Vanilla: sorted by ``bayes_factor``, ties by ``log2(scale1 / scale2)``, both decreasing.
+    Change: sorted by ``proba_de``, ties by ``|lfc_mean|``, both decreasing. Remaining ties keep
+    the gene order.
+
+    Examples
+    --------
+    >>> s1 = np.tile([0.4, 0.1, 0.5], (10, 1)); s2 = np.tile([0.1, 0.1, 0.8], (10, 1))
+    >>> st = {f"raw_mean{i}": np.ones(3) for i in "12"}
+    >>> list(compare(s1, s2, st, ["a", "b", "c"], DEOptions(mode="change")).index)
+    ['a', 'c', 'b']
+    """
+    scale1 = s1.mean(axis=0, dtype=np.float64)
+    scale2 = s2.mean(axis=0, dtype=np.float64)
+    if options.mode == "vanilla":
+        res: dict = vanilla_statistics(s1, s2)
+        res.update(scale1=scale1, scale2=scale2)
+        keys = (res["bayes_factor"], np.log2(scale1 + EPS) - np.log2(scale2 + EPS))
+    else:
+        c = options.pseudocounts
+        if c is None:
+            c = estimate_pseudocounts(
+                s1,
+                s2,
+                stats["raw_mean1"] < options.threshold_counts,
+                stats["raw_mean2"] < options.threshold_counts,
+            )
+        ch = change_statistics(
+            s1, s2, delta=options.delta, pseudocounts=c, test_mode=options.test_mode
+        )
+        res = {k: ch[k] for k in ("proba_de", "proba_not_de", "bayes_factor")}
+        res.update(scale1=scale1, scale2=scale2)
+        res.update({k: v for k, v in ch.items() if k not in res})
+        keys = (res["proba_de"], np.abs(res["lfc_mean"]))
+    res.update(stats)
+    table = pd.DataFrame(res, index=pd.Index(list(gene_names), name=None))
+    order = np.lexsort((np.arange(len(table)), -keys[1], -keys[0]))
+    table = table.iloc[order]
+    if options.mode == "change":
+        for t in options.fdr_targets:
+            table[fdr_column(t)] = fdr_calls(table["proba_de"].to_numpy(), t)
+    return table
+
+
+def run(
+    comparisons: Sequence[Comparison],
+    counts: sp.csr_matrix,
+    expression: ExpressionFn,
+    *,
+    batch_codes: Sequence[int | None],
+    gene_names: Sequence[str],
+    options: DEOptions,
+    rng: np.random.Generator,
+) -> pd.DataFrame:
+    """All comparisons: sample cells, query their expression, compare, concatenate.
+
+    Parameters
+    ----------
+    comparisons
+        The cell sets (:func:`define_comparisons`).
+    counts
+        Raw counts, cells x genes CSR (for the count statistics and pseudocounts).
+    expression
+        ``expression(cells, batch_code)`` -> one posterior sample of rho per listed cell,
+        ``(len(cells), n_genes)``, decoded under ``batch_code`` (None: each cell's own batch).
+        Cells may repeat. It is called once per comparison and batch code, with
+        ``2 * (n_samples // len(batch_codes))`` cells: only the sampled ones.
+    batch_codes
+        ``[None]`` (no batch correction) or the batch codes to decode under.
+    gene_names
+        Row labels.
+    options
+        :class:`DEOptions`.
+    rng
+        Draws the cells.
+
+    Returns
+    -------
+    DataFrame with one row per gene and comparison (see
+    :meth:`scvae.SCVAE.differential_expression` for the columns).
+
+    Examples
+    --------
+    >>> x = sp.random(30, 4, density=0.5, format="csr", random_state=0) * 10
+    >>> comps = [Comparison("a", "b", np.arange(10), np.arange(10, 30))]
+    >>> def expr(cells, code):
+    ...     return np.tile([0.1, 0.2, 0.3, 0.4], (len(cells), 1)) * (1 + (cells[:, None] < 10))
+    >>> run(comps, x, expr, batch_codes=[None], gene_names=list("wxyz"),
+    ...     options=DEOptions(n_samples=20), rng=np.random.default_rng(0)).shape
+    (4, 14)
+    """
+    stats = count_statistics(counts, comparisons)
+    tables = []
+    for comp, st in zip(comparisons, stats, strict=True):
+        pairs = sample_pairs(comp.cells1, comp.cells2, options.n_samples, len(batch_codes), rng)
+        s1_parts, s2_parts = [], []
+        for code, (a, b) in zip(batch_codes, pairs, strict=True):
+            values = np.asarray(expression(np.concatenate([a, b]), code))
+            if values.shape != (len(a) + len(b), len(gene_names)):
+                raise ValueError(
+                    f"expression returned shape {values.shape}; expected "
+                    f"({len(a) + len(b)}, {len(gene_names)})."
+                )
+            s1_parts.append(values[: len(a)])
+            s2_parts.append(values[len(a) :])
+        s1 = s1_parts[0] if len(s1_parts) == 1 else np.concatenate(s1_parts)
+        s2 = s2_parts[0] if len(s2_parts) == 1 else np.concatenate(s2_parts)
+        table = compare(s1, s2, st, gene_names, options)
+        table["comparison"] = comp.label
+        table["group1"] = comp.name1
+        table["group2"] = comp.name2
+        tables.append(table)
+    return pd.concat(tables, axis=0)
+
+
+def _check_pairs(s1: np.ndarray, s2: np.ndarray) -> None:
+    if s1.ndim != 2 or s1.shape != s2.shape:
+        raise ValueError(
+            f"Paired samples must be two arrays of the same (samples, genes) shape; got "
+            f"{s1.shape} and {s2.shape}."
+        )
