@@ -1,0 +1,47 @@
+"""Worker: train scvae with the batch registered on a prepared h5ad; write the latent."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import anndata as ad
+from _common import write_result
+
+import scvae
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("h5ad")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--batch-key", default="batch")
+    p.add_argument("--batch-size", type=int, default=128)
+    a = p.parse_args()
+
+    adata = ad.read_h5ad(a.h5ad)
+    scvae.settings.seed = a.seed
+    model = scvae.SCVAE(adata, batch_key=a.batch_key)
+    start = time.perf_counter()
+    model.train(
+        max_epochs=a.epochs,
+        batch_size=a.batch_size,
+        train_size=1.0,
+        seed=a.seed,
+        device="cpu",
+        progress_bar=False,
+    )
+    result = {
+        "tool": "scvae",
+        "version": scvae.__version__,
+        "seed": a.seed,
+        "train_seconds": time.perf_counter() - start,
+        "epoch_seconds": model.history["seconds"].tolist(),
+    }
+    write_result(a.out, result, model.get_latent_representation())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Label transfer from a reference to a query by a weighted k-nearest-neighbour vote in a shared
+latent space (numpy and scikit-learn; no torch)."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from sklearn.neighbors import NearestNeighbors
+
+UNKNOWN = "Unknown"
+
+
+def transfer_labels(
+    reference_adata: ad.AnnData,
+    query_adata: ad.AnnData,
+    labels_key: str,
+    *,
+    use_rep: str = "X_scvae",
+    n_neighbors: int = 15,
+    uncertainty_threshold: float | None = None,
+    key_added: str | None = None,
+) -> pd.DataFrame:
+    """Predict each query cell's label from its nearest reference cells in the latent.
+
+    Each query cell's ``n_neighbors`` nearest reference cells (Euclidean, in
+    ``obsm[use_rep]`` of both AnnDatas, which must come from the same model, e.g. a query
+    model from :meth:`scvae.SCVAE.load_query_data` applied to both) vote with Gaussian weights
+    ``exp(-(d / s)^2)``, ``s`` the cell's mean distance to those neighbours. The label with the
+    largest share of the weight wins; the uncertainty is one minus that share (0: all
+    neighbours agree; at most ``1 - 1 / n_labels``).
+
+    Parameters
+    ----------
+    reference_adata
+        Reference cells with their labels in ``obs[labels_key]`` and the latent.
+    query_adata
+        Query cells with the latent.
+    labels_key
+        Column of the reference's ``obs`` with the labels.
+    use_rep
+        Key of ``obsm`` with the latent, in both AnnDatas.
+    n_neighbors
+        Reference cells voting for each query cell.
+    uncertainty_threshold
+        Call cells above this uncertainty ``"Unknown"`` (None: always the winning label).
+    key_added
+        Also write the labels to ``query_adata.obs[key_added]`` and the uncertainty to
+        ``query_adata.obs[key_added + "_uncertainty"]``.
+
+    Returns
+    -------
+    DataFrame indexed by the query's cells with columns ``labels_key`` (categorical) and
+    ``uncertainty`` (float in [0, 1)).
+
+    Examples
+    --------
+    >>> import anndata as ad
+    >>> ref = ad.AnnData(np.zeros((4, 1), dtype=np.float32))
+    >>> ref.obs["cell_type"] = ["T", "T", "B", "B"]
+    >>> ref.obsm["X_scvae"] = np.array([[0.0, 0], [0, 1], [9, 9], [9, 8]])
+    >>> query = ad.AnnData(np.zeros((2, 1), dtype=np.float32))
+    >>> query.obsm["X_scvae"] = np.array([[0.0, 0.5], [9, 8.5]])
+    >>> transfer_labels(ref, query, "cell_type", n_neighbors=2)["cell_type"].tolist()
+    ['T', 'B']
+    """
+    for name, a in (("reference_adata", reference_adata), ("query_adata", query_adata)):
+        if use_rep not in a.obsm:
+            raise KeyError(
+                f"{name}.obsm has no {use_rep!r}; store the latent of both from the same model, "
+                'e.g. adata.obsm["X_scvae"] = query_model.get_latent_representation(adata).'
+            )
+    if labels_key not in reference_adata.obs:
+        raise KeyError(f"{labels_key!r} is not a column of reference_adata.obs.")
+    labels = reference_adata.obs[labels_key]
+    if labels.isna().any():
+        raise ValueError(
+            f"reference_adata.obs[{labels_key!r}] has {int(labels.isna().sum())} missing labels; "
+            "drop those cells from the reference first."
+        )
+    ref = np.asarray(reference_adata.obsm[use_rep], dtype=np.float64)
+    query = np.asarray(query_adata.obsm[use_rep], dtype=np.float64)
+    if ref.shape[1] != query.shape[1]:
+        raise ValueError(
+            f"The latents differ in width (reference {ref.shape[1]}, query {query.shape[1]}); "
+            "embed both with the same model."
+        )
+    categories, codes = np.unique(labels.astype(str).to_numpy(), return_inverse=True)
+    k = min(n_neighbors, ref.shape[0])
+    dist, idx = NearestNeighbors(n_neighbors=k).fit(ref).kneighbors(query)
+    scale = dist.mean(axis=1, keepdims=True)
+    weights = np.exp(-((dist / np.where(scale > 0, scale, 1.0)) ** 2))
+    votes = np.zeros((query.shape[0], len(categories)))
+    np.add.at(votes, (np.repeat(np.arange(query.shape[0]), k), codes[idx].ravel()), weights.ravel())
+    shares = votes / votes.sum(axis=1, keepdims=True)
+    winner = shares.argmax(axis=1)
+    uncertainty = 1.0 - shares[np.arange(len(winner)), winner]
+    predicted = categories[winner].astype(object)
+    names = list(categories)
+    if uncertainty_threshold is not None:
+        predicted[uncertainty > uncertainty_threshold] = UNKNOWN
+        names += [] if UNKNOWN in names else [UNKNOWN]
+    out = pd.DataFrame(
+        {
+            labels_key: pd.Categorical(predicted, categories=names),
+            "uncertainty": uncertainty,
+        },
+        index=query_adata.obs_names,
+    )
+    if key_added is not None:
+        query_adata.obs[key_added] = out[labels_key].values
+        query_adata.obs[f"{key_added}_uncertainty"] = uncertainty
+    return out

@@ -1,0 +1,270 @@
+"""Reference mapping (prepare_query_anndata, load_query_data) and label transfer."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import scvae
+from scvae.data.registry import RegistryError
+from scvae.label_transfer import transfer_labels
+
+ARCHES = {"encode_covariates": True, "use_layer_norm": "both", "use_batch_norm": "none"}
+
+
+@pytest.fixture(scope="module")
+def split():
+    """Two reference batches; the query is half of batch0's cells (so the reference knows
+    where they belong) renamed to a new batch, plus cells of batch1 under their own name."""
+    data = scvae.data.simulate(900, 60, n_batches=2, n_cell_types=3, batch_effect=0.5, seed=0)
+    held = np.zeros(data.n_obs, dtype=bool)
+    held[np.flatnonzero(data.obs["batch"] == "batch0")[::2]] = True
+    held[np.flatnonzero(data.obs["batch"] == "batch1")[:30]] = True
+    reference, query = data[~held].copy(), data[held].copy()
+    query.obs["batch"] = np.where(query.obs["batch"] == "batch0", "lab2", "batch1")
+    return reference, query
+
+
+@pytest.fixture(scope="module")
+def reference_model(split):
+    scvae.settings.progress_bar = False
+    model = scvae.SCVAE(split[0], batch_key="batch", **ARCHES)
+    model.train(max_epochs=40, seed=0, n_epochs_kl_warmup=10)
+    return model
+
+
+def _sha(path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+
+
+# ------------------------------------------------------------------ prepare_query_anndata
+def test_prepare_query_reorders_pads_and_reports(split, reference_model, caplog):
+    _, query = split
+    genes = list(reference_model.var_names)
+    sub = query[:, genes[::-1]][:, 3:]  # reversed order, the last three genes missing
+    novel = sp.random(query.n_obs, 2, density=0.5, format="csr", random_state=0) * 10
+    x = sp.hstack([sub.X, novel.ceil()]).tocsr()
+    shuffled = ad.AnnData(x, obs=query.obs.copy())
+    shuffled.var_names = [*sub.var_names, "novel0", "novel1"]
+    shuffled.layers["counts"] = x.copy()
+    before = shuffled.copy()
+    with caplog.at_level(logging.INFO, logger="scvae"):
+        prepared = scvae.SCVAE.prepare_query_anndata(shuffled, reference_model)
+    assert "3 padded with zeros, 2 query genes not in the reference dropped" in caplog.text
+    assert list(prepared.var_names) == genes
+    missing = genes[-3:]
+    assert prepared[:, missing].X.nnz == 0
+    kept = genes[:-3]
+    np.testing.assert_array_equal(prepared[:, kept].X.toarray(), query[:, kept].X.toarray())
+    np.testing.assert_array_equal(prepared.layers["counts"].toarray(), prepared.X.toarray())
+    assert sp.issparse(prepared.X)
+    # the input is left as it was (a new AnnData is returned)
+    assert list(shuffled.var_names) == list(before.var_names)
+    assert (shuffled.X != before.X).nnz == 0
+
+
+def test_prepare_query_from_a_saved_reference_and_dense_data(split, reference_model, tmp_path):
+    reference_model.save(tmp_path / "ref")
+    query = split[1][:, list(reference_model.var_names)[::-1]].copy()
+    query.X = query.X.toarray()
+    prepared = scvae.SCVAE.prepare_query_anndata(query, tmp_path / "ref")
+    assert isinstance(prepared.X, np.ndarray)
+    np.testing.assert_array_equal(
+        prepared.X, split[1][:, list(reference_model.var_names)].X.toarray()
+    )
+
+
+def test_prepare_query_errors(split, reference_model, caplog):
+    query = split[1].copy()
+    few = query[:, :10].copy()
+    with caplog.at_level(logging.WARNING, logger="scvae"):
+        scvae.SCVAE.prepare_query_anndata(few, reference_model)
+    assert "the mapping may be poor" in caplog.text
+    query.var_names = [f"other{i}" for i in range(query.n_vars)]
+    with pytest.raises(RegistryError, match="None of the reference's genes"):
+        scvae.SCVAE.prepare_query_anndata(query, reference_model)
+    query.var_names = ["same"] * query.n_vars
+    with pytest.raises(RegistryError, match="var_names_make_unique"):
+        scvae.SCVAE.prepare_query_anndata(query, reference_model)
+
+
+# ------------------------------------------------------------------------ load_query_data
+@pytest.mark.parametrize("genes", ["reversed", "missing", "extra"])
+def test_load_query_refuses_unaligned_genes_then_works_after_prepare(split, reference_model, genes):
+    query = split[1]
+    if genes == "reversed":
+        query = query[:, ::-1].copy()
+    elif genes == "missing":
+        query = query[:, 3:].copy()
+    else:
+        extra = split[1][:, :2].copy()
+        extra.var_names = ["novel0", "novel1"]
+        query = ad.concat([query, extra], axis=1, merge="first")
+    with pytest.raises(RegistryError, match="prepare_query_anndata"):
+        scvae.SCVAE.load_query_data(query, reference_model)
+    prepared = scvae.SCVAE.prepare_query_anndata(query, reference_model)
+    model = scvae.SCVAE.load_query_data(prepared, reference_model)
+    assert model.get_latent_representation().shape == (query.n_obs, 10)
+
+
+def test_reference_that_cannot_move_the_query_is_refused(split):
+    reference = scvae.SCVAE(split[0], batch_key="batch")  # encode_covariates=False
+    with pytest.raises(ValueError, match="encode_covariates=True"):
+        scvae.SCVAE.load_query_data(split[1], reference)
+    no_batch = scvae.SCVAE(split[0], encode_covariates=True)
+    with pytest.raises(RegistryError, match="without a batch_key"):
+        scvae.SCVAE.load_query_data(split[1], no_batch)
+
+
+def test_query_without_the_batch_column_is_refused(split, reference_model):
+    query = split[1].copy()
+    del query.obs["batch"]
+    with pytest.raises(RegistryError, match="batch_key"):
+        scvae.SCVAE.load_query_data(query, reference_model)
+
+
+def test_batch_already_in_reference_keeps_its_code(split, reference_model):
+    _, query = split
+    model = scvae.SCVAE.load_query_data(query, reference_model)
+    assert model.registry.batch_categories == ["batch0", "batch1", "lab2"]
+    codes = model.registry.batch_codes(query)
+    assert set(codes[query.obs["batch"] == "batch1"]) == {1}
+    assert set(codes[query.obs["batch"] == "lab2"]) == {2}
+    known = query[query.obs["batch"] == "batch1"].copy()
+    expected = reference_model.get_latent_representation(known)
+    np.testing.assert_array_equal(model.get_latent_representation(known), expected)
+    model.train(max_epochs=3, seed=0)  # the reference batch's columns stay frozen
+    np.testing.assert_allclose(model.get_latent_representation(known), expected, atol=1e-6)
+
+
+def test_reference_and_its_files_are_unchanged(split, reference_model, tmp_path):
+    path = tmp_path / "reference"
+    reference_model.save(path)
+    files = _sha(path)
+    state = {k: v.clone() for k, v in reference_model.module.state_dict().items()}
+    for ref in (reference_model, path):
+        model = scvae.SCVAE.load_query_data(split[1], ref)
+        assert model is not reference_model and model.module is not reference_model.module
+        model.train(max_epochs=3, seed=0)  # default weight decay included
+        assert model.adata is split[1]
+    assert _sha(path) == files
+    for key, value in reference_model.module.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert reference_model.registry.batch_categories == ["batch0", "batch1"]
+
+
+def test_library_prior_of_new_batches_comes_from_the_query(split):
+    reference, query = split
+    ref = scvae.SCVAE(reference, batch_key="batch", use_observed_lib_size=False, **ARCHES)
+    model = scvae.SCVAE.load_query_data(query, ref)
+    new = query[query.obs["batch"] == "lab2"]
+    log_totals = np.log(np.asarray(new.X.sum(1)).ravel())
+    assert model.module.library_log_means[2].item() == pytest.approx(log_totals.mean(), rel=1e-5)
+    assert model.module.library_log_vars[2].item() == pytest.approx(log_totals.var(), rel=1e-4)
+    assert torch.equal(model.module.library_log_means[:2], ref.module.library_log_means)
+
+
+def test_query_moves_toward_its_cell_types(split, reference_model):
+    """From a misplaced start, training the new columns brings the query's cells toward the
+    place the reference gives the same cells under their true batch (batch0)."""
+    _, query = split
+    lab2 = query[query.obs["batch"] == "lab2"].copy()
+    truth_data = lab2.copy()
+    truth_data.obs["batch"] = "batch0"
+    truth = reference_model.get_latent_representation(truth_data)
+    model = scvae.SCVAE.load_query_data(lab2, reference_model)
+    weight = model.module.z_encoder.encoder.layers[0][0].weight
+    with torch.no_grad():  # a random start for the new column, as scvi-tools draws it
+        weight[:, -1] += torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(0))
+    start = np.linalg.norm(model.get_latent_representation() - truth, axis=1).mean()
+    elbo = model.get_elbo()
+    model.train(max_epochs=20, lr=3e-2, seed=0, n_epochs_kl_warmup=None)
+    end = np.linalg.norm(model.get_latent_representation() - truth, axis=1).mean()
+    assert end < 0.7 * start
+    assert model.get_elbo() > elbo
+    reference = split[0].copy()
+    reference.obsm["X_scvae"] = model.get_latent_representation(reference)
+    lab2.obsm["X_scvae"] = model.get_latent_representation(lab2)
+    predicted = transfer_labels(reference, lab2, "cell_type")["cell_type"]
+    assert (predicted.astype(str).to_numpy() == lab2.obs["cell_type"].astype(str)).mean() > 0.9
+
+
+def test_query_model_saves_and_loads(split, reference_model, tmp_path):
+    model = scvae.SCVAE.load_query_data(split[1], reference_model)
+    model.train(max_epochs=2, seed=0)
+    model.save(tmp_path / "query")
+    loaded = scvae.SCVAE.load(tmp_path / "query", split[1])
+    assert loaded.registry.batch_categories == ["batch0", "batch1", "lab2"]
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+
+
+def test_reference_labels_are_not_needed_in_the_query(split):
+    reference, query = split
+    ref = scvae.SCVAE(reference, batch_key="batch", labels_key="cell_type", **ARCHES)
+    query = query.copy()
+    del query.obs["cell_type"]
+    model = scvae.SCVAE.load_query_data(query, ref)
+    assert model.get_latent_representation().shape == (query.n_obs, 10)
+
+
+# --------------------------------------------------------------------------- transfer_labels
+def _latent_pair(seed: int = 0):
+    """Three overlapping Gaussian clusters: reference with labels, query with the truth."""
+    rng = np.random.default_rng(seed)
+    centres = np.array([[0.0, 0.0], [2.5, 0.0], [0.0, 2.5]])
+
+    def make(n):
+        y = rng.integers(0, 3, n)
+        a = ad.AnnData(np.zeros((n, 1), dtype=np.float32))
+        a.obs["cell_type"] = np.array(["A", "B", "C"])[y]
+        a.obsm["X_scvae"] = centres[y] + rng.normal(size=(n, 2))
+        return a
+
+    return make(600), make(400)
+
+
+def test_transfer_labels_uncertainty_is_higher_on_wrong_calls():
+    ref, query = _latent_pair()
+    out = transfer_labels(ref, query, "cell_type", key_added="predicted")
+    wrong = out["cell_type"].astype(str).to_numpy() != query.obs["cell_type"].to_numpy()
+    assert 0.6 < 1 - wrong.mean() < 0.99
+    assert out.loc[wrong, "uncertainty"].mean() > out.loc[~wrong, "uncertainty"].mean() + 0.1
+    assert ((out["uncertainty"] >= 0) & (out["uncertainty"] <= 2 / 3)).all()
+    assert list(query.obs["predicted"]) == list(out["cell_type"])
+    np.testing.assert_array_equal(query.obs["predicted_uncertainty"], out["uncertainty"])
+    unknown = transfer_labels(ref, query, "cell_type", uncertainty_threshold=0.3)
+    called = unknown["cell_type"] != "Unknown"
+    assert (unknown.loc[~called, "uncertainty"] > 0.3).all()
+    assert (
+        unknown.loc[called, "cell_type"].astype(str) == out.loc[called, "cell_type"].astype(str)
+    ).all()
+
+
+def test_transfer_labels_vote_by_hand():
+    ref = ad.AnnData(np.zeros((3, 1), dtype=np.float32))
+    ref.obs["cell_type"] = ["A", "A", "B"]
+    ref.obsm["X_scvae"] = np.array([[1.0], [-1.0], [2.0]])
+    query = ad.AnnData(np.zeros((1, 1), dtype=np.float32))
+    query.obsm["X_scvae"] = np.array([[0.0]])
+    out = transfer_labels(ref, query, "cell_type", n_neighbors=3)
+    d = np.array([1.0, 1.0, 2.0])
+    w = np.exp(-((d / d.mean()) ** 2))
+    assert out["cell_type"].iloc[0] == "A"
+    assert out["uncertainty"].iloc[0] == pytest.approx(w[2] / w.sum())
+
+
+def test_transfer_labels_errors():
+    ref, query = _latent_pair()
+    with pytest.raises(KeyError, match="labels"):
+        transfer_labels(ref, query, "labels")
+    del query.obsm["X_scvae"]
+    with pytest.raises(KeyError, match="query_adata.obsm"):
+        transfer_labels(ref, query, "cell_type")
