@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import numbers
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -16,7 +19,7 @@ from scvae._settings import logger, settings
 from scvae.data.loader import DeviceCSR
 from scvae.data.registry import Registry, register
 from scvae.module import VAE, Covariates, ModuleConfig
-from scvae.train import TrainConfig, fit, split_indices
+from scvae.train import TrainConfig, TrainingDiverged, fit, split_indices
 
 LATENT_KEY = "X_scvae"
 # Bound on the elements (cells x samples x genes) held at once by sampling queries.
@@ -44,6 +47,48 @@ def resolve_device(device: str | torch.device) -> torch.device:
             f"device={device!r} was asked for, but torch sees no CUDA device; use 'auto' or 'cpu'."
         )
     return dev
+
+
+def _digest(arrays: Sequence[np.ndarray | torch.Tensor]) -> str:
+    """SHA-256 of the bytes of a sequence of arrays or tensors (identifies a run's inputs)."""
+    digest = hashlib.sha256()
+    for a in arrays:
+        t = torch.as_tensor(a).detach().cpu().contiguous().reshape(-1)
+        digest.update(str((t.dtype, t.numel())).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_options(**options: Any) -> None:
+    """Refuse constructor options of the wrong type or range, naming the option and the fix."""
+    for name in ("layer", "batch_key", "labels_key", "size_factor_key"):
+        value = options[name]
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name} must be a column/layer name (str) or None, got {value!r}.")
+    for name in ("categorical_covariate_keys", "continuous_covariate_keys"):
+        value = options[name]
+        if isinstance(value, str):
+            raise TypeError(
+                f"{name} must be a list of obs columns, e.g. [{value!r}], got {value!r}."
+            )
+        if value is not None and not all(isinstance(k, str) for k in value):
+            raise TypeError(f"{name} must be a list of obs column names (str), got {value!r}.")
+    for name in ("n_hidden", "n_latent", "n_layers"):
+        value = options[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
+    rate = options["dropout_rate"]
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout_rate must be a number in [0, 1), got {rate!r}.")
+    for name in (
+        "allow_non_integer",
+        "use_observed_lib_size",
+        "encode_covariates",
+        "deeply_inject_covariates",
+        "log_variational",
+    ):
+        if not isinstance(options[name], bool | np.bool_):
+            raise TypeError(f"{name} must be True or False, got {options[name]!r}.")
 
 
 class SCVAE:
@@ -127,6 +172,32 @@ class SCVAE:
         use_layer_norm: str = "none",
         log_variational: bool = True,
     ) -> None:
+        _check_options(
+            layer=layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            size_factor_key=size_factor_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+            allow_non_integer=allow_non_integer,
+            n_hidden=n_hidden,
+            n_latent=n_latent,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            use_observed_lib_size=use_observed_lib_size,
+            encode_covariates=encode_covariates,
+            deeply_inject_covariates=deeply_inject_covariates,
+            log_variational=log_variational,
+        )
+        # The string options are checked before the (slower) validation of the data.
+        ModuleConfig(
+            n_input=1,
+            dispersion=dispersion,  # type: ignore[arg-type]
+            gene_likelihood=gene_likelihood,  # type: ignore[arg-type]
+            latent_distribution=latent_distribution,  # type: ignore[arg-type]
+            use_batch_norm=use_batch_norm,  # type: ignore[arg-type]
+            use_layer_norm=use_layer_norm,  # type: ignore[arg-type]
+        )
         registry = register(
             adata,
             layer=layer,
@@ -218,6 +289,8 @@ class SCVAE:
         seed: int | None = None,
         device: str | torch.device = "auto",
         progress_bar: bool | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 1,
     ) -> None:
         """Fit the model by the reparameterized ELBO with Adam (scvi-tools' defaults).
 
@@ -227,7 +300,8 @@ class SCVAE:
             Passes over the training cells; None: ``min(round(20000 / n_cells * 400), 400)``
             as in scvi-tools.
         batch_size
-            Cells per minibatch (a last minibatch under 3 cells is dropped).
+            Cells per minibatch (a last minibatch under 3 cells is dropped). A batch size
+            larger than the training set gives one minibatch of all training cells per epoch.
         train_size, validation_size
             Fractions of cells for training and validation (the rest of the cells are held
             out; ``train_size=1.0`` trains on every cell with no validation pass).
@@ -246,14 +320,30 @@ class SCVAE:
             "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
         progress_bar
             Show a tqdm bar (None: ``scvae.settings.progress_bar``).
+        checkpoint_dir
+            Keep checkpoints here (see :mod:`scvae.checkpoint`): ``latest/`` and ``best/``
+            (lowest validation loss, or training loss without validation), each with the
+            weights, the optimizer state and the epoch, written atomically. When the directory
+            already holds a checkpoint of this same run (same data registration, model options,
+            training options, seed and starting weights), training resumes from it; a
+            checkpoint of another run is an error. ``max_epochs`` may differ, to train longer.
+        checkpoint_every
+            Write ``latest/`` every this many epochs (and after the last one).
 
         Notes
         -----
         ``model.history`` holds one row per epoch with scvi-tools' column names; there
         ``elbo_train``/``elbo_validation`` are the NEGATIVE ELBO per cell (positive, lower is
         better), as scvi-tools records them, while :meth:`get_elbo` returns the ELBO itself.
-        If training fails (an error, NaN loss or Ctrl-C) the weights from before the call are
-        restored, so no half-trained model is left behind.
+
+        If the loss becomes NaN or infinite, :class:`~scvae.train.TrainingDiverged` is raised
+        at that step, naming the likely cause; the model keeps the weights of the last good
+        step (and the history of the finished epochs), so it can still be saved or queried.
+        Any other failure (an error or Ctrl-C) restores the weights from before the call, so
+        no half-trained model is left behind; with ``checkpoint_dir`` the same call resumes.
+
+        On the CPU, a run killed and resumed from its checkpoint ends with the same weights,
+        bit for bit, as an uninterrupted run.
 
         Examples
         --------
@@ -280,38 +370,96 @@ class SCVAE:
             seed=seed,
             progress_bar=settings.progress_bar if progress_bar is None else progress_bar,
         )
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
+            raise ValueError(f"checkpoint_every must be a whole number, got {checkpoint_every!r}.")
         dev = resolve_device(device)
-        train_idx, val_idx = split_indices(n_cells, train_size, validation_size, seed)
+        train_idx, val_idx = split_indices(n_cells, train_size, validation_size, config.seed)
         if len(train_idx) < 2:
             raise ValueError(
-                f"Only {len(train_idx)} training cell(s): BatchNorm needs at least two. Use more "
-                "cells or a larger train_size."
+                f"Only {len(train_idx)} training cell(s): training needs at least two (BatchNorm "
+                "normalises over the cells of a minibatch). Use more cells or a larger "
+                "train_size; a trained model can still be queried on a single cell."
             )
         adata = self.registry_adata()
         counts = self.registry.check(adata)
         batch = torch.as_tensor(self.registry.batch_codes(adata), device=dev)
         covariates = self._covariates(adata).to(dev)
         before = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-        try:
-            self.module.to(dev)
-            if self.module.l_encoder is not None:
-                self._set_library_prior(counts[train_idx], batch[train_idx].cpu().numpy())
-            history = fit(
-                self.module, DeviceCSR(counts, dev), batch, covariates, train_idx, val_idx, config
-            )
-        except BaseException:
-            self.module.load_state_dict(before)
-            self.module.eval()
-            raise
-        self.history = pd.concat([self.history, history]) if self.is_trained else history
-        self.is_trained = True
-        self.train_indices, self.validation_indices = train_idx, val_idx
-        self.train_config = {
+        train_config = {
             **config.to_dict(),
             "train_size": train_size,
             "validation_size": validation_size,
             "device": str(dev),
         }
+        checkpoint = None
+        if checkpoint_dir is not None:
+            from scvae.checkpoint import Checkpointer
+
+            previous = self.history if self.is_trained else None
+
+            def describe(history: pd.DataFrame) -> dict[str, Any]:
+                full = history if previous is None else pd.concat([previous, history])
+                return self._description(full, True, train_config, train_idx, val_idx)
+
+            identity = {
+                "model_class": type(self).__name__,
+                "registry": self.registry.to_dict(),
+                "module_config": self.module.config.to_dict(),
+                "train_config": {
+                    k: v
+                    for k, v in train_config.items()
+                    if k not in ("max_epochs", "progress_bar", "device")
+                },
+                "split_sha256": _digest([train_idx, val_idx]),
+                "initial_weights_sha256": _digest(list(before.values())),
+            }
+            checkpoint = Checkpointer(
+                checkpoint_dir, identity=identity, describe=describe, every=checkpoint_every
+            )
+        try:
+            self.module.to(dev)
+            if self.module.l_encoder is not None:
+                self._set_library_prior(counts[train_idx], batch[train_idx].cpu().numpy())
+            history = fit(
+                self.module,
+                DeviceCSR(counts, dev),
+                batch,
+                covariates,
+                train_idx,
+                val_idx,
+                config,
+                checkpoint,
+            )
+        except TrainingDiverged as err:
+            # Keep the last good step's weights when any training happened in this call (or
+            # came from a checkpoint); otherwise leave the model exactly as it was.
+            moved = any(
+                not torch.equal(p.detach().cpu(), before[name].cpu())
+                for name, p in self.module.named_parameters()
+            )
+            if moved:
+                self._record_training(err.history, train_idx, val_idx, train_config)
+            else:
+                self.module.load_state_dict(before)
+            self.module.eval()
+            raise
+        except BaseException:
+            self.module.load_state_dict(before)
+            self.module.eval()
+            raise
+        self._record_training(history, train_idx, val_idx, train_config)
+
+    def _record_training(
+        self,
+        history: pd.DataFrame,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        train_config: dict[str, Any],
+    ) -> None:
+        self.history = pd.concat([self.history, history]) if self.is_trained else history
+        self.is_trained = True
+        self.train_indices, self.validation_indices = train_idx, val_idx
+        self.train_config = train_config
 
     def _set_library_prior(self, counts: sp.csr_matrix, batch: np.ndarray) -> None:
         log_totals = np.log(np.asarray(counts.sum(axis=1)).ravel())
@@ -718,11 +866,34 @@ class SCVAE:
         return pd.DataFrame(corr, index=self.var_names, columns=self.var_names)
 
     # -------------------------------------------------------------------- files
-    def save(self, dir_path: str, *, overwrite: bool = False) -> None:
+    def _description(
+        self,
+        history: pd.DataFrame,
+        is_trained: bool,
+        train_config: dict[str, Any],
+        train_indices: np.ndarray,
+        validation_indices: np.ndarray,
+    ) -> dict[str, Any]:
+        """The JSON description of a model directory (see :mod:`scvae.io`)."""
+        return {
+            "model_class": type(self).__name__,
+            "registry": self.registry.to_dict(),
+            "module_config": self.module.config.to_dict(),
+            "is_trained": is_trained,
+            "train_config": train_config,
+            "history": history.reset_index().to_dict(orient="list"),
+            "train_indices": np.asarray(train_indices).tolist(),
+            "validation_indices": np.asarray(validation_indices).tolist(),
+        }
+
+    def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Save the weights (safetensors) and a JSON description into ``dir_path``, atomically.
 
         See :mod:`scvae.io` for the format. An existing directory is replaced only with
-        ``overwrite=True``; a failed save leaves what was there intact.
+        ``overwrite=True``, in one step: a save that fails or is killed at any moment leaves
+        the previous model intact and never a half-written directory. A path that cannot be
+        written (under a file, without permission, disk full) raises the matching ``OSError``
+        naming the path.
 
         Examples
         --------
@@ -735,21 +906,26 @@ class SCVAE:
         """
         from scvae.io import save_model
 
-        description = {
-            "model_class": type(self).__name__,
-            "registry": self.registry.to_dict(),
-            "module_config": self.module.config.to_dict(),
-            "is_trained": self.is_trained,
-            "train_config": self.train_config,
-            "history": self.history.reset_index().to_dict(orient="list"),
-            "train_indices": self.train_indices.tolist(),
-            "validation_indices": self.validation_indices.tolist(),
-        }
+        description = self._description(
+            self.history,
+            self.is_trained,
+            self.train_config,
+            self.train_indices,
+            self.validation_indices,
+        )
         save_model(dir_path, self.module.state_dict(), description, overwrite=overwrite)
 
     @classmethod
-    def load(cls, dir_path: str, adata: ad.AnnData | None = None, *, device: str = "auto") -> SCVAE:
+    def load(
+        cls, dir_path: str | os.PathLike, adata: ad.AnnData | None = None, *, device: str = "auto"
+    ) -> SCVAE:
         """Load a model saved by :meth:`save`; reads JSON and safetensors only.
+
+        Only ``model.json`` and ``model.safetensors`` are opened (the weights checked against
+        the checksum in ``model.json``); other files in the directory, such as a pickle planted
+        there, are ignored and never run. A missing, truncated, corrupted, foreign or
+        newer-format directory raises :class:`~scvae.io.ModelFileError` naming the problem.
+        A training checkpoint's ``latest/`` or ``best/`` directory loads the same way.
 
         Parameters
         ----------
@@ -770,40 +946,334 @@ class SCVAE:
         >>> scvae.SCVAE.load(path, adata).is_trained
         False
         """
-        from scvae.io import load_model
+        from scvae.io import DESCRIPTION_FILE, ModelFileError, load_model
 
         weights, description = load_model(dir_path)
         saved_class = description.get("model_class", "SCVAE")
         if saved_class != cls.__name__:
-            raise ValueError(
+            raise ModelFileError(
                 f"{dir_path} holds a {saved_class} model; load it with scvae.{saved_class}.load."
             )
-        registry = Registry.from_dict(description["registry"])
+        malformed = f"{dir_path}: {DESCRIPTION_FILE} is malformed"
         try:
+            registry = Registry.from_dict(description["registry"])
             config = ModuleConfig(**description["module_config"])
-        except TypeError as err:
-            raise ValueError(
-                f"{dir_path}: the saved module configuration is malformed ({err})."
+            history = pd.DataFrame(description.get("history", {}))
+            history = history.set_index("epoch") if "epoch" in history else history
+            train_indices = np.asarray(description.get("train_indices", []), dtype=np.int64)
+            val_indices = np.asarray(description.get("validation_indices", []), dtype=np.int64)
+            train_config = dict(description.get("train_config", {}))
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
+            raise ModelFileError(
+                f"{malformed} ({type(err).__name__}: {err}). Restore it from the original save."
             ) from None
-        module = VAE(config)
         try:
-            module.load_state_dict(weights, strict=True)
-        except RuntimeError as err:
-            raise ValueError(
-                f"{dir_path}: the weights do not fit the saved configuration ({err})."
-            ) from None
+            consistent = (
+                isinstance(registry.var_names, list)
+                and all(isinstance(g, str) for g in registry.var_names)
+                and (registry.n_vars, registry.n_batch, registry.n_labels)
+                == (config.n_input, config.n_batch, config.n_labels)
+                and tuple(registry.n_cats_per_cov) == config.n_cats_per_cov
+            )
+        except (KeyError, TypeError, AttributeError):
+            consistent = False
+        if not consistent:
+            raise ModelFileError(
+                f"{malformed}: its registry (genes, batches, labels) does not match its module "
+                "configuration. Restore it from the original save."
+            )
+        # Shapes are compared on the meta device first, so a tampered configuration cannot
+        # make this allocate a huge module.
+        try:
+            with torch.device("meta"):
+                shapes = {k: tuple(v.shape) for k, v in VAE(config).state_dict().items()}
+        except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+            raise ModelFileError(f"{malformed} ({err}).") from None
+        saved = {k: tuple(v.shape) for k, v in weights.items()}
+        if shapes != saved:
+            wrong = sorted(set(shapes) ^ set(saved)) or [k for k in shapes if shapes[k] != saved[k]]
+            raise ModelFileError(
+                f"{dir_path}: the weights do not fit the saved configuration (e.g. "
+                f"{', '.join(wrong[:3])}). Restore the directory from the original save."
+            )
+        module = VAE(config)
+        module.load_state_dict(weights, strict=True)
         if adata is not None:
             registry.check(adata)
         model = cls.__new__(cls)
         model._decoder_bias = config.decoder_bias
         model._setup(adata, registry, module.to(resolve_device(device)))
         model.is_trained = bool(description.get("is_trained", False))
-        model.train_config = description.get("train_config", {})
-        history = pd.DataFrame(description.get("history", {}))
-        model.history = history.set_index("epoch") if "epoch" in history else history
-        model.train_indices = np.asarray(description.get("train_indices", []), dtype=np.int64)
-        model.validation_indices = np.asarray(
-            description.get("validation_indices", []), dtype=np.int64
-        )
+        model.train_config = train_config
+        model.history = history
+        model.train_indices = train_indices
+        model.validation_indices = val_indices
         logger.debug("Loaded %r from %s", model, dir_path)
         return model
+
+    @classmethod
+    def prepare_query_anndata(
+        cls, adata: ad.AnnData, reference_model: SCVAE | str | os.PathLike
+    ) -> ad.AnnData:
+        """A copy of a query AnnData with the reference's genes, in the reference's order.
+
+        Genes the query lacks are added as zeros (in ``X`` and in every layer) and genes the
+        reference lacks are dropped; how many of each is logged (``scvae`` logger, INFO; a
+        warning when under 80 % of the reference's genes are present). Unlike scvi-tools,
+        whose version changes ``adata`` in place by default, this returns a new AnnData and
+        leaves ``adata`` as it was.
+
+        Parameters
+        ----------
+        adata
+            The query's raw counts.
+        reference_model
+            The reference, as a model or a directory saved by :meth:`save`.
+
+        Examples
+        --------
+        >>> import scvae
+        >>> data = scvae.data.simulate(60, 20, n_batches=2, seed=0)
+        >>> ref = scvae.SCVAE(data, batch_key="batch", encode_covariates=True)
+        >>> query = data[:10, ::-1][:, 2:].copy()  # genes reversed, two of them missing
+        >>> scvae.SCVAE.prepare_query_anndata(query, ref).var_names.equals(ref.var_names)
+        True
+        """
+        from scvae.data.query import pad_query_genes
+
+        reference = (
+            reference_model
+            if isinstance(reference_model, SCVAE)
+            else cls.load(reference_model, device="cpu")
+        )
+        return pad_query_genes(adata, reference.registry.var_names)
+
+    @classmethod
+    def load_query_data(
+        cls,
+        adata: ad.AnnData,
+        reference_model: SCVAE | str | os.PathLike,
+        *,
+        device: str | torch.device = "auto",
+        unfrozen: bool = False,
+        freeze_dropout: bool = False,
+        freeze_expression: bool = True,
+        freeze_decoder_first_layer: bool = True,
+        freeze_batchnorm_encoder: bool = True,
+        freeze_batchnorm_decoder: bool = False,
+    ) -> SCVAE:
+        """A new model that maps a query onto a trained reference (scArches architecture surgery).
+
+        The query's batches that the reference does not know are added as new batch
+        categories (codes after the reference's; the library prior of each from the query's
+        cells); cells of a batch the reference knows keep that batch's code. Then everything
+        the reference learnt is frozen except what the new batches need (see
+        :mod:`scvae.surgery`; the defaults are scvi-tools'), and ``train`` fits the new
+        columns on the query's cells alone. The reference model and its files are not
+        changed.
+
+        Mapping needs a reference trained with ``encode_covariates=True`` (otherwise its
+        encoder never sees the batch and the query's latent cannot move: refused), and works
+        best with ``use_layer_norm="both", use_batch_norm="none"``, whose normalisation has no
+        running statistics fitted to the reference's batches.
+
+        Parameters
+        ----------
+        adata
+            The query's raw counts with the reference's genes in its order (see
+            :meth:`prepare_query_anndata`) and the reference's ``batch_key`` column.
+        reference_model
+            The reference, as a model or a directory saved by :meth:`save`.
+        device
+            Where the new model lives.
+        unfrozen, freeze_dropout, freeze_expression, freeze_decoder_first_layer,
+        freeze_batchnorm_encoder, freeze_batchnorm_decoder
+            What trains (:class:`scvae.surgery.FreezeConfig`).
+
+        Returns
+        -------
+        A new, untrained model (``is_trained=False``) on ``adata``; train it, e.g.
+        ``model.train(max_epochs=200, weight_decay=0.0)``. ``model.frozen`` holds the masks
+        of the parameters that train in part.
+
+        Examples
+        --------
+        >>> import scvae
+        >>> ref_data = scvae.data.simulate(100, 30, n_batches=2, seed=0)
+        >>> ref = scvae.SCVAE(ref_data, batch_key="batch", encode_covariates=True)
+        >>> query = scvae.data.simulate(40, 30, seed=1)
+        >>> query.obs["batch"] = "lab2"
+        >>> model = scvae.SCVAE.load_query_data(query, ref)
+        >>> model.registry.batch_categories
+        ['batch0', 'batch1', 'lab2']
+        >>> model.train(max_epochs=1, weight_decay=0.0, progress_bar=False)
+        """
+        from scvae import surgery
+        from scvae.data.query import library_prior, query_registry
+        from scvae.data.registry import RegistryError
+
+        reference = (
+            reference_model
+            if isinstance(reference_model, SCVAE)
+            else cls.load(reference_model, device="cpu")
+        )
+        if type(reference) is not cls:
+            name = type(reference).__name__
+            raise TypeError(f"The reference is a {name}; use scvae.{name}.load_query_data.")
+        surgery.check_mappable(reference.module)
+        if list(map(str, adata.var_names)) != reference.registry.var_names:
+            raise RegistryError(
+                "The query's genes are not the reference's, in the reference's order; run "
+                "query = scvae.SCVAE.prepare_query_anndata(query, reference_model) first."
+            )
+        keep_labels = reference.module.config.dispersion == "gene-label"
+        registry, new = query_registry(reference.registry, adata, keep_labels=keep_labels)
+        counts = registry.check(adata)
+        n_ref = reference.registry.n_batch
+        means, variances = library_prior(
+            counts, registry.batch_codes(adata), range(n_ref, registry.n_batch)
+        )
+        module = surgery.add_batches(
+            reference.module,
+            len(new),
+            library_log_means=torch.from_numpy(means),
+            library_log_vars=torch.from_numpy(variances),
+        )
+        freeze = surgery.FreezeConfig(
+            unfrozen=unfrozen,
+            freeze_dropout=freeze_dropout,
+            freeze_expression=freeze_expression,
+            freeze_decoder_first_layer=freeze_decoder_first_layer,
+            freeze_batchnorm_encoder=freeze_batchnorm_encoder,
+            freeze_batchnorm_decoder=freeze_batchnorm_decoder,
+        )
+        model = cls.__new__(cls)
+        model._decoder_bias = module.config.decoder_bias
+        model._setup(adata, registry, module.to(resolve_device(device)))
+        model.frozen = surgery.freeze_reference(model.module, n_ref, freeze)
+        logger.info(
+            "Query of %d cells: %d new batch(es) %s added to the reference's %d; %d cells of "
+            "reference batches keep their codes.",
+            adata.n_obs,
+            len(new),
+            new,
+            n_ref,
+            int((registry.batch_codes(adata) < n_ref).sum()),
+        )
+        return model
+
+    # --------------------------------------------------- differential expression
+    def differential_expression(
+        self,
+        adata: ad.AnnData | None = None,
+        *,
+        groupby: str | None = None,
+        group1: str | Sequence[str] | None = None,
+        group2: str | None = None,
+        idx1: Sequence[int] | Sequence[bool] | np.ndarray | str | None = None,
+        idx2: Sequence[int] | Sequence[bool] | np.ndarray | str | None = None,
+        mode: str = "vanilla",
+        delta: float = 0.25,
+        fdr_target: float | Sequence[float] = 0.05,
+        batch_correction: bool = False,
+        n_samples_overall: int = 5000,
+        pseudocounts: float | None = None,
+        test_mode: str = "three",
+        batch_size: int | None = None,
+        seed: int | None = None,
+    ) -> pd.DataFrame:
+        """scVI's Bayesian differential expression, as in scvi-tools, in bounded memory.
+
+        Cells are sampled first (``n_samples_overall`` per group, with replacement), then one
+        posterior sample of rho is drawn for each sampled cell only, so memory is
+        O(n_samples_overall x genes) whatever the number of cells. See :mod:`scvae.de`.
+
+        Parameters
+        ----------
+        adata
+            Cells (default: the registered AnnData).
+        groupby, group1, group2
+            Column of ``obs``; each of ``group1`` (None: every group, one-vs-rest) is compared
+            with ``group2`` (None: all other cells, "Rest").
+        idx1, idx2
+            Instead of groups: two cell sets (boolean masks, integer positions or an
+            ``obs.eval`` query string); without ``idx2``, ``idx1`` against all other cells.
+        mode
+            "vanilla" (P(rho1 > rho2)) or "change" (P(|LFC| >= delta)).
+        delta, test_mode, pseudocounts
+            Change mode: the LFC (log2) threshold; "three" (up or down, the larger) or "two"
+            (either); the pseudocount (None: estimated from lowly expressed genes).
+        fdr_target
+            Change mode: a column ``is_de_fdr_<t>`` per target (posterior expected FDR).
+        batch_correction
+            Decode every sampled cell under each registered batch (``n_samples_overall``
+            split over them, pairs matched by batch) instead of under its own batch.
+        n_samples_overall
+            Cells sampled per group.
+        batch_size, seed
+            Cells per chunk of the expression query; seed of the sampling (None:
+            ``scvae.settings.seed``).
+
+        Returns
+        -------
+        DataFrame indexed by gene, one block of rows per comparison. Vanilla: ``proba_m1``
+        (P(rho1 > rho2)), ``proba_m2``, ``bayes_factor`` (log odds, saturating near +-18.4).
+        Change: ``proba_de``, ``proba_not_de``, ``bayes_factor``, ``pseudocounts``,
+        ``delta``, ``lfc_mean/median/std/min/max`` (log2, group1 over group2),
+        ``is_de_fdr_<t>``. Both: ``scale1``/``scale2`` (mean sampled rho), ``raw_mean1/2``,
+        ``non_zeros_proportion1/2``, ``raw_normalized_mean1/2`` (counts per 10,000),
+        ``comparison`` ("A vs B", "A vs Rest"), ``group1``, ``group2``. Sorted within each
+        comparison: vanilla by ``bayes_factor``, ties by ``log2(scale1 / scale2)``; change by
+        ``proba_de``, ties by ``|lfc_mean|``; all decreasing. No p-values: the test has none.
+
+        Examples
+        --------
+        >>> import scvae
+        >>> model = scvae.SCVAE(scvae.data.simulate(120, 20, seed=0))
+        >>> de = model.differential_expression(groupby="cell_type", n_samples_overall=50)
+        >>> de["comparison"].unique().tolist()
+        ['type0 vs Rest', 'type1 vs Rest', 'type2 vs Rest']
+        """
+        from scvae import de
+
+        adata = self.registry_adata() if adata is None else adata
+        counts = self.registry.check(adata)
+        masks = [adata.obs.eval(i).to_numpy() if isinstance(i, str) else i for i in (idx1, idx2)]
+        if groupby is not None and groupby not in adata.obs:
+            raise ValueError(f"groupby {groupby!r} is not a column of adata.obs.")
+        comparisons = de.define_comparisons(
+            adata.n_obs,
+            labels=None if groupby is None else adata.obs[groupby],
+            groupby=groupby or "groupby",
+            group1=group1,
+            group2=group2,
+            idx1=masks[0],
+            idx2=masks[1],
+        )
+        targets = fdr_target if isinstance(fdr_target, int | float) else tuple(fdr_target)
+        options = de.DEOptions(mode, delta, targets, n_samples_overall, pseudocounts, test_mode)
+        batches = self.registry.batch_categories
+        codes = list(range(len(batches))) if batch_correction else [None]
+
+        def expression(cells: np.ndarray, code: int | None) -> np.ndarray:
+            return self.get_normalized_expression(
+                adata,
+                cells,
+                transform_batch=None if code is None else batches[code],
+                return_numpy=True,
+                batch_size=batch_size,
+            )
+
+        seed = settings.seed if seed is None else seed
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            return de.run(
+                comparisons,
+                counts,
+                expression,
+                batch_codes=codes,
+                gene_names=list(self.var_names),
+                options=options,
+                rng=np.random.default_rng(seed),
+            )
