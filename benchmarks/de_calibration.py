@@ -101,7 +101,7 @@ def make_simulated(effect: float, rep: int, args: argparse.Namespace) -> tuple[a
     true = simulate_truth(adata)
     adata.obs["group"] = adata.obs["cell_type"].map({"type0": "A", "type1": "B"}).astype(str)
     add_comparisons(adata, "group", [50, 200, None], seed)
-    effect_class = np.where(np.abs(true) >= args.delta, f"{effect / np.log(2):.2f}", "null")
+    effect_class = np.where(np.abs(true) >= args.delta, f"{effect / np.log(2):.1f}", "null")
     return adata, {"true_log2fc": true, "effect_class": effect_class, "seed": seed}
 
 
@@ -123,7 +123,7 @@ def make_thinned(pbmc: ad.AnnData, rep: int, args: argparse.Namespace) -> tuple[
     add_comparisons(adata, "group", [50, None], rep)
     true = adata.var["log2_fold_change"].to_numpy()
     f = np.minimum(adata.var["thinning_factor_A"], adata.var["thinning_factor_B"]).to_numpy()
-    effect_class = np.where(f < 1, np.char.mod("%.2f", -np.log2(f)), "null")
+    effect_class = np.where(f < 1, np.char.mod("%.1f", -np.log2(f)), "null")
     return adata, {"true_log2fc": true, "effect_class": effect_class, "seed": rep}
 
 
@@ -250,12 +250,14 @@ def summarise(rows: pd.DataFrame) -> str:
     cols |= {"auprc": "mean", "dataset": "nunique", "n_cells_per_group": "median"}
     table = signal.groupby(group, sort=False).agg(cols).reset_index()
     table = table.rename(columns={"dataset": "replicates", "n_cells_per_group": "cells/group"})
+    table["cells/group"] = table["cells/group"].round().astype(int)
     lines.append("### Observed FDP and power (mean over replicate data sets), AUPRC\n")
     lines.append(to_markdown(table))
     effect_cols = sorted(c for c in rows.columns if c.startswith("power_0.05_lfc"))
     if effect_cols:
-        lines.append("\n### Power at 0.05 by true effect (log2), mean over replicates\n")
+        lines.append("\n### Power at 0.05 by true effect (log2; empty: no such genes)\n")
         by = signal.groupby(["kind", "comparison", "method"], sort=False)[effect_cols].mean()
+        by = by.astype(object).where(by.notna(), "")
         lines.append(to_markdown(by.reset_index()))
     null = rows[rows["kind"] == "null"]
     if len(null):

@@ -72,6 +72,7 @@ def main() -> None:
     p.add_argument("--n-samples", type=int, default=5000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tools", nargs="+", default=list(WORKERS))
+    p.add_argument("--rerun", nargs="*", default=[], help="tools whose cached result to redo")
     p.add_argument("--work", type=Path, default=Path("/tmp/scvae_de_scale"))
     p.add_argument("--out", type=Path, default=HERE / "results")
     a = p.parse_args()
@@ -84,7 +85,10 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
     results = {}
     for tool in a.tools:
-        out = a.work / f"{h5ad.stem}.{tool}.json"
+        out = a.work / f"{h5ad.stem}.{a.mode}.{tool}.json"
+        if out.exists() and tool not in a.rerun:
+            results[tool] = json.loads(out.read_text())
+            continue
         cmd = [pythons[tool], str(HERE / WORKERS[tool]), str(h5ad), str(out), "--seed", "0"]
         cmd += ["--epochs", str(a.epochs), "--kl-warmup", "1", "--groupby", "cell_type"]
         cmd += ["--mode", a.mode, "--n-samples", str(a.n_samples)]

@@ -33,7 +33,7 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -196,13 +196,22 @@ def sample_pairs(
 
 
 def count_statistics(
-    counts: sp.csr_matrix, comparisons: Sequence[Comparison]
+    counts: sp.spmatrix | Iterable[sp.spmatrix], comparisons: Sequence[Comparison]
 ) -> list[dict[str, np.ndarray]]:
     """Raw-count summaries of both sides of each comparison, in one pass over the cells.
 
     Per gene: ``raw_mean``, ``non_zeros_proportion`` and ``raw_normalized_mean`` (the mean of
-    counts per 10,000 of the cell's total), suffixed 1 and 2 for the two sides. Memory: one
-    block of rows of ``counts`` at a time plus cells x (2 * comparisons) weights.
+    counts per 10,000 of the cell's total), suffixed 1 and 2 for the two sides.
+
+    Parameters
+    ----------
+    counts
+        Cells x genes counts: one sparse matrix, or its consecutive blocks of rows (in order),
+        so that the caller need never hold all of it at once.
+    comparisons
+        The cell sets.
+
+    Memory: one block of rows at a time, plus cells x (2 * comparisons) weights.
 
     Examples
     --------
@@ -211,26 +220,34 @@ def count_statistics(
     >>> st["raw_mean1"].tolist(), st["non_zeros_proportion2"].tolist()
     ([2.0, 0.5], [0.0, 1.0])
     """
-    counts = sp.csr_matrix(counts)
-    n_obs, n_genes = counts.shape
+    if sp.issparse(counts):
+        matrix = sp.csr_matrix(counts)
+        counts = (matrix[s : s + _CELL_BLOCK] for s in range(0, matrix.shape[0], _CELL_BLOCK))
+    n_obs = 1 + max(int(max(c.cells1.max(), c.cells2.max())) for c in comparisons)
     members = np.zeros((n_obs, 2 * len(comparisons)), dtype=np.float64)
     for k, c in enumerate(comparisons):
         members[c.cells1, 2 * k] = 1.0
         members[c.cells2, 2 * k + 1] = 1.0
-    sums = np.zeros((n_genes, members.shape[1]))
-    nonzero = np.zeros_like(sums)
-    normalised = np.zeros_like(sums)
-    for start in range(0, n_obs, _CELL_BLOCK):
-        block = counts[start : start + _CELL_BLOCK]
-        w = members[start : start + _CELL_BLOCK]
+    sums = nonzero = normalised = None
+    start = 0
+    for raw in counts:
+        block = sp.csr_matrix(raw)
+        w = members[start : start + block.shape[0]]
+        if w.shape[0] < block.shape[0]:  # cells after the last member carry no weight
+            w = np.vstack([w, np.zeros((block.shape[0] - w.shape[0], w.shape[1]))])
+        start += block.shape[0]
         totals = np.asarray(block.sum(axis=1)).ravel()
-        scale = np.divide(
-            1e4, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0
-        )
+        scale = np.divide(1e4, totals, out=np.zeros(totals.shape), where=totals > 0)
         ones = sp.csr_matrix((np.ones_like(block.data), block.indices, block.indptr), block.shape)
-        sums += block.T @ w
-        nonzero += ones.T @ w
-        normalised += block.T @ (w * scale[:, None])
+        parts = (block.T @ w, ones.T @ w, block.T @ (w * scale[:, None]))
+        if sums is None:
+            sums, nonzero, normalised = (np.asarray(p, dtype=np.float64) for p in parts)
+        else:
+            sums += parts[0]
+            nonzero += parts[1]
+            normalised += parts[2]
+    if sums is None or start < n_obs:
+        raise ValueError(f"The count blocks cover {start} cells; the comparisons need {n_obs}.")
     n = members.sum(axis=0)
     out = []
     for k in range(len(comparisons)):
@@ -479,7 +496,7 @@ def compare(
 
 def run(
     comparisons: Sequence[Comparison],
-    counts: sp.csr_matrix,
+    counts: sp.spmatrix | Iterable[sp.spmatrix],
     expression: ExpressionFn,
     *,
     batch_codes: Sequence[int | None],
@@ -494,7 +511,8 @@ def run(
     comparisons
         The cell sets (:func:`define_comparisons`).
     counts
-        Raw counts, cells x genes CSR (for the count statistics and pseudocounts).
+        Raw counts, cells x genes, or its consecutive row blocks (for the count statistics
+        and the pseudocounts; see :func:`count_statistics`).
     expression
         ``expression(cells, batch_code)`` -> one posterior sample of rho per listed cell,
         ``(len(cells), n_genes)``, decoded under ``batch_code`` (None: each cell's own batch).

@@ -1237,7 +1237,7 @@ class SCVAE:
         from scvae import de
 
         adata = self.registry_adata() if adata is None else adata
-        counts = self.registry.check(adata)
+        self.registry.check(adata[:1])  # genes and obs keys; the counts are checked in blocks
         masks = [adata.obs.eval(i).to_numpy() if isinstance(i, str) else i for i in (idx1, idx2)]
         if groupby is not None and groupby not in adata.obs:
             raise ValueError(f"groupby {groupby!r} is not a column of adata.obs.")
@@ -1256,13 +1256,20 @@ class SCVAE:
         codes = list(range(len(batches))) if batch_correction else [None]
 
         def expression(cells: np.ndarray, code: int | None) -> np.ndarray:
+            # a view of the sampled cells only: validation and chunks never touch the rest
+            unique, position = np.unique(cells, return_inverse=True)
             return self.get_normalized_expression(
-                adata,
-                cells,
+                adata[unique],
+                position,
                 transform_batch=None if code is None else batches[code],
                 return_numpy=True,
                 batch_size=batch_size,
             )
+
+        step = 8192
+        count_blocks = (
+            self.registry.check(adata[s : s + step]) for s in range(0, adata.n_obs, step)
+        )
 
         seed = settings.seed if seed is None else seed
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
@@ -1270,7 +1277,7 @@ class SCVAE:
             torch.manual_seed(seed)
             return de.run(
                 comparisons,
-                counts,
+                count_blocks,
                 expression,
                 batch_codes=codes,
                 gene_names=list(self.var_names),

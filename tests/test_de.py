@@ -108,7 +108,14 @@ def test_count_statistics_match_dense_computation():
         ),
     ]
     norm = dense / dense.sum(1, keepdims=True) * 1e4
-    for comp, got in zip(comps, de.count_statistics(sp.csr_matrix(dense), comps), strict=True):
+    x = sp.csr_matrix(dense)
+    blocks = de.count_statistics((x[s : s + 70] for s in range(0, 300, 70)), comps)
+    for whole, part in zip(de.count_statistics(x, comps), blocks, strict=True):
+        for key in whole:
+            np.testing.assert_allclose(whole[key], part[key])
+    with pytest.raises(ValueError, match="cover 140 cells"):
+        de.count_statistics((x[s : s + 70] for s in range(0, 140, 70)), comps)
+    for comp, got in zip(comps, de.count_statistics(x, comps), strict=True):
         for side, cells in (("1", comp.cells1), ("2", comp.cells2)):
             np.testing.assert_allclose(got[f"raw_mean{side}"], dense[cells].mean(0), rtol=1e-6)
             np.testing.assert_allclose(
@@ -266,7 +273,9 @@ def test_expression_is_queried_only_for_sampled_cells(sim, trained, monkeypatch)
     original = trained.get_normalized_expression
 
     def spy(adata=None, indices=None, **kw):
-        calls.append((np.asarray(indices), kw.get("transform_batch")))
+        assert adata.n_obs <= len(indices)  # a view of the sampled cells, not all cells
+        cells = sim.obs_names.get_indexer(adata.obs_names[np.asarray(indices)])
+        calls.append((cells, kw.get("transform_batch")))
         return original(adata, indices, **kw)
 
     monkeypatch.setattr(trained, "get_normalized_expression", spy)
@@ -333,7 +342,13 @@ def test_seed_reproducible_and_idx_selections(sim, trained):
     assert (two["comparison"] == "group1 vs group2").all()
 
 
-def test_bad_arguments_are_refused(trained):
+def test_bad_arguments_are_refused(sim, trained):
+    bad = sim.copy()
+    x = bad.X.toarray()
+    x[1000, 3] = 0.5  # a fractional count far from the first cells
+    bad.X = sp.csr_matrix(x)
+    with pytest.raises(scvae.data.RegistryError, match="non-integer"):
+        trained.differential_expression(bad, groupby="cell_type")
     with pytest.raises(ValueError, match="groupby 'nope'"):
         trained.differential_expression(groupby="nope")
     with pytest.raises(ValueError, match="groupby="):
