@@ -291,6 +291,8 @@ class SCVAE:
         progress_bar: bool | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 1,
+        precision: str = "32",
+        compile: bool = False,
     ) -> None:
         """Fit the model by the reparameterized ELBO with Adam (scvi-tools' defaults).
 
@@ -329,6 +331,13 @@ class SCVAE:
             checkpoint of another run is an error. ``max_epochs`` may differ, to train longer.
         checkpoint_every
             Write ``latest/`` every this many epochs (and after the last one).
+        precision
+            "32" (float32 throughout) or "bf16-mixed": the matrix products in bfloat16 under
+            autocast, the likelihood and KL terms in float32 (Lightning's names).
+        compile
+            Run the training step through ``torch.compile``: the first minibatch pays tens of
+            seconds of compilation, later steps are faster, so it pays off on long runs. If
+            compilation fails, training goes on without it (a warning says so).
 
         Notes
         -----
@@ -369,6 +378,8 @@ class SCVAE:
             reduce_lr_on_plateau=reduce_lr_on_plateau,
             seed=seed,
             progress_bar=settings.progress_bar if progress_bar is None else progress_bar,
+            precision=precision,
+            compile=compile,
         )
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
             raise ValueError(f"checkpoint_every must be a whole number, got {checkpoint_every!r}.")

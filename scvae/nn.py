@@ -174,8 +174,9 @@ class Encoder(nn.Module):
     ) -> tuple[torch.distributions.Normal, torch.Tensor]:
         """Return the posterior ``q`` and one reparameterized sample from it."""
         h = self.encoder(x, *cat_list)
-        mean = self.mean_encoder(h)
-        var = torch.exp(self.var_encoder(h)) + self.var_eps
+        # float32 even under bf16 autocast: the KL and the sample stay in full precision
+        mean = self.mean_encoder(h).float()
+        var = torch.exp(self.var_encoder(h).float()) + self.var_eps
         q = torch.distributions.Normal(mean, var.sqrt(), validate_args=False)
         return q, q.rsample()
 
@@ -221,9 +222,9 @@ class LinearDecoderSCVI(nn.Module):
         self, z: torch.Tensor, library: torch.Tensor, *cat_list: torch.Tensor
     ) -> tuple[torch.Tensor, None, torch.Tensor, torch.Tensor]:
         """Return ``(rho, None, mu, zi_logits)`` as :class:`DecoderSCVI` does."""
-        rho = torch.softmax(self.factor_regressor(z, *cat_list), dim=-1)
+        rho = torch.softmax(self.factor_regressor(z, *cat_list).float(), dim=-1)
         mu = torch.exp(library) * rho
-        return rho, None, mu, self.px_dropout_decoder(z, *cat_list)
+        return rho, None, mu, self.px_dropout_decoder(z, *cat_list).float()
 
     def loadings(self) -> torch.Tensor:
         """Genes x inputs weights, the batch norm folded in: diag(gamma / sigma) W."""
@@ -287,7 +288,8 @@ class DecoderSCVI(nn.Module):
         ``log_theta_cell`` is None unless the decoder was built with ``cell_dispersion``.
         """
         h = self.px_decoder(z, *cat_list)
-        rho = torch.softmax(self.px_scale_decoder(h), dim=-1)
+        # float32 even under bf16 autocast: the likelihood is computed in full precision
+        rho = torch.softmax(self.px_scale_decoder(h).float(), dim=-1)
         mu = torch.exp(library) * rho
-        log_theta = self.px_r_decoder(h) if self.px_r_decoder is not None else None
-        return rho, log_theta, mu, self.px_dropout_decoder(h)
+        log_theta = self.px_r_decoder(h).float() if self.px_r_decoder is not None else None
+        return rho, log_theta, mu, self.px_dropout_decoder(h).float()

@@ -20,6 +20,7 @@ from scvae._settings import logger
 from scvae.checkpoint import Checkpointer, LoopState
 from scvae.data.loader import DeviceCSR, minibatches
 from scvae.module import VAE, Covariates
+from scvae.train_step import PRECISIONS, StepRunner, make_optimizer
 
 # A last minibatch with fewer cells than this is dropped (BatchNorm needs more than one).
 _MIN_LAST_BATCH = 3
@@ -32,7 +33,8 @@ class TrainConfig:
     """Options of one training run; the defaults are scvi-tools' ``SCVI.train`` defaults.
 
     Every option is checked when the config is made: a wrong type or a value out of range is a
-    ``ValueError`` naming the option, the value and what is allowed.
+    ``ValueError`` naming the option, the value and what is allowed. ``precision`` ("32" or
+    "bf16-mixed") and ``compile`` are scvae's speed options (:mod:`scvae.train_step`).
 
     Examples
     --------
@@ -54,6 +56,8 @@ class TrainConfig:
     lr_factor: float = 0.6
     seed: int = 0
     progress_bar: bool = True
+    precision: str = "32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         def whole(name: str, low: int, why: str = "") -> None:
@@ -86,7 +90,12 @@ class TrainConfig:
         whole("lr_patience", 0)
         real("lr_factor", 0.0, strict=True, high=1.0)
         whole("seed", 0)
-        for name in ("early_stopping", "reduce_lr_on_plateau", "progress_bar"):
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got "
+                f"{self.precision!r}."
+            )
+        for name in ("early_stopping", "reduce_lr_on_plateau", "progress_bar", "compile"):
             if not isinstance(getattr(self, name), bool | np.bool_):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
             object.__setattr__(self, name, bool(getattr(self, name)))
@@ -259,9 +268,10 @@ def fit(
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(
+    optimizer = make_optimizer(
         params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay
     )
+    run_step = StepRunner(module, device, config.precision, compile=config.compile)
     scheduler = (
         torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer,
@@ -317,7 +327,7 @@ def fit(
             for keep, buf in zip(saved, buffers, strict=True):
                 keep.copy_(buf)
             x = counts.rows(idx)
-            out = module(x, batch_codes[idx], covariates.take(idx), kl_weight=weight)
+            out = run_step(x, batch_codes[idx], covariates.take(idx), kl_weight=weight)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             if not _all_finite(out.loss, params):
