@@ -1,20 +1,179 @@
 """The ``scvae`` command.
 
-``scvae demo [--out DIR]`` runs the whole pipeline on the bundled PBMC data: trains the model,
-writes the latent, neighbors, UMAP and Leiden clusters with scanpy, saves an h5ad, the model and
-PNG plots, and prints the clustering scores and where each output went.
+- ``scvae fit IN -o OUT.h5ad``: reads counts (h5ad, 10x .h5 or a 10x matrix folder), trains
+  the model (:func:`scvae.tl.fit`), adds neighbors, UMAP and Leiden clusters with scanpy and
+  writes the AnnData (and, with ``--model-dir``, the model).
+- ``scvae de MODEL_DIR IN -o de.csv --groupby KEY``: scVI's differential expression of each
+  group against the rest, as a CSV table.
+- ``scvae demo [--out DIR]``: the whole pipeline on the bundled PBMC data, with PNG plots and
+  the clustering scores.
+
+Every bad input (missing or unreadable file, unknown key or layer, data that is not raw
+counts, an output that cannot be written) is one line on stderr and exit code 2, before
+anything is trained or written. Outputs are written to a temporary file beside the target and
+renamed into place, so a failed or interrupted run never leaves a half-written file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+    from scvae.model import SCVAE
 
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
+
+
+# ------------------------------------------------------------------ files
+def _check_output_file(path: Path, flag: str, suffix: str | None, overwrite: bool) -> None:
+    """Refuse an output file that cannot be written, before any work is done."""
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise CLIError(f"{flag} {path} must end in {suffix}")
+    if path.is_dir():
+        raise CLIError(f"{flag} {path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise CLIError(f"{flag} {path} exists; pass --overwrite to replace it")
+    _probe_folder(path.parent, flag, path)
+
+
+def _probe_folder(folder: Path, flag: str, target: Path) -> None:
+    if not folder.is_dir():
+        raise CLIError(f"cannot write {flag} {target}: the folder {folder} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".scvae-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise CLIError(f"cannot write {flag} {target}: {err.strerror or err}") from None
+
+
+def _check_model_dir(path: Path, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"--model-dir {path} is a file; give a folder name")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise CLIError(f"--model-dir {path} exists and is not empty; pass --overwrite")
+    _probe_folder(path.parent, "--model-dir", path)
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it into place."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read(path: str) -> ad.AnnData:
+    import scvae
+
+    adata = scvae.data.read(path)
+    p = Path(path)
+    if (p.is_dir() or p.suffix.lower() == ".h5") and not adata.var_names.is_unique:
+        adata.var_names_make_unique()  # 10x gene symbols repeat; scanpy's readers do the same
+    print(f"read {path}: {adata.n_obs} cells x {adata.n_vars} genes", flush=True)
+    return adata
+
+
+def _load_model(model_dir: Path, adata: ad.AnnData, device: str) -> SCVAE:
+    """The model saved in ``model_dir`` with its own class (SCVAE or LDVAE)."""
+    import scvae
+
+    try:
+        saved = json.loads((model_dir / "model.json").read_text()).get("model_class")
+    except (OSError, ValueError, AttributeError):
+        saved = None  # SCVAE.load names what is wrong with the directory
+    cls = scvae.LDVAE if saved == "LDVAE" else scvae.SCVAE
+    return cls.load(model_dir, adata, device=device)
+
+
+# -------------------------------------------------------------- commands
+def _fit(args: argparse.Namespace) -> None:
+    import scanpy as sc
+
+    import scvae
+
+    out = Path(args.output)
+    _check_output_file(out, "-o", ".h5ad", args.overwrite)
+    model_dir = None if args.model_dir is None else Path(args.model_dir)
+    if model_dir is not None:
+        _check_model_dir(model_dir, args.overwrite)
+    adata = _read(args.input)
+    start = time.perf_counter()
+    model = scvae.tl.fit(
+        adata,
+        layer=args.layer,
+        batch_key=args.batch_key,
+        labels_key=args.labels_key,
+        n_latent=args.n_latent,
+        max_epochs=args.max_epochs,
+        seed=args.seed,
+        device=args.device,
+        progress_bar=False if args.no_progress else None,
+    )
+    record = adata.uns["scvae"]
+    validation = record.get("elbo_validation")
+    print(
+        f"trained {record['n_epochs']} epochs in {time.perf_counter() - start:.1f} s on "
+        f"{model.train_config['device']}; negative ELBO per cell: train "
+        f"{record['elbo_train']:.1f}"
+        + ("" if validation is None else f", validation {validation:.1f}"),
+        flush=True,
+    )
+    sc.pp.neighbors(adata, use_rep=scvae.LATENT_KEY, random_state=args.seed)
+    sc.tl.umap(adata, random_state=args.seed)
+    sc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False, random_state=args.seed)
+    print(f"Leiden: {adata.obs['leiden'].nunique()} clusters", flush=True)
+    if model_dir is not None:
+        model.save(model_dir, overwrite=args.overwrite)
+        print(f"wrote the model: {model_dir}")
+    _write_atomically(out, adata.write_h5ad)
+    print(f"wrote {out}: latent in obsm['{scvae.LATENT_KEY}'], obsm['X_umap'], obs['leiden']")
+
+
+def _de(args: argparse.Namespace) -> None:
+    out = Path(args.output)
+    _check_output_file(out, "-o", None, args.overwrite)
+    model_dir = Path(args.model_dir)
+    if not model_dir.is_dir():
+        what = "is a file" if model_dir.exists() else "does not exist"
+        raise CLIError(f"no model directory at {model_dir}: the path {what}")
+    adata = _read(args.input)
+    if args.groupby not in adata.obs:
+        have = ", ".join(map(repr, list(adata.obs.columns)[:20])) or "none"
+        raise CLIError(f"--groupby {args.groupby!r} is not a column of obs (columns: {have})")
+    model = _load_model(model_dir, adata, args.device)
+    table = model.differential_expression(
+        adata,
+        groupby=args.groupby,
+        mode=args.mode,
+        delta=args.delta,
+        fdr_target=args.fdr_target,
+        batch_correction=args.batch_correction,
+        n_samples_overall=args.n_samples_overall,
+        seed=args.seed,
+    )
+    _write_atomically(out, lambda tmp: table.to_csv(tmp, index_label="gene"))
+    groups = table["comparison"].nunique()
+    print(f"wrote {out}: {len(table)} rows ({groups} comparisons, one row per gene in each)")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -91,6 +250,26 @@ def _demo(args: argparse.Namespace) -> None:
         print(f"wrote {what}: {where}")
 
 
+_FIT_EXAMPLES = """examples:
+  scvae fit pbmc.h5ad -o pbmc_scvae.h5ad
+  scvae fit filtered_feature_bc_matrix.h5 -o out.h5ad --batch-key sample --model-dir model/
+  scvae fit counts.h5ad -o out.h5ad --layer counts --max-epochs 100 --n-latent 20
+"""
+_DE_EXAMPLES = """examples:
+  scvae fit pbmc.h5ad -o pbmc_scvae.h5ad --model-dir pbmc_model/
+  scvae de pbmc_model/ pbmc_scvae.h5ad --groupby leiden -o de.csv
+  scvae de pbmc_model/ pbmc_scvae.h5ad --groupby cell_type --mode change -o de.csv
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: 0)")
+    p.add_argument(
+        "--device", default="auto", help="auto (a GPU when present), cpu, cuda, cuda:1, ..."
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``scvae`` command.
 
@@ -98,11 +277,81 @@ def build_parser() -> argparse.ArgumentParser:
     --------
     >>> build_parser().parse_args(["demo", "--out", "x"]).out
     'x'
+    >>> build_parser().parse_args(["fit", "in.h5ad", "-o", "out.h5ad"]).max_epochs is None
+    True
     """
     parser = argparse.ArgumentParser(
         prog="scvae", description="Single-cell variational inference (scVI) with scanpy."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+    fit = sub.add_parser(
+        "fit",
+        help="train on a counts file; write the latent, UMAP and Leiden into an h5ad",
+        description="Read raw counts (.h5ad, 10x .h5 or a 10x matrix folder), train scVI, add\n"
+        "neighbors, UMAP and Leiden clusters (scanpy) on the latent and write the AnnData with\n"
+        "the latent in obsm['X_scvae'], obsm['X_umap'], obs['leiden'] and the run recorded in\n"
+        "uns['scvae']. Progress bars go to stderr; a bad input is one line on stderr and\n"
+        "exit code 2, before anything is trained or written.",
+        epilog=_FIT_EXAMPLES,
+        formatter_class=raw,
+    )
+    fit.add_argument("input", help="counts: .h5ad, 10x .h5 or 10x matrix folder")
+    fit.add_argument("-o", "--output", required=True, metavar="OUT.h5ad", help="output file")
+    fit.add_argument("--layer", metavar="LAYER", help="layer with the raw counts (default: X)")
+    fit.add_argument("--batch-key", metavar="KEY", help="obs column with the batch")
+    fit.add_argument("--labels-key", metavar="KEY", help="obs column with cell labels")
+    fit.add_argument(
+        "--max-epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="training epochs (default: chosen from the data size, as scvi-tools)",
+    )
+    fit.add_argument(
+        "--n-latent", type=int, default=10, metavar="N", help="latent dimensions (default: 10)"
+    )
+    fit.add_argument("--model-dir", metavar="DIR", help="also save the trained model here")
+    fit.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(fit)
+    fit.set_defaults(func=_fit)
+
+    de = sub.add_parser(
+        "de",
+        help="differential expression of each group against the rest, as a CSV",
+        description="Load a model saved by `scvae fit --model-dir`, run scVI's differential\n"
+        "expression of each group of --groupby against all other cells, and write the table\n"
+        "as CSV: one row per gene and comparison, the columns of\n"
+        "model.differential_expression (proba_de, lfc_mean, ... in change mode).",
+        epilog=_DE_EXAMPLES,
+        formatter_class=raw,
+    )
+    de.add_argument("model_dir", help="model folder written by `scvae fit --model-dir`")
+    de.add_argument("input", help="the cells: .h5ad (e.g. the output of `scvae fit`), 10x .h5")
+    de.add_argument("-o", "--output", required=True, metavar="OUT.csv", help="output file")
+    de.add_argument("--groupby", required=True, metavar="KEY", help="obs column with the groups")
+    de.add_argument(
+        "--mode",
+        choices=("vanilla", "change"),
+        default="vanilla",
+        help="vanilla: P(rho1 > rho2); change: P(|log2 fold change| >= delta) (default: vanilla)",
+    )
+    de.add_argument(
+        "--delta", type=float, default=0.25, help="change mode: log2 FC threshold (0.25)"
+    )
+    de.add_argument("--fdr-target", type=float, default=0.05, help="change mode: target FDR (0.05)")
+    de.add_argument(
+        "--batch-correction", action="store_true", help="decode cells under every batch"
+    )
+    de.add_argument(
+        "--n-samples-overall",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="cells sampled per group (5000)",
+    )
+    _add_common(de)
+    de.set_defaults(func=_de)
     demo = sub.add_parser(
         "demo",
         help="run the whole pipeline on the bundled PBMC data",
@@ -129,14 +378,29 @@ def main(argv: list[str] | None = None) -> int:
     >>> main(["demo", "--max-epochs", "0"])
     2
     """
+    from scvae.train import TrainingDiverged
+
     args = build_parser().parse_args(argv)
+
+    def fail(err: BaseException | str) -> None:
+        message = " ".join(str(err).split())  # one line
+        print(f"scvae {args.command}: error: {message}", file=sys.stderr)
+
     try:
         if getattr(args, "max_epochs", None) is not None and args.max_epochs < 1:
             raise CLIError(f"--max-epochs must be at least 1, got {args.max_epochs}")
         args.func(args)
-    except CLIError as err:
-        print(f"scvae {args.command}: error: {err}", file=sys.stderr)
+    except (CLIError, ValueError, OSError) as err:
+        # scvae's own bad-input errors (unreadable data, unknown key or layer, not raw counts,
+        # options out of range, damaged model directory) are ValueErrors naming the problem.
+        fail(err)
         return 2
+    except TrainingDiverged as err:
+        fail(err)
+        return 1
+    except KeyboardInterrupt:
+        fail("interrupted (outputs are written whole or not at all)")
+        return 130
     return 0
 
 

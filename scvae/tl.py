@@ -1,10 +1,16 @@
-"""scanpy-style functions: ``scvae.tl.differential_expression`` writes ``uns`` as scanpy does.
+"""scanpy-style functions: adata first, keyword-only options, results written into the AnnData.
+
+- :func:`fit` trains an :class:`scvae.SCVAE`, writes the latent into ``obsm["X_scvae"]`` and
+  records what was done in ``uns["scvae"]``;
+- :func:`normalized_expression` writes the denoised expression into a layer;
+- :func:`differential_expression` writes scVI's DE test where scanpy's
+  ``rank_genes_groups`` plots read it.
 
 Examples
 --------
 >>> import scvae
 >>> adata = scvae.data.simulate(150, 20, seed=0)
->>> model = scvae.SCVAE(adata)
+>>> model = scvae.tl.fit(adata, max_epochs=2, progress_bar=False)
 >>> _ = scvae.tl.differential_expression(adata, model, groupby="cell_type",
 ...                                      n_samples_overall=50)
 >>> adata.uns["rank_genes_groups"]["names"].dtype.names
@@ -14,7 +20,7 @@ Examples
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -23,6 +29,246 @@ if TYPE_CHECKING:
     import anndata as ad
 
     from scvae.model import SCVAE
+
+
+def fit(
+    adata: ad.AnnData,
+    *,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    labels_key: str | None = None,
+    size_factor_key: str | None = None,
+    categorical_covariate_keys: list[str] | None = None,
+    continuous_covariate_keys: list[str] | None = None,
+    allow_non_integer: bool = False,
+    key_added: str = "X_scvae",
+    n_latent: int = 10,
+    n_hidden: int = 128,
+    n_layers: int = 1,
+    dropout_rate: float = 0.1,
+    dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
+    gene_likelihood: Literal["zinb", "nb", "poisson"] = "zinb",
+    latent_distribution: Literal["normal", "ln"] = "normal",
+    use_observed_lib_size: bool = True,
+    encode_covariates: bool = False,
+    use_batch_norm: Literal["encoder", "decoder", "both", "none"] = "both",
+    use_layer_norm: Literal["encoder", "decoder", "both", "none"] = "none",
+    max_epochs: int | None = None,
+    batch_size: int = 128,
+    train_size: float = 0.9,
+    early_stopping: bool = False,
+    lr: float = 1e-3,
+    n_epochs_kl_warmup: int | None = 400,
+    seed: int | None = None,
+    device: str = "auto",
+    progress_bar: bool | None = None,
+    copy: bool = False,
+) -> SCVAE | tuple[ad.AnnData, SCVAE]:
+    """Train scVI on ``adata`` and write the latent into ``adata.obsm[key_added]``.
+
+    The same as ``model = scvae.SCVAE(adata, ...)``, ``model.train(...)`` and
+    ``adata.obsm["X_scvae"] = model.get_latent_representation()``, in one scanpy-style call
+    that also records what was done in ``adata.uns["scvae"]``. Then
+    ``sc.pp.neighbors(adata, use_rep="X_scvae")``, ``sc.tl.umap``, ``sc.tl.leiden`` as usual.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes of raw counts (in ``X`` or in ``layer``).
+    layer
+        Layer with the raw counts (None: ``X``).
+    batch_key
+        Column of ``obs`` with the batch (None: one batch).
+    labels_key
+        Column of ``obs`` with cell labels (used by ``dispersion="gene-label"``).
+    size_factor_key
+        Column of ``obs`` with positive size factors used as the library size.
+    categorical_covariate_keys, continuous_covariate_keys
+        Further columns of ``obs`` that enter the decoder like the batch.
+    allow_non_integer
+        Accept fractional counts (refused by default).
+    key_added
+        Key of ``adata.obsm`` for the latent (cells x ``n_latent``).
+    n_latent, n_hidden, n_layers, dropout_rate
+        Latent dimension, width and depth of the networks, encoder dropout.
+    dispersion, gene_likelihood, latent_distribution
+        As in :class:`scvae.SCVAE`.
+    use_observed_lib_size, encode_covariates, use_batch_norm, use_layer_norm
+        As in :class:`scvae.SCVAE`.
+    max_epochs
+        Passes over the training cells (None: ``min(round(20000 / n_cells * 400), 400)``, as
+        scvi-tools).
+    batch_size, train_size, early_stopping, lr, n_epochs_kl_warmup, device
+        As in :meth:`scvae.SCVAE.train`.
+    seed
+        Seed of the initial weights, the train/validation split, the minibatch order and the
+        sampling (None: ``scvae.settings.seed``); the same seed gives the same latent on the
+        CPU, bit for bit.
+    progress_bar
+        Show a progress bar while training (None: ``scvae.settings.progress_bar``).
+    copy
+        Work on a copy of ``adata`` and return it with the model (scanpy's ``copy``; the
+        model is registered with the copy).
+
+    Returns
+    -------
+    The trained :class:`scvae.SCVAE` (scanpy's ``sc.tl`` functions return None; this one
+    returns the model, which DE and expression queries need); with ``copy=True`` the tuple
+    ``(adata_copy, model)`` and ``adata`` is left untouched.
+
+    Notes
+    -----
+    ``adata.uns["scvae"]`` (one record, overwritten by the next ``fit``) holds ``version``
+    (scvae's), ``key_added``, ``model`` (the model options passed here; options left at None
+    are omitted), ``train`` (the resolved training options, e.g. ``max_epochs`` and ``seed``
+    as used), ``n_epochs`` (epochs trained), ``elbo_train`` and ``elbo_validation`` (the
+    last row of ``model.history``: the NEGATIVE ELBO per cell, scvi-tools' convention,
+    positive and lower is better; no validation value with ``train_size=1``) and
+    ``train_seconds``. It is written to h5ad with the AnnData.
+
+    Examples
+    --------
+    >>> import scvae
+    >>> adata = scvae.data.simulate(100, 20, seed=0)
+    >>> model = scvae.tl.fit(adata, n_latent=4, max_epochs=3, progress_bar=False)
+    >>> adata.obsm["X_scvae"].shape, adata.uns["scvae"]["n_epochs"]
+    ((100, 4), 3)
+    """
+    from scvae import __version__
+    from scvae._settings import settings
+    from scvae.model import SCVAE
+
+    if not isinstance(key_added, str) or not key_added:
+        raise ValueError(f"key_added must be a non-empty string (an obsm key), got {key_added!r}.")
+    if copy:
+        adata = adata.copy()
+    model_options: dict[str, Any] = {
+        "layer": layer,
+        "batch_key": batch_key,
+        "labels_key": labels_key,
+        "size_factor_key": size_factor_key,
+        "categorical_covariate_keys": categorical_covariate_keys,
+        "continuous_covariate_keys": continuous_covariate_keys,
+        "allow_non_integer": allow_non_integer,
+        "n_latent": n_latent,
+        "n_hidden": n_hidden,
+        "n_layers": n_layers,
+        "dropout_rate": dropout_rate,
+        "dispersion": dispersion,
+        "gene_likelihood": gene_likelihood,
+        "latent_distribution": latent_distribution,
+        "use_observed_lib_size": use_observed_lib_size,
+        "encode_covariates": encode_covariates,
+        "use_batch_norm": use_batch_norm,
+        "use_layer_norm": use_layer_norm,
+    }
+    seed = settings.seed if seed is None else seed
+    default_seed = settings.seed
+    settings.seed = seed  # the initial weights are drawn with settings.seed
+    try:
+        model = SCVAE(adata, **model_options)
+    finally:
+        settings.seed = default_seed
+    model.train(
+        max_epochs,
+        batch_size=batch_size,
+        train_size=train_size,
+        early_stopping=early_stopping,
+        lr=lr,
+        n_epochs_kl_warmup=n_epochs_kl_warmup,
+        seed=seed,
+        device=device,
+        progress_bar=progress_bar,
+    )
+    adata.obsm[key_added] = model.get_latent_representation(adata)
+    last = model.history.iloc[-1]
+    record: dict[str, Any] = {
+        "version": __version__,
+        "key_added": key_added,
+        "model": {k: v for k, v in model_options.items() if v is not None},
+        "train": {
+            k: v for k, v in model.train_config.items() if v is not None and k != "progress_bar"
+        },
+        "n_epochs": len(model.history),
+        "elbo_train": float(last["elbo_train"]),
+        "train_seconds": float(model.history["seconds"].sum()),
+    }
+    if "elbo_validation" in model.history:
+        record["elbo_validation"] = float(last["elbo_validation"])
+    adata.uns["scvae"] = record
+    return (adata, model) if copy else model
+
+
+def normalized_expression(
+    adata: ad.AnnData,
+    model: SCVAE,
+    *,
+    layer_added: str = "scvae_normalized",
+    library_size: float | Literal["latent"] = 1e4,
+    transform_batch: str | Sequence[str] | None = None,
+    n_samples: int = 1,
+    batch_size: int | None = None,
+    copy: bool = False,
+) -> ad.AnnData | None:
+    """Write scVI's denoised expression of every cell and gene into ``adata.layers``.
+
+    Runs :meth:`scvae.SCVAE.get_normalized_expression` on ``adata`` and stores the result as
+    a dense float32 cells x genes layer (memory: 4 bytes per cell and gene).
+
+    Parameters
+    ----------
+    adata
+        The cells, with the genes of ``model`` in its order (the AnnData it was trained on,
+        or one compatible with it).
+    model
+        A trained :class:`scvae.SCVAE`.
+    layer_added
+        Key of ``adata.layers``.
+    library_size
+        A number: rho times it, e.g. the default 1e4 for counts per 10,000 (the scale of
+        ``sc.pp.normalize_total(target_sum=1e4)``, so ``sc.pp.log1p`` and the plots read it
+        as usual; ``model.get_normalized_expression`` defaults to 1, rho itself);
+        ``"latent"``: mu, the expected counts at each cell's own library size.
+    transform_batch
+        Decode every cell as if it came from this batch (a list: averaged over those
+        batches): batch-corrected expression. None: each cell's own batch.
+    n_samples
+        Posterior samples of z per cell, averaged.
+    batch_size
+        Cells per chunk (None: ``scvae.settings.inference_batch_size``).
+    copy
+        Return a copy of ``adata`` with the layer and leave ``adata`` untouched.
+
+    Returns
+    -------
+    None (``adata`` gets the layer), or the copy with ``copy=True``.
+
+    Examples
+    --------
+    >>> import numpy as np, scvae
+    >>> adata = scvae.data.simulate(60, 20, seed=0)
+    >>> model = scvae.SCVAE(adata)
+    >>> scvae.tl.normalized_expression(adata, model)
+    >>> bool(np.allclose(adata.layers["scvae_normalized"].sum(1), 1e4, rtol=1e-3))
+    True
+    """
+    if not isinstance(layer_added, str) or not layer_added:
+        raise ValueError(
+            f"layer_added must be a non-empty string (a layers key), got {layer_added!r}."
+        )
+    values = model.get_normalized_expression(
+        adata,
+        transform_batch=transform_batch,
+        library_size=library_size,
+        n_samples=n_samples,
+        return_mean=True,
+        return_numpy=True,
+        batch_size=batch_size,
+    )
+    if copy:
+        adata = adata.copy()
+    adata.layers[layer_added] = np.asarray(values, dtype=np.float32)
+    return adata if copy else None
 
 
 def differential_expression(

@@ -1,11 +1,29 @@
-"""The `scvae` command: demo end to end (few epochs) and its one-line errors."""
+"""The `scvae` command: fit, de and demo end to end on real files (few epochs), and every bad
+input as one line on stderr with exit code 2, leaving no output behind."""
 
 from __future__ import annotations
 
-import anndata as ad
-import matplotlib.image as mpimg
+import gzip
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
-from scvae.cli import main
+import anndata as ad
+import h5py
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.io
+import scipy.sparse as sp
+from conftest import shared_file
+from sklearn.metrics import adjusted_rand_score
+
+import scvae
+from scvae.cli import _write_atomically, main
 
 
 def test_demo_writes_readable_outputs(tmp_path, capsys):
@@ -29,3 +47,378 @@ def test_demo_unwritable_out_is_one_line_exit_2(tmp_path, capsys):
     assert main(["demo", "--out", str(blocker / "sub")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("scvae demo: error: cannot write to --out") and "\n" not in err
+
+
+# ------------------------------------------------------------------------ files
+def write_10x_mtx(folder: Path, adata: ad.AnnData) -> None:
+    folder.mkdir()
+    with gzip.open(folder / "matrix.mtx.gz", "wb") as fh:
+        scipy.io.mmwrite(fh, sp.csr_matrix(adata.X.T).astype(np.int64))
+    rows = "".join(f"ENSG{i}\t{g}\tGene Expression\n" for i, g in enumerate(adata.var_names))
+    with gzip.open(folder / "features.tsv.gz", "wt") as fh:
+        fh.write(rows)
+    with gzip.open(folder / "barcodes.tsv.gz", "wt") as fh:
+        fh.write("".join(f"{c}-1\n" for c in adata.obs_names))
+
+
+def write_10x_h5(path: Path, adata: ad.AnnData) -> None:
+    csc = sp.csc_matrix(adata.X.T).astype(np.int32)  # genes x cells, one column per cell
+    with h5py.File(path, "w") as f:
+        m = f.create_group("matrix")
+        m["data"], m["indices"], m["indptr"] = csc.data, csc.indices, csc.indptr
+        m["shape"] = np.array(csc.shape, dtype=np.int32)
+        m["barcodes"] = np.array([f"{c}-1".encode() for c in adata.obs_names])
+        feats = m.create_group("features")
+        feats["id"] = np.array([f"ENSG{i}".encode() for i in range(adata.n_vars)])
+        feats["name"] = np.array([g.encode() for g in adata.var_names])
+        feats["feature_type"] = np.array([b"Gene Expression"] * adata.n_vars)
+        feats["genome"] = np.array([b"GRCh38"] * adata.n_vars)
+        feats["_all_tag_keys"] = np.array([b"genome"])
+
+
+@pytest.fixture(scope="module")
+def counts():
+    adata = scvae.data.simulate(160, 30, n_cell_types=3, n_batches=2, seed=0)
+    adata.layers["counts"] = adata.X.copy()
+    return adata
+
+
+@pytest.fixture(scope="module")
+def files(counts, tmp_path_factory):
+    """The same counts as h5ad, 10x .h5 and 10x folder, a log-normalised h5ad and a model."""
+    root = tmp_path_factory.mktemp("cli_inputs")
+    counts.write_h5ad(root / "counts.h5ad")
+    write_10x_h5(root / "filtered_feature_bc_matrix.h5", counts)
+    write_10x_mtx(root / "filtered_feature_bc_matrix", counts)
+    lognorm = counts.copy()
+    sc.pp.normalize_total(lognorm, target_sum=1e4)
+    sc.pp.log1p(lognorm)
+    lognorm.write_h5ad(root / "lognorm.h5ad")
+    other = scvae.data.simulate(50, 12, seed=3)
+    other.write_h5ad(root / "other_genes.h5ad")
+    (root / "text.h5ad").write_text("cell,gene\nc1,1\n")
+    (root / "a_file").write_text("")
+    model = scvae.SCVAE(counts.copy(), batch_key="batch")
+    model.train(max_epochs=1)
+    model.save(root / "model")
+    (root / "empty_model").mkdir()
+    (root / "folder.h5ad").mkdir()
+    return root
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# -------------------------------------------------------------------- scvae fit
+def test_fit_then_de_end_to_end(files, tmp_path, capsys):
+    out, model_dir = tmp_path / "out.h5ad", tmp_path / "model"
+    argv = [
+        "fit",
+        files / "counts.h5ad",
+        "-o",
+        out,
+        "--batch-key",
+        "batch",
+        "--layer",
+        "counts",
+        "--max-epochs",
+        "3",
+        "--n-latent",
+        "4",
+        "--model-dir",
+        model_dir,
+    ]
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    assert "trained 3 epochs" in stdout and f"wrote {out}" in stdout
+    result = sc.read_h5ad(out)
+    assert result.obsm["X_scvae"].shape == (160, 4) and result.obsm["X_umap"].shape == (160, 2)
+    assert result.obs["leiden"].nunique() >= 2 and "connectivities" in result.obsp
+    record = result.uns["scvae"]
+    assert record["n_epochs"] == 3 and record["model"]["layer"] == "counts"
+    assert record["model"]["batch_key"] == "batch" and record["train"]["seed"] == 0
+    assert "counts" in result.layers and "cell_type" in result.obs  # the input is kept
+    # the saved model is the one that made the latent
+    model = scvae.SCVAE.load(model_dir, result)
+    np.testing.assert_allclose(
+        model.get_latent_representation(), result.obsm["X_scvae"], rtol=1e-5, atol=1e-6
+    )
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    table_path = tmp_path / "de.csv"
+    argv = [
+        "de",
+        model_dir,
+        out,
+        "--groupby",
+        "cell_type",
+        "-o",
+        table_path,
+        "--n-samples-overall",
+        "100",
+    ]
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    table = pd.read_csv(table_path, index_col="gene")
+    assert set(table["comparison"]) == {"type0 vs Rest", "type1 vs Rest", "type2 vs Rest"}
+    assert len(table) == 3 * 30 and {"proba_m1", "bayes_factor", "scale1"} <= set(table)
+    argv = [
+        "de",
+        model_dir,
+        out,
+        "--groupby",
+        "leiden",
+        "-o",
+        table_path,
+        "--mode",
+        "change",
+        "--fdr-target",
+        "0.1",
+        "--n-samples-overall",
+        "100",
+        "--overwrite",
+    ]
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    table = pd.read_csv(table_path, index_col="gene")
+    assert {"proba_de", "lfc_mean", "is_de_fdr_0.1"} <= set(table)
+    assert table["comparison"].nunique() == result.obs["leiden"].nunique()
+
+
+@pytest.mark.parametrize("name", ["filtered_feature_bc_matrix.h5", "filtered_feature_bc_matrix"])
+def test_fit_reads_10x_files(files, counts, tmp_path, capsys, name):
+    out = tmp_path / "out.h5ad"
+    code, stdout, err = run(["fit", files / name, "-o", out, "--max-epochs", "2"], capsys)
+    assert code == 0, err
+    assert "read" in stdout and "160 cells x 30 genes" in stdout
+    result = sc.read_h5ad(out)
+    assert list(result.var_names) == list(counts.var_names)
+    assert result.obsm["X_scvae"].shape == (160, 10) and "leiden" in result.obs
+
+
+def test_fit_shows_a_progress_bar_on_stderr(files, tmp_path, capsys):
+    scvae.settings.progress_bar = True
+    out = tmp_path / "out.h5ad"
+    code, stdout, err = run(["fit", files / "counts.h5ad", "-o", out, "--max-epochs", "2"], capsys)
+    assert code == 0 and "2/2" in err and "2/2" not in stdout
+    code, _, err = run(
+        [
+            "fit",
+            files / "counts.h5ad",
+            "-o",
+            out,
+            "--max-epochs",
+            "2",
+            "--overwrite",
+            "--no-progress",
+        ],
+        capsys,
+    )
+    assert code == 0 and "2/2" not in err
+
+
+FIT_ERRORS = {
+    "missing input": (["fit", "{d}/nowhere.h5ad", "-o", "{t}/out.h5ad"], r"No file or folder at"),
+    "not h5ad": (["fit", "{d}/text.h5ad", "-o", "{t}/out.h5ad"], r"is not an h5ad file"),
+    "unknown format": (["fit", "{d}/a_file", "-o", "{t}/out.h5ad"], r"unknown format"),
+    "batch key": (
+        ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--batch-key", "sample"],
+        r"batch_key='sample' is not a column of adata.obs \(columns: 'cell_type'",
+    ),
+    "labels key": (
+        ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--labels-key", "x"],
+        r"labels_key='x' is not a column",
+    ),
+    "layer": (
+        ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--layer", "raw"],
+        r"Layer 'raw' is not in adata.layers \(layers present: 'counts'\)",
+    ),
+    "not counts": (
+        ["fit", "{d}/lognorm.h5ad", "-o", "{t}/out.h5ad"],
+        r"non-integer values .* expects raw integer counts. It looks log-normalised",
+    ),
+    "output folder missing": (
+        ["fit", "{d}/counts.h5ad", "-o", "{t}/no/out.h5ad"],
+        r"cannot write -o .*out.h5ad: the folder .*no does not exist",
+    ),
+    "output under a file": (
+        ["fit", "{d}/counts.h5ad", "-o", "{d}/a_file/out.h5ad"],
+        r"cannot write -o .*a_file/out.h5ad: the folder .*a_file does not exist",
+    ),
+    "output is a folder": (
+        ["fit", "{d}/counts.h5ad", "-o", "{d}/folder.h5ad"],
+        r"-o .*folder.h5ad is a folder",
+    ),
+    "output suffix": (
+        ["fit", "{d}/counts.h5ad", "-o", "{t}/out.csv"],
+        r"-o .*out.csv must end in .h5ad",
+    ),
+    "output exists": (
+        ["fit", "{d}/counts.h5ad", "-o", "{d}/counts.h5ad"],
+        r"counts.h5ad exists; pass --overwrite",
+    ),
+    "model dir is a file": (
+        ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--model-dir", "{d}/a_file"],
+        r"--model-dir .*a_file is a file",
+    ),
+    "model dir exists": (
+        ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--model-dir", "{d}/model"],
+        r"--model-dir .*model exists and is not empty; pass --overwrite",
+    ),
+    "max epochs": (
+        ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--max-epochs", "0"],
+        r"--max-epochs must be at least 1",
+    ),
+    "n latent": (
+        ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--n-latent", "0"],
+        r"n_latent must be a whole number >= 1",
+    ),
+    "device": (
+        ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--device", "tpu9"],
+        r"device='tpu9' is not a torch device",
+    ),
+}
+
+
+def check_one_line_error(code: int, err: str, command: str, match: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"scvae {command}: error: "), lines[0]
+    assert re.search(match, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("case", list(FIT_ERRORS), ids=list(FIT_ERRORS))
+def test_fit_bad_input_is_one_line_exit_2_and_writes_nothing(files, tmp_path, capsys, case):
+    argv, match = FIT_ERRORS[case]
+    before = sorted(p.name for p in files.iterdir())
+    argv = [a.format(d=files, t=tmp_path) for a in argv]
+    code, _, err = run(argv, capsys)
+    check_one_line_error(code, err, "fit", match)
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary file
+    assert sorted(p.name for p in files.iterdir()) == before
+
+
+def test_a_failed_run_keeps_the_previous_output(files, tmp_path, capsys):
+    out = tmp_path / "out.h5ad"
+    out.write_bytes(b"previous result")
+    argv = ["fit", files / "counts.h5ad", "-o", out, "--overwrite", "--batch-key", "nope"]
+    code, _, err = run(argv, capsys)
+    check_one_line_error(code, err, "fit", "batch_key='nope'")
+    assert out.read_bytes() == b"previous result"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.h5ad"]
+
+
+def test_write_atomically_never_leaves_half_a_file(tmp_path):
+    target = tmp_path / "table.csv"
+    target.write_text("old")
+
+    def half_then_fail(tmp: Path) -> None:
+        tmp.write_text("half of the new")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        _write_atomically(target, half_then_fail)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+    _write_atomically(target, lambda tmp: tmp.write_text("new"))
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+
+
+# --------------------------------------------------------------------- scvae de
+DE_ERRORS = {
+    "missing model dir": (
+        ["de", "{t}/nomodel", "{d}/counts.h5ad", "--groupby", "cell_type", "-o", "{t}/de.csv"],
+        r"no model directory at .*nomodel: the path does not exist",
+    ),
+    "not a model dir": (
+        ["de", "{d}/empty_model", "{d}/counts.h5ad", "--groupby", "cell_type", "-o", "{t}/de.csv"],
+        r"empty_model is not a scvae model directory: model.json is missing",
+    ),
+    "missing input": (
+        ["de", "{d}/model", "{t}/nowhere.h5ad", "--groupby", "cell_type", "-o", "{t}/de.csv"],
+        r"No file or folder at",
+    ),
+    "unknown groupby": (
+        ["de", "{d}/model", "{d}/counts.h5ad", "--groupby", "leiden", "-o", "{t}/de.csv"],
+        r"--groupby 'leiden' is not a column of obs \(columns: 'cell_type', 'batch'",
+    ),
+    "other genes": (
+        ["de", "{d}/model", "{d}/other_genes.h5ad", "--groupby", "cell_type", "-o", "{t}/de.csv"],
+        r"gene",
+    ),
+    "unwritable output": (
+        ["de", "{d}/model", "{d}/counts.h5ad", "--groupby", "cell_type", "-o", "{d}/a_file/de.csv"],
+        r"cannot write -o .*de.csv: the folder .*a_file does not exist",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DE_ERRORS), ids=list(DE_ERRORS))
+def test_de_bad_input_is_one_line_exit_2_and_writes_nothing(files, tmp_path, capsys, case):
+    argv, match = DE_ERRORS[case]
+    argv = [a.format(d=files, t=tmp_path) for a in argv]
+    code, _, err = run(argv, capsys)
+    check_one_line_error(code, err, "de", match)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("sub", "flags"),
+    [
+        ("fit", ["--batch-key", "--layer", "--max-epochs", "--n-latent", "--model-dir"]),
+        ("de", ["--groupby", "--mode", "--fdr-target", "-o OUT.csv"]),
+        ("demo", ["--out", "--max-epochs"]),
+    ],
+)
+def test_help_of_each_command(capsys, sub, flags):
+    with pytest.raises(SystemExit) as exit_info:
+        main([sub, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: scvae {sub}") and all(f in text for f in flags)
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "counts.h5ad"])  # no -o
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: -o/--output" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ a real process
+def test_a_real_process_reports_one_line_and_exit_2(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scvae.cli",
+            "fit",
+            str(tmp_path / "nowhere.h5ad"),
+            "-o",
+            str(tmp_path / "o.h5ad"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("scvae fit: error: No file or folder at")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_fit_on_pbmc3k_gives_a_latent_scanpy_opens(tmp_path, capsys):
+    data = shared_file("pbmc3k_seurat.h5ad")
+    out = tmp_path / "pbmc3k.h5ad"
+    code, stdout, err = run(["fit", data, "-o", out, "--max-epochs", "10"], capsys)
+    assert code == 0, err
+    result = sc.read_h5ad(out)
+    assert result.obsm["X_scvae"].shape == (2638, 10) and result.obsm["X_umap"].shape[1] == 2
+    assert result.obs["leiden"].nunique() >= 5
+    assert adjusted_rand_score(result.obs["cell_type"], result.obs["leiden"]) > 0.3

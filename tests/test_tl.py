@@ -1,4 +1,5 @@
-"""scvae.tl.differential_expression writes uns that scanpy's own readers and plots accept."""
+"""scvae.tl: fit and normalized_expression write into the AnnData; differential_expression
+writes uns that scanpy's own readers and plots accept."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import scanpy as sc  # noqa: E402
+import torch  # noqa: E402
 
 import scvae  # noqa: E402
 
@@ -116,3 +118,126 @@ def test_reference_group_and_errors(adata_model):
         scvae.tl.differential_expression(adata, model, groupby="cell_type", reference="typeX")
     with pytest.raises(ValueError, match="groupby 'nope'"):
         scvae.tl.differential_expression(adata, model, groupby="nope")
+
+
+# ---------------------------------------------------------------------------- tl.fit
+@pytest.fixture(scope="module")
+def small():
+    return scvae.data.simulate(240, 30, n_cell_types=3, n_batches=2, seed=1)
+
+
+def test_fit_writes_latent_and_records_the_run(small, tmp_path):
+    adata = small.copy()
+    model = scvae.tl.fit(
+        adata, batch_key="batch", key_added="X_mine", n_latent=4, max_epochs=3, seed=1
+    )
+    assert isinstance(model, scvae.SCVAE) and model.adata is adata
+    assert "X_scvae" not in adata.obsm
+    np.testing.assert_array_equal(adata.obsm["X_mine"], model.get_latent_representation())
+    assert adata.obsm["X_mine"].shape == (240, 4)
+    record = adata.uns["scvae"]
+    assert record["version"] == scvae.__version__ and record["key_added"] == "X_mine"
+    assert record["n_epochs"] == 3 == len(model.history)
+    assert record["model"]["batch_key"] == "batch" and record["model"]["n_latent"] == 4
+    assert "layer" not in record["model"]  # None options are not recorded
+    assert record["train"]["max_epochs"] == 3 and record["train"]["seed"] == 1
+    assert record["elbo_train"] == pytest.approx(model.history["elbo_train"].iloc[-1])
+    assert record["elbo_validation"] == pytest.approx(model.history["elbo_validation"].iloc[-1])
+    assert record["elbo_train"] > 0  # the history's negative ELBO, scvi-tools' convention
+    # the record survives h5ad
+    adata.write_h5ad(tmp_path / "fit.h5ad")
+    back = sc.read_h5ad(tmp_path / "fit.h5ad")
+    assert back.uns["scvae"]["n_epochs"] == 3 and back.uns["scvae"]["model"]["n_latent"] == 4
+    np.testing.assert_array_equal(back.obsm["X_mine"], adata.obsm["X_mine"])
+
+
+def test_fit_seed_is_the_whole_run_and_settings_are_restored(small):
+    scvae.settings.seed = 0
+    a = scvae.tl.fit(small.copy(), max_epochs=2, seed=7, train_size=1.0)
+    b = scvae.tl.fit(small.copy(), max_epochs=2, seed=7, train_size=1.0)
+    assert scvae.settings.seed == 0
+    np.testing.assert_array_equal(a.get_latent_representation(), b.get_latent_representation())
+    # the same as building with settings.seed = 7 and training with seed=7
+    scvae.settings.seed = 7
+    try:
+        manual = scvae.SCVAE(small.copy())
+    finally:
+        scvae.settings.seed = 0
+    manual.train(max_epochs=2, seed=7, train_size=1.0)
+    np.testing.assert_array_equal(a.get_latent_representation(), manual.get_latent_representation())
+    assert "elbo_validation" not in a.adata.uns["scvae"]  # no validation cells
+    c = scvae.tl.fit(small.copy(), max_epochs=2, seed=8, train_size=1.0)
+    assert not np.array_equal(a.get_latent_representation(), c.get_latent_representation())
+
+
+def test_fit_copy_leaves_the_input_alone(small):
+    adata = small.copy()
+    out, model = scvae.tl.fit(adata, max_epochs=2, copy=True)
+    assert out is not adata and model.adata is out
+    assert "X_scvae" in out.obsm and "scvae" in out.uns
+    assert "X_scvae" not in adata.obsm and "scvae" not in adata.uns
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"batch_key": "nope"}, scvae.data.RegistryError, "batch_key='nope' is not a column"),
+        ({"labels_key": "nope"}, scvae.data.RegistryError, "labels_key='nope' is not a column"),
+        ({"layer": "counts"}, scvae.data.RegistryError, "Layer 'counts' is not in adata.layers"),
+        ({"key_added": ""}, ValueError, "key_added must be a non-empty string"),
+        ({"n_latent": 0}, ValueError, "n_latent must be a whole number >= 1"),
+        ({"max_epochs": 0}, ValueError, "max_epochs must be a whole number >= 1"),
+    ],
+    ids=["batch_key", "labels_key", "layer", "key_added", "n_latent", "max_epochs"],
+)
+def test_fit_bad_options_name_the_problem_and_change_nothing(small, options, error, match):
+    adata = small.copy()
+    with pytest.raises(error, match=match):
+        scvae.tl.fit(adata, **options)
+    assert "X_scvae" not in adata.obsm and "scvae" not in adata.uns
+
+
+def test_fit_refuses_log_normalised_data_saying_so(small):
+    adata = small.copy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    with pytest.raises(scvae.data.RegistryError, match="looks log-normalised.*raw counts"):
+        scvae.tl.fit(adata, max_epochs=1)
+
+
+# ------------------------------------------------------------ tl.normalized_expression
+def test_normalized_expression_layer(adata_model):
+    adata, model = adata_model
+    torch.manual_seed(0)  # z is sampled from q(z|x), as in scvi-tools
+    scvae.tl.normalized_expression(adata, model)
+    layer = adata.layers["scvae_normalized"]
+    assert layer.dtype == np.float32 and layer.shape == adata.shape
+    torch.manual_seed(0)
+    expected = model.get_normalized_expression(adata, library_size=1e4)
+    np.testing.assert_allclose(layer, expected.to_numpy(), rtol=1e-5)
+    np.testing.assert_allclose(layer.sum(1), 1e4, rtol=1e-3)
+    # "latent": mu at the observed library, so each row sums to the cell's total count
+    scvae.tl.normalized_expression(adata, model, layer_added="mu", library_size="latent")
+    np.testing.assert_allclose(adata.layers["mu"].sum(1), adata.X.sum(1).A1, rtol=1e-3)
+    # batch-corrected: cells of batch1 decode as before, those of batch0 do not
+    torch.manual_seed(0)
+    scvae.tl.normalized_expression(adata, model, layer_added="b1", transform_batch="batch1")
+    in1 = (adata.obs["batch"] == "batch1").to_numpy()
+    np.testing.assert_allclose(adata.layers["b1"][in1], layer[in1], rtol=1e-4)
+    assert not np.allclose(adata.layers["b1"][~in1], layer[~in1], rtol=1e-2)
+
+
+def test_normalized_expression_copy_and_errors(adata_model):
+    adata, model = adata_model
+    before = set(adata.layers)
+    out = scvae.tl.normalized_expression(adata, model, layer_added="copied", copy=True)
+    assert "copied" in out.layers and set(adata.layers) == before
+    with pytest.raises(ValueError, match=r"transform_batch \['nope'\] is not a registered batch"):
+        scvae.tl.normalized_expression(adata, model, transform_batch="nope")
+    with pytest.raises(ValueError, match="library_size must be a positive number"):
+        scvae.tl.normalized_expression(adata, model, library_size=0)
+    with pytest.raises(ValueError, match="layer_added must be a non-empty string"):
+        scvae.tl.normalized_expression(adata, model, layer_added="")
+    with pytest.raises(scvae.data.RegistryError):
+        scvae.tl.normalized_expression(adata[:, :10].copy(), model)
+    assert set(adata.layers) == before
