@@ -1,10 +1,23 @@
-"""Peak-memory reading for the DE benchmark workers (standard library only: both envs use it)."""
+"""What the two DE workers share: command line, data loading, peak memory, result files.
+
+``de_worker_scvae.py`` (project environment) and ``de_worker_scvi.py`` (scvi-tools'
+environment) import it, so it needs only the standard library, numpy and anndata (both
+environments have them).
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+from _common import peak_rss_mib
 
 
 def _status_mib(field: str) -> float:
@@ -12,6 +25,11 @@ def _status_mib(field: str) -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024  # kB
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_now_mib() -> float:
+    """Resident memory of this process now, MiB."""
+    return _status_mib("VmRSS")
 
 
 class PeakMemory:
@@ -45,3 +63,84 @@ class PeakMemory:
         hwm = _status_mib("VmHWM") if self.reset else 0.0
         self.peak = max(self.sampled, hwm)
         self.above_start = self.peak - self.start
+
+
+def worker_args() -> argparse.Namespace:
+    """The command line both DE workers take."""
+    p = argparse.ArgumentParser()
+    p.add_argument("h5ad")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--kl-warmup", type=int, required=True)
+    p.add_argument("--delta", type=float, default=0.25)
+    p.add_argument("--n-samples", type=int, default=5000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--mode", default="change")
+    p.add_argument("--groupby", help="one-vs-rest over this column: time and memory only")
+    p.add_argument(
+        "--train-cells",
+        type=int,
+        default=0,
+        help="train on the first N cells only (0: all); DE still runs on every cell",
+    )
+    return p.parse_args()
+
+
+def read_data(a: argparse.Namespace) -> tuple[ad.AnnData, ad.AnnData]:
+    """All cells, and the cells to train on (the first ``--train-cells``; all by default)."""
+    full = ad.read_h5ad(a.h5ad)
+    if 0 < a.train_cells < full.n_obs:
+        return full, full[: a.train_cells].copy()
+    return full, full
+
+
+def comparisons(adata: ad.AnnData) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """``(column, cells A, cells B)`` for each ``cmp_*`` column of ``obs``."""
+    for col in [c for c in adata.obs.columns if c.startswith("cmp_")]:
+        values = adata.obs[col].astype(str).to_numpy()
+        yield col, values == "A", values == "B"
+
+
+def per_gene(res: Any, var_names: Any, mode: str, seconds: float) -> dict:
+    """The per-gene columns the calibration benchmark reads, in ``var`` order."""
+    res = res.loc[var_names]
+    row: dict = {"seconds": seconds}
+    if mode == "change":
+        row.update(
+            proba_de=res["proba_de"].tolist(),
+            lfc_mean=res["lfc_mean"].tolist(),
+            is_de_fdr_0_05=res["is_de_fdr_0.05"].astype(bool).tolist(),
+        )
+    else:
+        row.update(bayes_factor=res["bayes_factor"].tolist())
+    return row
+
+
+def time_one_vs_rest(
+    run: Callable[[], Any], adata: ad.AnnData, head: dict, after_training: float
+) -> dict:
+    """Time ``run()`` (the one-vs-rest call) and read its peak memory above the trained model."""
+    import gc
+
+    gc.collect()
+    with PeakMemory() as mem:
+        start = time.perf_counter()
+        res = run()
+        seconds = time.perf_counter() - start
+    return {
+        **head,
+        "rss_after_training_mib": after_training,
+        "de_seconds": seconds,
+        "de_peak_rss_mib": mem.peak,
+        "de_peak_above_trained_model_mib": mem.above_start,
+        "n_rows": len(res),
+        "n_obs": adata.n_obs,
+        "n_vars": adata.n_vars,
+    }
+
+
+def write(path: str, result: dict) -> None:
+    """Write one worker's result (adds the process's peak RSS)."""
+    result.setdefault("peak_rss_mib", peak_rss_mib())
+    Path(path).write_text(json.dumps(result))

@@ -1,44 +1,28 @@
 """Worker (runs in the project's environment): the job of de_worker_scvi.py, with scvae.
 
 Trains ``scvae.SCVAE`` (scvi-tools' defaults) with the same epochs, KL warm-up, batch size and
-cells, then runs ``differential_expression(idx1=A, idx2=B, mode="change")`` for each ``cmp_*``
-column of ``obs`` and writes per-gene arrays (in ``var`` order) to a JSON file.
+cells, then either runs ``differential_expression(idx1=A, idx2=B)`` for each ``cmp_*`` column
+of ``obs`` and writes per-gene arrays (in ``var`` order), or (``--groupby``) times one-vs-rest
+over every group and reads its peak memory. Options: ``de_common.worker_args``.
 """
 
 from __future__ import annotations
 
-import argparse
-import gc
-import json
 import sys
 import time
 from pathlib import Path
 
-import anndata as ad
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import peak_rss_mib, rss_mib
-from de_common import PeakMemory  # noqa: E402
+import de_common  # noqa: E402
+from _common import rss_mib  # noqa: E402
 
 import scvae  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("h5ad")
-    p.add_argument("out")
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--kl-warmup", type=int, required=True)
-    p.add_argument("--delta", type=float, default=0.25)
-    p.add_argument("--n-samples", type=int, default=5000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--mode", default="change")
-    p.add_argument("--groupby", help="one-vs-rest over this column: time and memory only")
-    a = p.parse_args()
-
-    adata = ad.read_h5ad(a.h5ad)
+    a = de_common.worker_args()
+    full, adata = de_common.read_data(a)
     scvae.settings.progress_bar = False
     scvae.settings.seed = a.seed
     model = scvae.SCVAE(adata)
@@ -51,40 +35,27 @@ def main() -> None:
         seed=a.seed,
         device="cpu",
     )
-    train_seconds = time.perf_counter() - start
-    after_training = rss_mib()
+    head = {"tool": "scvae", "version": scvae.__version__, "seed": a.seed}
+    head["train_seconds"] = time.perf_counter() - start
+    head["train_cells"] = adata.n_obs
     if a.groupby:
-        gc.collect()
-        with PeakMemory() as mem:
-            start = time.perf_counter()
-            res = model.differential_expression(
-                groupby=a.groupby,
-                mode=a.mode,
-                n_samples_overall=a.n_samples,
-                seed=a.seed,
-            )
-            seconds = time.perf_counter() - start
-        result = {
-            "tool": "scvae",
-            "train_seconds": train_seconds,
-            "rss_after_training_mib": after_training,
-            "de_seconds": seconds,
-            "de_peak_rss_mib": mem.peak,
-            "de_peak_above_trained_model_mib": mem.above_start,
-            "n_rows": len(res),
-            "n_obs": adata.n_obs,
-            "n_vars": adata.n_vars,
-        }
-        with open(a.out, "w") as fh:
-            json.dump(result, fh)
+        result = de_common.time_one_vs_rest(
+            lambda: model.differential_expression(
+                full, groupby=a.groupby, mode=a.mode, n_samples_overall=a.n_samples, seed=a.seed
+            ),
+            full,
+            head,
+            rss_mib(),
+        )
+        de_common.write(a.out, result)
         return
     comparisons = {}
-    for col in [c for c in adata.obs.columns if c.startswith("cmp_")]:
-        values = adata.obs[col].astype(str).to_numpy()
+    for col, cells_a, cells_b in de_common.comparisons(full):
         start = time.perf_counter()
         res = model.differential_expression(
-            idx1=values == "A",
-            idx2=values == "B",
+            full,
+            idx1=cells_a,
+            idx2=cells_b,
             mode=a.mode,
             delta=a.delta,
             fdr_target=0.05,
@@ -92,28 +63,10 @@ def main() -> None:
             seed=a.seed,
         )
         seconds = time.perf_counter() - start
-        res = res.loc[adata.var_names]
-        row = {"seconds": seconds}
-        if a.mode == "change":
-            row.update(
-                proba_de=res["proba_de"].tolist(),
-                lfc_mean=res["lfc_mean"].tolist(),
-                is_de_fdr_0_05=res["is_de_fdr_0.05"].astype(bool).tolist(),
-            )
-        else:
-            row.update(bayes_factor=res["bayes_factor"].tolist())
-        comparisons[col] = row
-    result = {
-        "tool": "scvae",
-        "version": scvae.__version__,
-        "seed": a.seed,
-        "train_seconds": train_seconds,
-        "rss_after_training_mib": after_training,
-        "peak_rss_mib": peak_rss_mib(),
-        "comparisons": comparisons,
-    }
-    with open(a.out, "w") as fh:
-        json.dump(result, fh)
+        comparisons[col] = de_common.per_gene(res, full.var_names, a.mode, seconds)
+    de_common.write(
+        a.out, {**head, "rss_after_training_mib": rss_mib(), "comparisons": comparisons}
+    )
 
 
 if __name__ == "__main__":

@@ -1236,6 +1236,9 @@ class SCVAE:
         ``comparison`` ("A vs B", "A vs Rest"), ``group1``, ``group2``. Sorted within each
         comparison: vanilla by ``bayes_factor``, ties by ``log2(scale1 / scale2)``; change by
         ``proba_de``, ties by ``|lfc_mean|``; all decreasing. No p-values: the test has none.
+        Both sorts rank how often a cell of group 1 exceeds one of group 2, so a marker shared
+        with a type in "Rest" ranks low; for marker lists, keep the genes of ``is_de_fdr_<t>``
+        with ``lfc_mean > 0`` and sort them by ``lfc_mean - lfc_std`` (benchmarks/README.md).
 
         Examples
         --------

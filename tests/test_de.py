@@ -368,30 +368,45 @@ def test_works_after_load_with_another_adata(sim, tmp_path):
 
 
 # ------------------------------------------------------------------ real data: pbmc3k markers
-MARKERS_TOP10 = {
+MARKERS = {
     "B": ["MS4A1", "CD79A"],
     "CD14+ Mono": ["CD14", "LYZ"],
-    "NK": ["GNLY"],
-    "FCGR3A+ Mono": ["MS4A7"],
+    "NK": ["GNLY", "NKG7"],
+    "FCGR3A+ Mono": ["FCGR3A", "MS4A7"],
 }
-# Shared with a type in "Rest": NKG7 with CD8 T cells, FCGR3A (CD16) with NK cells. scVI's
-# vanilla test asks P(rho1 > rho2) over random cell pairs, so those pairs pull them down to
-# ranks 16-20 (as in scvi-tools, which ranks them alike); they are checked at 25.
-MARKERS_TOP25 = {"NK": ["NKG7"], "FCGR3A+ Mono": ["FCGR3A"]}
+# By the declared sorts (vanilla bayes_factor, change proba_de) NKG7 and FCGR3A rank about 20th:
+# both tests ask how often a random cell of the group exceeds a random cell of the rest, and
+# the rest holds a type that expresses them too (97% of CD8 T cells express NKG7, 84% of NK
+# cells FCGR3A), so they lose to more exclusive genes. scvi-tools ranks them alike
+# (benchmarks/README.md, "Differential expression").
+SHARED_WITH_REST = {"NK": ["NKG7"], "FCGR3A+ Mono": ["FCGR3A"]}
+
+
+def marker_ranks(table: pd.DataFrame, group: str, genes: list[str]) -> dict[str, int | None]:
+    ranked = list(table[table["group1"] == group].index)
+    return {g: ranked.index(g) + 1 if g in ranked else None for g in genes}
 
 
 @pytest.mark.slow
 def test_pbmc3k_one_vs_rest_finds_textbook_markers():
-    pytest.importorskip("skmisc")  # seurat_v3 highly variable genes
     adata = ad.read_h5ad(shared_file("pbmc3k_seurat.h5ad"))
     sc.pp.highly_variable_genes(adata, n_top_genes=2000, flavor="seurat_v3", subset=True)
     adata = adata[np.asarray(adata.X.sum(1)).ravel() > 0].copy()
     model = scvae.SCVAE(adata)
     model.train(max_epochs=100, train_size=1.0, seed=0)
-    res = model.differential_expression(groupby="cell_type")
-    assert res["comparison"].nunique() == adata.obs["cell_type"].nunique()
-    for top, markers in ((10, MARKERS_TOP10), (25, MARKERS_TOP25)):
-        for group, genes in markers.items():
-            ranked = list(res[res["group1"] == group].index[:top])
-            missing = [g for g in genes if g not in ranked]
-            assert not missing, f"{group}: {missing} not in the top {top}: {ranked}"
+    # vanilla, scvi-tools' default mode, in its declared order (bayes_factor)
+    vanilla = model.differential_expression(groupby="cell_type")
+    assert vanilla["comparison"].nunique() == adata.obs["cell_type"].nunique()
+    for group, genes in MARKERS.items():
+        exclusive = [g for g in genes if g not in SHARED_WITH_REST.get(group, [])]
+        ranks = marker_ranks(vanilla, group, exclusive)
+        assert all(r is not None and r <= 10 for r in ranks.values()), (group, ranks)
+    # change mode (defaults): genes called DE and up in the group, ranked by a conservative
+    # effect size, lfc_mean - lfc_std (scvi-tools' columns): all eight markers in the top 10
+    change = model.differential_expression(groupby="cell_type", mode="change")
+    up = change[change["is_de_fdr_0.05"] & (change["lfc_mean"] > 0)].copy()
+    up["conservative_lfc"] = up["lfc_mean"] - up["lfc_std"]
+    up = up.sort_values(["group1", "conservative_lfc"], ascending=[True, False], kind="stable")
+    for group, genes in MARKERS.items():
+        ranks = marker_ranks(up, group, genes)
+        assert all(r is not None and r <= 10 for r in ranks.values()), (group, ranks)
