@@ -19,8 +19,8 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 test: setup
-	$(PY) -m ruff check scvae tests benchmarks
-	$(PY) -m ruff format --check scvae tests benchmarks
+	$(PY) -m ruff check scvae tests benchmarks tutorials
+	$(PY) -m ruff format --check scvae tests benchmarks tutorials
 	$(PY) -m pytest -q
 
 test-slow: setup
