@@ -8,7 +8,8 @@ the host. ``SCVAE`` builds the chunks from an AnnData; memory is bounded by the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -21,6 +22,62 @@ Chunk = tuple[torch.Tensor, torch.Tensor, Covariates]
 SAMPLE_ELEMENTS = 2**24
 
 
+class Chunks:
+    """An iterable of chunks that knows how many cells it covers, so results are written into
+    one array allocated once (no list of parts concatenated at the end, which would hold the
+    output twice).
+
+    Examples
+    --------
+    >>> len(Chunks(iter([]), n_cells=0))
+    0
+    """
+
+    def __init__(self, chunks: Iterable[Chunk], n_cells: int) -> None:
+        self._chunks, self.n_cells = chunks, n_cells
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return iter(self._chunks)
+
+    def __len__(self) -> int:
+        return self.n_cells
+
+
+class _Rows:
+    """Per-cell results gathered along ``axis`` into one preallocated host array."""
+
+    def __init__(self, chunks: Iterable[Chunk], axis: int = 0, dtype: Any = None) -> None:
+        self.n = getattr(chunks, "n_cells", None)
+        self.axis, self.dtype = axis, dtype
+        self.out: np.ndarray | None = None
+        self.parts: list[np.ndarray] = []
+        self.pos = 0
+
+    def add(self, value: torch.Tensor) -> None:
+        a = value.detach().cpu().numpy()
+        if self.dtype is not None:
+            a = a.astype(self.dtype, copy=False)
+        axis = self.axis % a.ndim
+        if self.n is None:
+            self.parts.append(a.copy())
+            return
+        if self.out is None:
+            shape = list(a.shape)
+            shape[axis] = self.n
+            self.out = np.empty(shape, dtype=a.dtype)
+        where = [slice(None)] * a.ndim
+        where[axis] = slice(self.pos, self.pos + a.shape[axis])
+        self.out[tuple(where)] = a
+        self.pos += a.shape[axis]
+
+    def result(self, empty: np.ndarray) -> np.ndarray:
+        if self.out is not None:
+            return self.out
+        if self.parts:
+            return np.concatenate(self.parts, axis=self.axis % self.parts[0].ndim)
+        return empty
+
+
 @torch.no_grad()
 def latent(
     module: VAE,
@@ -31,21 +88,21 @@ def latent(
     return_dist: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Posterior mean (or one sample, or the Gaussian's mean and variance) per cell."""
-    means, variances = [], []
+    means, variances = _Rows(chunks), _Rows(chunks)
     for x, b, cov in chunks:
         qz = module.inference(x, b, cov)["qz"]
         if return_dist:
-            means.append(qz.loc.cpu())
-            variances.append(qz.variance.cpu())
+            means.add(qz.loc)
+            variances.add(qz.variance)
         elif not give_mean:
-            means.append(module.transform_z(qz.sample()).cpu())
+            means.add(module.transform_z(qz.sample()))
         elif module.config.latent_distribution == "ln":
-            means.append(_ln_mean(module, qz, mc_samples).cpu())
+            means.add(_ln_mean(module, qz, mc_samples))
         else:
-            means.append(qz.loc.cpu())
-    empty = torch.zeros(0, module.config.n_latent)
-    out = torch.cat(means).numpy() if means else empty.numpy()
-    return (out, torch.cat(variances).numpy()) if return_dist else out
+            means.add(qz.loc)
+    empty = np.zeros((0, module.config.n_latent), dtype=np.float32)
+    out = means.result(empty)
+    return (out, variances.result(empty)) if return_dist else out
 
 
 def _ln_mean(module: VAE, qz: torch.distributions.Normal, mc_samples: int) -> torch.Tensor:
@@ -62,25 +119,23 @@ def _ln_mean(module: VAE, qz: torch.distributions.Normal, mc_samples: int) -> to
 @torch.no_grad()
 def loss_terms(module: VAE, chunks: Iterable[Chunk]) -> tuple[np.ndarray, np.ndarray]:
     """Per-cell -log p(x | z, l) and KL (z and l), one posterior sample, KL weight 1."""
-    recon, kl = [], []
+    recon, kl = _Rows(chunks, dtype=np.float64), _Rows(chunks, dtype=np.float64)
     for x, b, cov in chunks:
         out = module(x, b, cov)
-        recon.append(out.reconstruction_loss.cpu())
-        kl.append((out.kl_z + out.kl_l).cpu())
-    return torch.cat(recon).double().numpy(), torch.cat(kl).double().numpy()
+        recon.add(out.reconstruction_loss)
+        kl.add(out.kl_z + out.kl_l)
+    empty = np.zeros(0, dtype=np.float64)
+    return recon.result(empty), kl.result(empty)
 
 
 @torch.no_grad()
 def marginal_ll(module: VAE, chunks: Iterable[Chunk], n_mc_samples: int) -> np.ndarray:
     """Importance-sampled log p(x) per cell (see :meth:`VAE.marginal_ll`)."""
     per_pass = max(1, min(n_mc_samples, 100))
-    out = [
-        module.marginal_ll(x, b, cov, n_mc_samples=n_mc_samples, samples_per_pass=per_pass)
-        .double()
-        .cpu()
-        for x, b, cov in chunks
-    ]
-    return torch.cat(out).numpy()
+    out = _Rows(chunks, dtype=np.float64)
+    for x, b, cov in chunks:
+        out.add(module.marginal_ll(x, b, cov, n_mc_samples=n_mc_samples, samples_per_pass=per_pass))
+    return out.result(np.zeros(0, dtype=np.float64))
 
 
 @torch.no_grad()
@@ -100,7 +155,7 @@ def normalized_expression(
     the results averaged; else under each cell's own batch. Returns ``(cells, genes)`` or, with
     ``n_samples > 1`` and ``return_mean=False``, ``(samples, cells, genes)``.
     """
-    parts = []
+    parts = _Rows(chunks, axis=-2)
     for x, b, cov in chunks:
         inf = module.inference(x, b, cov, n_samples=n_samples)
         batches = [None] if transform_batch is None else list(transform_batch)
@@ -115,8 +170,9 @@ def normalized_expression(
         acc = acc / len(batches)
         if n_samples > 1 and return_mean:
             acc = acc.mean(0)
-        parts.append(acc.cpu())
-    return torch.cat(parts, dim=-2).numpy()
+        parts.add(acc)
+    n_genes = module.config.n_input if gene_idx is None else len(gene_idx)
+    return parts.result(np.zeros((0, n_genes), dtype=np.float32))
 
 
 @torch.no_grad()
@@ -125,7 +181,7 @@ def likelihood_parameters(
 ) -> dict[str, np.ndarray]:
     """``mean`` (mu), ``dispersions`` (theta) and ``dropout`` (zi logits) per cell and gene."""
     keys = {"mean": "mu", "dispersions": "theta", "dropout": "zi_logits"}
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    parts = {k: _Rows(chunks, axis=-2) for k in keys}
     n_genes = module.config.n_input
     for x, b, cov in chunks:
         inf = module.inference(x, b, cov, n_samples=n_samples)
@@ -136,8 +192,9 @@ def likelihood_parameters(
                 value = value.expand(*inf["z"].shape[:-1], n_genes)
             if n_samples > 1 and give_mean:
                 value = value.mean(0)
-            parts[key].append(value.cpu())
-    out = {k: torch.cat(v, dim=-2).numpy() for k, v in parts.items()}
+            parts[key].add(value)
+    empty = np.zeros((0, n_genes), dtype=np.float32)
+    out = {k: v.result(empty) for k, v in parts.items()}
     if module.config.gene_likelihood != "zinb":
         del out["dropout"]
     if module.config.gene_likelihood == "poisson":
@@ -152,7 +209,7 @@ def latent_library_size(module: VAE, chunks: Iterable[Chunk], *, give_mean: bool
     For a latent library with ``give_mean``, the mean of the log-normal q(l | x); otherwise the
     observed totals (or size factors), or one sample of the latent library.
     """
-    parts = []
+    parts = _Rows(chunks)
     for x, b, cov in chunks:
         inf = module.inference(x, b, cov)
         ql = inf["ql"]
@@ -160,8 +217,8 @@ def latent_library_size(module: VAE, chunks: Iterable[Chunk], *, give_mean: bool
             value = torch.exp(ql.loc + 0.5 * ql.variance)
         else:
             value = torch.exp(inf["library"])
-        parts.append(value.cpu())
-    return torch.cat(parts).numpy()
+        parts.add(value)
+    return parts.result(np.zeros((0, 1), dtype=np.float32))
 
 
 @torch.no_grad()

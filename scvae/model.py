@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import numbers
 import os
+import pickle
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -14,8 +15,9 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from scvae import inference
+from scvae import distributed, inference
 from scvae._settings import logger, settings
+from scvae.data.backed import BLOCK_ROWS, BUFFER_BLOCKS, BackedCSR, is_on_disk, row_totals
 from scvae.data.loader import DeviceCSR
 from scvae.data.registry import Registry, register
 from scvae.module import VAE, Covariates, ModuleConfig
@@ -46,6 +48,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise ValueError(
             f"device={device!r} was asked for, but torch sees no CUDA device; use 'auto' or 'cpu'."
         )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device={device!r} was asked for, but torch sees {torch.cuda.device_count()} CUDA "
+            f"device(s): cuda:0 to cuda:{torch.cuda.device_count() - 1} (CUDA_VISIBLE_DEVICES "
+            "renumbers them from 0)."
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r} was asked for, but MPS is not available here.")
     return dev
 
 
@@ -89,6 +99,31 @@ def _check_options(**options: Any) -> None:
     ):
         if not isinstance(options[name], bool | np.bool_):
             raise TypeError(f"{name} must be True or False, got {options[name]!r}.")
+
+
+def _train_worker(rank: int, world_size: int, init_method: str, payload: bytes) -> None:
+    """One process of ``SCVAE.train(n_processes=...)``: join the group, train, rank 0 saves."""
+    import torch.distributed as dist
+
+    # the payload arrives as plain pickle bytes: each process unpickles its own copy (tensors
+    # handed over by torch.multiprocessing would share memory, and every rank's optimizer
+    # step would then update the same weights)
+    model, data, options, out = pickle.loads(payload)
+    device = resolve_device(options.get("device", "auto"))
+    torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+    dist.init_process_group(
+        distributed.backend_for(device),
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+    )
+    try:
+        model.adata = ad.read_h5ad(data, backed="r") if isinstance(data, str) else data
+        model.train(**options)
+        if rank == 0:
+            model.save(out)
+    finally:
+        dist.destroy_process_group()
 
 
 class SCVAE:
@@ -293,6 +328,9 @@ class SCVAE:
         checkpoint_every: int = 1,
         precision: str = "32",
         compile: bool = False,
+        n_processes: int = 1,
+        backed_block_rows: int = BLOCK_ROWS,
+        backed_buffer_blocks: int = BUFFER_BLOCKS,
     ) -> None:
         """Fit the model by the reparameterized ELBO with Adam (scvi-tools' defaults).
 
@@ -338,6 +376,18 @@ class SCVAE:
             Run the training step through ``torch.compile``: the first minibatch pays tens of
             seconds of compilation, later steps are faster, so it pays off on long runs. If
             compilation fails, training goes on without it (a warning says so).
+        n_processes
+            Train in this many new processes with DistributedDataParallel (gloo on the CPU,
+            NCCL on GPUs: process ``r`` on ``cuda:r``), then load rank 0's weights and history
+            into this model. ``batch_size`` stays the cells per optimizer step: each process
+            takes ``batch_size / n_processes`` of every minibatch, so the optimisation is the
+            same as in one process. The workers get a copy of the model and the AnnData (a
+            backed AnnData is reopened from its file). Under ``torchrun``, leave this at 1:
+            ``train`` joins the process group torchrun set up (see :mod:`scvae.distributed`).
+        backed_block_rows, backed_buffer_blocks
+            For an AnnData opened with ``read_h5ad(path, backed="r")``: cells per contiguous
+            read and blocks shuffled together (memory holds about their product of cells; see
+            :mod:`scvae.data.backed`).
 
         Notes
         -----
@@ -362,6 +412,7 @@ class SCVAE:
         >>> list(model.history.index)
         [0, 1, 2]
         """
+        options = {k: v for k, v in locals().items() if k not in ("self", "n_processes")}
         n_cells = self.registry_adata().n_obs
         if max_epochs is None:
             max_epochs = min(round(20000 / n_cells * 400), 400)
@@ -384,6 +435,17 @@ class SCVAE:
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
             raise ValueError(f"checkpoint_every must be a whole number, got {checkpoint_every!r}.")
         dev = resolve_device(device)
+        if n_processes != 1:
+            self._train_in_processes(n_processes, options, dev)
+            return
+        distributed.init_from_env(dev)
+        world = distributed.current_world()
+        dev = distributed.rank_device(dev, world)
+        if batch_size // world.size < 2:
+            raise ValueError(
+                f"batch_size={batch_size} over {world.size} processes leaves under 2 cells per "
+                f"process and step (BatchNorm needs 2): use batch_size >= {2 * world.size}."
+            )
         train_idx, val_idx = split_indices(n_cells, train_size, validation_size, config.seed)
         if len(train_idx) < 2:
             raise ValueError(
@@ -392,7 +454,7 @@ class SCVAE:
                 "train_size; a trained model can still be queried on a single cell."
             )
         adata = self.registry_adata()
-        counts = self.registry.check(adata)
+        counts = self._training_counts(adata)
         batch = torch.as_tensor(self.registry.batch_codes(adata), device=dev)
         covariates = self._covariates(adata).to(dev)
         before = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
@@ -402,6 +464,8 @@ class SCVAE:
             "validation_size": validation_size,
             "device": str(dev),
         }
+        if world.distributed:
+            train_config["n_processes"] = world.size
         checkpoint = None
         if checkpoint_dir is not None:
             from scvae.checkpoint import Checkpointer
@@ -430,16 +494,27 @@ class SCVAE:
         try:
             self.module.to(dev)
             if self.module.l_encoder is not None:
-                self._set_library_prior(counts[train_idx], batch[train_idx].cpu().numpy())
+                totals = row_totals(counts)[train_idx]
+                self._set_library_prior(totals, batch[train_idx].cpu().numpy())
+            if is_on_disk(counts):
+                source = BackedCSR(
+                    counts,
+                    dev,
+                    block_rows=backed_block_rows,
+                    buffer_blocks=backed_buffer_blocks,
+                )
+            else:
+                source = DeviceCSR(counts, dev)
             history = fit(
                 self.module,
-                DeviceCSR(counts, dev),
+                source,
                 batch,
                 covariates,
                 train_idx,
                 val_idx,
                 config,
                 checkpoint,
+                world,
             )
         except TrainingDiverged as err:
             # Keep the last good step's weights when any training happened in this call (or
@@ -454,6 +529,17 @@ class SCVAE:
                 self.module.load_state_dict(before)
             self.module.eval()
             raise
+        except NotImplementedError as err:
+            self.module.load_state_dict(before)
+            self.module.eval()
+            if dev.type != "mps":
+                raise
+            raise NotImplementedError(
+                f"An operation of the training step is missing on MPS ({err}). Run with "
+                "device='cpu', or set PYTORCH_ENABLE_MPS_FALLBACK=1 before starting Python to "
+                "run the missing operations on the CPU. (scvae uses no sparse tensors: the "
+                "counts are plain index/value arrays, so MPS's lack of sparse CSR is no issue.)"
+            ) from err
         except BaseException:
             self.module.load_state_dict(before)
             self.module.eval()
@@ -472,8 +558,62 @@ class SCVAE:
         self.train_indices, self.validation_indices = train_idx, val_idx
         self.train_config = train_config
 
-    def _set_library_prior(self, counts: sp.csr_matrix, batch: np.ndarray) -> None:
-        log_totals = np.log(np.asarray(counts.sum(axis=1)).ravel())
+    def _training_counts(self, adata: ad.AnnData) -> Any:
+        """The registered counts, checked block by block: the AnnData's own matrix (no copy of
+        a CSR float32 matrix) or, for a backed AnnData, its on-disk dataset."""
+        check = 8192
+        for start in range(0, adata.n_obs, check):
+            self.registry.check(adata[start : start + check])
+        layer = self.registry.layer
+        return adata.X if layer is None else adata.layers[layer]
+
+    def _train_in_processes(
+        self, n_processes: int, options: dict[str, Any], device: torch.device
+    ) -> None:
+        """``train`` in ``n_processes`` spawned processes; rank 0's result is loaded here."""
+        import copy
+        import tempfile
+
+        import torch.distributed as dist
+
+        if isinstance(n_processes, bool) or not isinstance(n_processes, int) or n_processes < 1:
+            raise ValueError(f"n_processes must be a whole number >= 1, got {n_processes!r}.")
+        if dist.is_available() and dist.is_initialized():
+            raise ValueError(
+                "n_processes cannot start processes inside a process group (e.g. under "
+                "torchrun): call train without n_processes there, it trains across the group."
+            )
+        if device.type == "cuda" and n_processes > torch.cuda.device_count():
+            raise ValueError(
+                f"n_processes={n_processes} on CUDA needs one GPU per process; torch sees "
+                f"{torch.cuda.device_count()}."
+            )
+        adata = self.registry_adata()
+        if adata.isbacked:
+            if adata.is_view:
+                raise ValueError(
+                    "n_processes with a view of a backed AnnData: the workers reopen the file, "
+                    "so write the subset to its own file first (adata.write_h5ad(path))."
+                )
+            data: ad.AnnData | str = str(adata.filename)
+        else:
+            data = adata
+        worker = copy.copy(self)
+        worker.adata = None
+        with tempfile.TemporaryDirectory(prefix="scvae-train-") as tmp:
+            out = os.path.join(tmp, "model")
+            payload = pickle.dumps((worker, data, options, out))
+            distributed.launch(n_processes, _train_worker, payload)
+            result = type(self).load(out, device=str(self.device))
+        self.module.load_state_dict(result.module.state_dict())
+        self.module.eval()
+        self.history, self.is_trained = result.history, True
+        self.train_indices = result.train_indices
+        self.validation_indices = result.validation_indices
+        self.train_config = result.train_config
+
+    def _set_library_prior(self, totals: np.ndarray, batch: np.ndarray) -> None:
+        log_totals = np.log(np.asarray(totals, dtype=np.float64).ravel())
         means = np.zeros(self.registry.n_batch, dtype=np.float32)
         variances = np.ones(self.registry.n_batch, dtype=np.float32)
         for b in range(self.registry.n_batch):
@@ -507,10 +647,15 @@ class SCVAE:
 
     def _chunks(
         self, adata: ad.AnnData | None, indices: Sequence[int] | None, batch_size: int | None
-    ) -> Iterator[inference.Chunk]:
-        """Validated (counts, batch, covariates) on the model's device, chunk by chunk."""
+    ) -> inference.Chunks:
+        """Validated (counts, batch, covariates) on the model's device, chunk by chunk.
+
+        The genes and the per-cell annotations are checked once; the counts are read and
+        checked one chunk at a time (a slice of cells when the chunk is contiguous, e.g. from
+        a backed AnnData on disk), so memory holds one chunk of counts, never all of them.
+        """
         adata = self.registry_adata() if adata is None else adata
-        counts = self.registry.check(adata)
+        self.registry.check(adata[:1])  # genes and layer; counts are checked chunk by chunk
         batch = torch.as_tensor(self.registry.batch_codes(adata))
         covariates = self._covariates(adata)
         idx = np.arange(adata.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -518,14 +663,26 @@ class SCVAE:
             raise IndexError(
                 f"indices must lie in [0, {adata.n_obs}); got {idx.min()}..{idx.max()}."
             )
-        size = batch_size or settings.inference_batch_size
+        size = settings.inference_batch_size if batch_size is None else batch_size
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1 or None, got {size!r}.")
         dev = self.device
         self.module.eval()
-        for start in range(0, len(idx), size):
-            part = idx[start : start + size]
-            x = torch.as_tensor(counts[part].toarray(), device=dev)
-            part_t = torch.as_tensor(part)
-            yield x, batch[part_t].to(dev), covariates.take(part_t).to(dev)
+
+        def chunks() -> Iterator[inference.Chunk]:
+            for start in range(0, len(idx), size):
+                part = idx[start : start + size]
+                lo, hi = int(part[0]), int(part[-1]) + 1
+                if hi - lo == len(part) and np.array_equal(part, np.arange(lo, hi)):
+                    counts = self.registry.check(adata[lo:hi])
+                else:  # read each cell once, in file order, then put them in the asked order
+                    unique, inverse = np.unique(part, return_inverse=True)
+                    counts = self.registry.check(adata[unique])[inverse]
+                x = torch.as_tensor(counts.toarray(), device=dev)
+                part_t = torch.as_tensor(part)
+                yield x, batch[part_t].to(dev), covariates.take(part_t).to(dev)
+
+        return inference.Chunks(chunks(), len(idx))
 
     def _sampling_batch_size(self, batch_size: int | None, n_samples: int) -> int:
         """Cells per chunk so that cells x samples x genes stays under a fixed bound."""

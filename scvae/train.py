@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from scvae._settings import logger
 from scvae.checkpoint import Checkpointer, LoopState
-from scvae.data.loader import DeviceCSR, minibatches
+from scvae.data.loader import CountSource, DeviceCSR  # noqa: F401 (DeviceCSR: the examples)
+from scvae.distributed import World, all_sum, all_true, sync_buffers, wrap
 from scvae.module import VAE, Covariates
 from scvae.train_step import PRECISIONS, StepRunner, make_optimizer
 
@@ -166,6 +167,15 @@ class _Sums:
         self.kl_l += out.kl_l.detach().sum().double()
         self.n += out.reconstruction_loss.shape[0]
 
+    def reduce(self, world: World) -> None:
+        """Sum over the training processes, so every rank holds the totals of all cells."""
+        if world.distributed:
+            n = torch.tensor(float(self.n), dtype=torch.float64, device=self.recon.device)
+            self.recon, self.kl_z, self.kl_l, n = all_sum(
+                [self.recon, self.kl_z, self.kl_l, n], world
+            )
+            self.n = int(round(float(n)))
+
     def row(self, suffix: str) -> dict[str, float]:
         recon, kl = float(self.recon) / self.n, float(self.kl_z + self.kl_l) / self.n
         return {
@@ -228,13 +238,14 @@ def _divergence_message(
 
 def fit(
     module: VAE,
-    counts: DeviceCSR,
+    counts: CountSource,
     batch_codes: torch.Tensor,
     covariates: Covariates,
     train_idx: np.ndarray,
     val_idx: np.ndarray,
     config: TrainConfig,
     checkpoint: Checkpointer | None = None,
+    world: World | None = None,
 ) -> pd.DataFrame:
     """Train ``module`` in place and return the history (one row per epoch).
 
@@ -251,6 +262,13 @@ def fit(
     first and the run continues from its epoch; checkpoints are written after the epochs it
     asks for.
 
+    ``counts`` is a :class:`~scvae.data.loader.DeviceCSR` (all counts on the device) or a
+    :class:`~scvae.data.backed.BackedCSR` (row blocks read from disk). With a ``world`` of
+    several processes (:mod:`scvae.distributed`), the module trains wrapped in
+    DistributedDataParallel, each process on its own part of every minibatch, the epoch sums
+    (training and validation) are summed over the processes, and only rank 0 writes
+    checkpoints.
+
     Examples
     --------
     >>> import numpy as np, torch
@@ -265,13 +283,15 @@ def fit(
     2
     """
     device = counts.device
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
+    world = world or World()
+    generator = torch.Generator().manual_seed(config.seed)  # the same on every rank
+    torch.manual_seed(config.seed + world.rank)  # sampling noise: its own on each rank
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(
         params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay
     )
-    run_step = StepRunner(module, device, config.precision, compile=config.compile)
+    net = wrap(module, world)  # DistributedDataParallel with several processes
+    run_step = StepRunner(net, device, config.precision, compile=config.compile)
     scheduler = (
         torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer,
@@ -298,7 +318,11 @@ def fit(
                 else "",
             )
     train_t = torch.as_tensor(train_idx, dtype=torch.long, device=device)
-    val_t = torch.as_tensor(val_idx, dtype=torch.long, device=device)
+    # validation cells: a contiguous share per rank, losses summed over the ranks
+    val_t = torch.as_tensor(
+        np.array_split(np.asarray(val_idx), world.size)[world.rank], dtype=torch.long, device=device
+    )
+    has_val = len(val_idx) > 0
     # Batch-norm statistics change in the forward pass: kept so a bad step can be undone.
     buffers = [b for b in module.buffers() if b.numel()]
     saved = [b.detach().clone() for b in buffers]
@@ -307,7 +331,7 @@ def fit(
         total=config.max_epochs,
         initial=min(loop.next_epoch, config.max_epochs),
         desc="Training",
-        disable=not config.progress_bar,
+        disable=not config.progress_bar or not world.is_main,
         unit="epoch",
     )
     while loop.next_epoch < config.max_epochs and not loop.stopped_early:
@@ -316,21 +340,22 @@ def fit(
         weight = kl_weight(epoch, config.n_epochs_kl_warmup)
         module.train()
         sums = _Sums(device)
-        batches = minibatches(
+        batches = counts.batches(
             train_t,
             config.batch_size,
             shuffle=True,
             generator=generator,
             drop_last_below=_MIN_LAST_BATCH,
+            rank=world.rank,
+            world_size=world.size,
         )
-        for step, idx in enumerate(batches):
+        for step, (idx, x) in enumerate(batches):
             for keep, buf in zip(saved, buffers, strict=True):
                 keep.copy_(buf)
-            x = counts.rows(idx)
             out = run_step(x, batch_codes[idx], covariates.take(idx), kl_weight=weight)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
-            if not _all_finite(out.loss, params):
+            if not all_true(_all_finite(out.loss, params), device, world):
                 for keep, buf in zip(saved, buffers, strict=True):
                     buf.copy_(keep)
                 optimizer.zero_grad(set_to_none=True)
@@ -347,9 +372,13 @@ def fit(
             optimizer.step()
             steps_applied += 1
             sums.add(out)
+        sums.reduce(world)
+        sync_buffers(module, world)  # rank 0's batch-norm statistics everywhere
         row = {"epoch": epoch, **sums.row("train")}
-        if len(val_t):
-            row.update(evaluate(module, counts, batch_codes, covariates, val_t, "validation"))
+        if has_val:
+            row.update(
+                evaluate(module, counts, batch_codes, covariates, val_t, "validation", world=world)
+            )
         row.update(
             kl_weight=weight,
             lr=optimizer.param_groups[0]["lr"],
@@ -362,7 +391,7 @@ def fit(
         monitor = row.get("elbo_validation", row["elbo_train"])
         if scheduler is not None:
             scheduler.step(monitor)
-        if config.early_stopping and len(val_t):
+        if config.early_stopping and has_val:
             if monitor < loop.early_stopping_best - config.early_stopping_min_delta:
                 loop.early_stopping_best, loop.since_best = monitor, 0
             else:
@@ -378,7 +407,7 @@ def fit(
         improved = monitor < loop.best_monitor
         if improved:
             loop.best_monitor, loop.best_epoch = monitor, epoch
-        if checkpoint is not None:
+        if checkpoint is not None and world.is_main:
             final = loop.next_epoch >= config.max_epochs or loop.stopped_early
             checkpoint.epoch_end(
                 module, optimizer, scheduler, generator, loop, improved=improved, final=final
@@ -391,12 +420,13 @@ def fit(
 @torch.no_grad()
 def evaluate(
     module: VAE,
-    counts: DeviceCSR,
+    counts: CountSource,
     batch_codes: torch.Tensor,
     covariates: Covariates,
     idx: torch.Tensor,
     suffix: str,
     chunk: int = 1024,
+    world: World | None = None,
 ) -> dict[str, float]:
     """Negative ELBO (KL weight 1), reconstruction loss and KL per cell on ``idx``, in eval mode.
 
@@ -414,7 +444,8 @@ def evaluate(
     was_training = module.training
     module.eval()
     sums = _Sums(counts.device)
-    for part in minibatches(idx, chunk, shuffle=False):
-        sums.add(module(counts.rows(part), batch_codes[part], covariates.take(part)))
+    for part, x in counts.batches(idx, chunk, shuffle=False):
+        sums.add(module(x, batch_codes[part], covariates.take(part)))
+    sums.reduce(world or World())
     module.train(was_training)
     return sums.row(suffix)

@@ -3,16 +3,44 @@
 The whole matrix lives on the training device as three tensors (``indptr``, ``indices``,
 ``values``); a minibatch of rows is gathered there by index with a handful of vectorised ops, so
 there is no per-minibatch scipy work, host-to-device copy or worker process. (torch 2.13 cannot
-``index_select`` a sparse CSR tensor on the CPU, hence plain arrays.) Tensors only: no AnnData.
+``index_select`` a sparse CSR tensor on the CPU, hence plain arrays.) On the CPU the tensors
+share memory with a float32 CSR matrix (int32 indices are kept as they are), so training holds
+no second copy of the counts. Tensors only: no AnnData.
+
+A count source is anything with a ``device``, ``n_rows`` and a ``batches`` method with the
+signature of :meth:`DeviceCSR.batches` (see also :class:`scvae.data.backed.BackedCSR`, which
+reads row blocks from an on-disk matrix).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+
+class CountSource(Protocol):
+    """What the training loop needs from the counts: minibatches of dense rows on a device."""
+
+    device: torch.device
+
+    @property
+    def n_rows(self) -> int: ...
+
+    def batches(
+        self,
+        indices: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        generator: torch.Generator | None = None,
+        drop_last_below: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 class DeviceCSR:
@@ -21,7 +49,8 @@ class DeviceCSR:
     Parameters
     ----------
     matrix
-        A scipy sparse matrix or a dense numpy array (converted to CSR float32).
+        A scipy sparse matrix or a dense numpy array (converted to CSR float32). A CSR float32
+        matrix in canonical form is used as it is: on the CPU its arrays are shared, not copied.
     device
         Where the arrays live.
 
@@ -33,12 +62,23 @@ class DeviceCSR:
     """
 
     def __init__(self, matrix: sp.spmatrix | sp.sparray | np.ndarray, device: str | torch.device):
-        csr = sp.csr_matrix(matrix, dtype=np.float32)
-        csr.sort_indices()
+        csr = matrix if isinstance(matrix, sp.csr_matrix | sp.csr_array) else sp.csr_matrix(matrix)
+        if csr.dtype != np.float32:
+            csr = csr.astype(np.float32)
+        if not csr.has_canonical_format:  # duplicates would be assigned, not summed
+            csr = csr.copy()
+            csr.sum_duplicates()
         self.shape = csr.shape
         self.device = torch.device(device)
-        self.indptr = torch.as_tensor(csr.indptr.astype(np.int64), device=self.device)
-        self.indices = torch.as_tensor(csr.indices.astype(np.int64), device=self.device)
+
+        def index(a: np.ndarray) -> torch.Tensor:
+            if a.dtype not in (np.int32, np.int64):
+                a = a.astype(np.int64)
+            return torch.as_tensor(a, device=self.device)
+
+        # indptr is int64 so that offsets past 2**31 non-zeros stay exact
+        self.indptr = torch.as_tensor(csr.indptr.astype(np.int64, copy=False), device=self.device)
+        self.indices = index(csr.indices)
         self.values = torch.as_tensor(csr.data, device=self.device)
 
     @property
@@ -68,6 +108,40 @@ class DeviceCSR:
         )
         out = torch.zeros(self.n_rows, device=self.device)
         return out.index_add_(0, row_of, self.values)
+
+    def batches(
+        self,
+        indices: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        generator: torch.Generator | None = None,
+        drop_last_below: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(cell indices, dense rows)`` minibatches of ``indices``, for process ``rank``.
+
+        See :func:`minibatches`; with ``world_size > 1`` each global minibatch of
+        ``batch_size`` cells is split across the processes (:func:`shard_minibatches`).
+
+        Examples
+        --------
+        >>> m = DeviceCSR(np.eye(4, dtype="float32"), "cpu")
+        >>> [i.tolist() for i, x in m.batches(torch.arange(4), 2, shuffle=False)]
+        [[0, 1], [2, 3]]
+        """
+        indices = torch.as_tensor(indices, dtype=torch.long).to(self.device)
+        for idx in shard_minibatches(
+            indices,
+            batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            drop_last_below=drop_last_below,
+            rank=rank,
+            world_size=world_size,
+        ):
+            yield idx, self.rows(idx)
 
 
 def minibatches(
@@ -104,3 +178,50 @@ def minibatches(
         if len(chunk) < drop_last_below and start > 0:
             return
         yield chunk
+
+
+def shard_minibatches(
+    indices: torch.Tensor,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    drop_last_below: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[torch.Tensor]:
+    """Process ``rank``'s part of each global minibatch (:func:`minibatches` when alone).
+
+    Every process draws the same permutation (same ``generator`` state) and cuts the same
+    global minibatches of ``batch_size`` cells; process ``rank`` takes the ``rank``-th of
+    ``world_size`` near-equal slices of each (``np.array_split``). So the processes' shards
+    are disjoint, together they are exactly the cells one process would train on, and every
+    process takes the same number of steps. A last global minibatch is dropped when it has
+    fewer than ``drop_last_below`` cells or some process would get fewer than 2 of them.
+
+    Examples
+    --------
+    >>> [b.tolist() for b in shard_minibatches(torch.arange(8), 4, shuffle=False, rank=1,
+    ...                                        world_size=2)]
+    [[2, 3], [6, 7]]
+    """
+    if world_size == 1:
+        yield from minibatches(
+            indices,
+            batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            drop_last_below=drop_last_below,
+        )
+        return
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, {world_size}), got {rank}.")
+    for chunk in minibatches(
+        indices, batch_size, shuffle=shuffle, generator=generator, drop_last_below=drop_last_below
+    ):
+        if len(chunk) < 2 * world_size and len(chunk) < batch_size:
+            return
+        bounds = np.linspace(0, len(chunk), world_size + 1).round().astype(int)
+        part = chunk[bounds[rank] : bounds[rank + 1]]
+        if len(part):
+            yield part

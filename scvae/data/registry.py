@@ -225,7 +225,7 @@ def register(
             f"Gene names (var_names) are not unique: {len(dup)} repeated, e.g. "
             f"{', '.join(map(str, dup[:5]))}. Run adata.var_names_make_unique() first."
         )
-    get_counts(adata, layer, allow_non_integer=allow_non_integer)
+    check_counts(adata, layer, allow_non_integer=allow_non_integer)
     batches = _categories(adata, batch_key, "batch_key")
     labels = _categories(adata, labels_key, "labels_key")
     cat_keys = list(categorical_covariate_keys or [])
@@ -251,6 +251,26 @@ def register(
     registry.continuous_values(adata)
     registry.size_factors(adata)
     return registry
+
+
+def check_counts(
+    adata: ad.AnnData, layer: str | None, *, allow_non_integer: bool = False, block: int = 8192
+) -> None:
+    """Check the counts as :func:`get_counts` does, ``block`` cells at a time.
+
+    Memory holds one block's copy of the counts, never a second copy of the whole matrix; an
+    AnnData opened with ``read_h5ad(path, backed="r")`` is read block by block from disk.
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np
+    >>> check_counts(ad.AnnData(np.ones((3, 2), dtype=np.float32)), None)
+    """
+    if adata.n_obs <= block:
+        get_counts(adata, layer, allow_non_integer=allow_non_integer)
+        return
+    for start in range(0, adata.n_obs, block):
+        get_counts(adata[start : start + block], layer, allow_non_integer=allow_non_integer)
 
 
 def get_counts(

@@ -1,0 +1,222 @@
+"""Training across processes with ``torch.distributed``: the process group, its collectives, and
+a launcher for the Python API. Tensors only: no AnnData.
+
+Two ways in, one training loop (:func:`scvae.train.fit`):
+
+* ``torchrun --nproc_per_node=N script.py``: the script calls ``model.train(...)`` on every
+  rank; :func:`init_from_env` creates the process group from torchrun's environment
+  (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``...) when none exists: NCCL for CUDA, gloo
+  otherwise.
+* ``model.train(..., n_processes=N)``: :func:`launch` starts N worker processes (spawned, so
+  no state is inherited by forking), joined through a rendezvous file in a temporary
+  directory; the caller loads rank 0's result.
+
+In the loop, the module is wrapped in ``DistributedDataParallel`` (gradients averaged at each
+step), each rank trains on its own part of every global minibatch, and the per-epoch sums of
+the training and validation losses are summed over the ranks, so every rank records the same
+history and takes the same early-stopping and learning-rate decisions. Rank 0 alone writes
+checkpoints and shows the progress bar; batch-norm statistics are broadcast from rank 0 after
+each epoch, so all ranks end with identical weights and buffers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes.
+
+    Examples
+    --------
+    >>> World().distributed, World(rank=1, size=2).is_main
+    (False, False)
+    """
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        """More than one process trains."""
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: writes checkpoints and shows progress."""
+        return self.rank == 0
+
+
+def current_world() -> World:
+    """The initialised default process group as a :class:`World` (one process when none).
+
+    Examples
+    --------
+    >>> current_world()
+    World(rank=0, size=1)
+    """
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World()
+
+
+def backend_for(device: torch.device) -> str:
+    """``"nccl"`` for CUDA devices, ``"gloo"`` otherwise.
+
+    Examples
+    --------
+    >>> backend_for(torch.device("cpu"))
+    'gloo'
+    """
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_from_env(device: torch.device) -> bool:
+    """Create the default process group from torchrun's environment when it asks for one.
+
+    Does nothing (and returns False) when a group already exists or ``WORLD_SIZE`` is unset
+    or 1; returns True when it created the group (the caller may destroy it when done).
+
+    Examples
+    --------
+    >>> init_from_env(torch.device("cpu"))  # not launched by torchrun
+    False
+    """
+    if not dist.is_available() or dist.is_initialized():
+        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {', '.join(missing)} is not: "
+            "launch the script with torchrun (torchrun --nproc_per_node=N script.py), or call "
+            "torch.distributed.init_process_group yourself before model.train."
+        )
+    dist.init_process_group(backend_for(device), init_method="env://")
+    return True
+
+
+def rank_device(device: torch.device, world: World) -> torch.device:
+    """The device of this rank: ``cuda`` without an index becomes ``cuda:<local rank>``.
+
+    Examples
+    --------
+    >>> rank_device(torch.device("cpu"), World(1, 2))
+    device(type='cpu')
+    """
+    if device.type != "cuda" or device.index is not None or not world.distributed:
+        return device
+    local = int(os.environ.get("LOCAL_RANK", world.rank))
+    return torch.device("cuda", local % max(1, torch.cuda.device_count()))
+
+
+def wrap(module: torch.nn.Module, world: World) -> torch.nn.Module:
+    """The module in ``DistributedDataParallel`` when several processes train, else itself.
+
+    Parameters are broadcast from rank 0 here, so every rank starts from rank 0's weights.
+    Parameters that get no gradient are allowed (``find_unused_parameters``; e.g. theta of a
+    Poisson model). (``static_graph=True`` would save that graph traversal, but its first
+    backward pass leaves the local, unaveraged gradients in place: checked, so not used.)
+    """
+    if not world.distributed:
+        return module
+    device = next(module.parameters()).device
+    return torch.nn.parallel.DistributedDataParallel(
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True,
+    )
+
+
+def all_sum(values: list[torch.Tensor], world: World) -> list[torch.Tensor]:
+    """Sum scalar tensors over the ranks (one collective); unchanged when alone.
+
+    Examples
+    --------
+    >>> all_sum([torch.tensor(2.0)], World())
+    [tensor(2.)]
+    """
+    if not world.distributed:
+        return values
+    packed = torch.stack([v.detach().double().reshape(()) for v in values])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    return list(packed.unbind())
+
+
+def all_true(flag: bool, device: torch.device, world: World) -> bool:
+    """Whether ``flag`` holds on every rank (one collective); ``flag`` when alone.
+
+    Examples
+    --------
+    >>> all_true(True, torch.device("cpu"), World())
+    True
+    """
+    if not world.distributed:
+        return flag
+    value = torch.tensor([1 if flag else 0], device=device, dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def sync_buffers(module: torch.nn.Module, world: World) -> None:
+    """Copy rank 0's buffers (batch-norm statistics) to every rank."""
+    if world.distributed:
+        for buf in module.buffers():
+            dist.broadcast(buf.data, src=0)
+
+
+def launch(
+    n_processes: int,
+    target: Callable[[int, int, str, Any], None],
+    payload: Any,
+) -> None:
+    """Run ``target(rank, n_processes, init_method, payload)`` in ``n_processes`` new processes.
+
+    The processes are spawned (a fresh interpreter each, so ``target`` and ``payload`` must
+    pickle) and meet through a rendezvous file in a temporary directory (no network port).
+    Blocks until all finish; an error in any of them is raised here as a ``RuntimeError``
+    naming the rank and carrying its traceback.
+    """
+    import torch.multiprocessing as mp
+
+    if isinstance(n_processes, bool) or not isinstance(n_processes, int) or n_processes < 1:
+        raise ValueError(f"n_processes must be a whole number >= 1, got {n_processes!r}.")
+    with tempfile.TemporaryDirectory(prefix="scvae-ddp-") as tmp:
+        init_method = Path(tmp, "rendezvous").as_uri()
+        try:
+            mp.start_processes(
+                _run,
+                args=(n_processes, init_method, target, payload),
+                nprocs=n_processes,
+                join=True,
+                start_method="spawn",
+            )
+        except mp.ProcessRaisedException as err:
+            raise RuntimeError(
+                f"A training process failed (rank {err.error_index}):\n{err}"
+            ) from None
+        except mp.ProcessExitedException as err:
+            raise RuntimeError(
+                f"Training process {err.error_index} died (exit code {err.exit_code}), e.g. "
+                "out of memory; the others were stopped."
+            ) from None
+
+
+def _run(
+    rank: int,
+    world_size: int,
+    init_method: str,
+    target: Callable[[int, int, str, Any], None],
+    payload: Any,
+) -> None:
+    target(rank, world_size, init_method, payload)

@@ -1,0 +1,143 @@
+"""Training across two real CPU processes (gloo): torchrun and the Python API."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import scvae
+from scvae.data.loader import shard_minibatches
+
+SCRIPT = Path(__file__).with_name("_ddp_script.py")
+
+
+@pytest.mark.parametrize(("n_cells", "world_size"), [(301, 2), (301, 3), (400, 2)])
+def test_shards_are_disjoint_cover_the_cells_and_take_equal_steps(n_cells, world_size):
+    cells = torch.arange(1000, 1000 + n_cells)
+
+    def epoch(rank: int, size: int) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(4)  # every rank: the same seed
+        return list(
+            shard_minibatches(
+                cells,
+                60,
+                shuffle=True,
+                generator=gen,
+                drop_last_below=3,
+                rank=rank,
+                world_size=size,
+            )
+        )
+
+    shards = [epoch(rank, world_size) for rank in range(world_size)]
+    alone = epoch(0, 1)
+    assert {len(s) for s in shards} == {len(alone)}  # the same number of steps everywhere
+    union = np.concatenate([torch.cat(s).numpy() for s in shards])
+    assert len(union) == len(set(union.tolist()))  # disjoint
+    # together they are the cells one process trains on (301: a last cell is dropped there too)
+    np.testing.assert_array_equal(np.sort(union), np.sort(torch.cat(alone).numpy()))
+    assert len(union) == (300 if n_cells == 301 else n_cells)
+    # step k of all ranks together is step k of one process, split in near-equal parts
+    for k, batch in enumerate(alone):
+        together = torch.cat([s[k] for s in shards])
+        assert torch.equal(together, batch)
+        assert max(len(s[k]) for s in shards) - min(len(s[k]) for s in shards) <= 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def torchrun_out(tmp_path_factory):
+    """Train tests/_ddp_script.py on two gloo processes under torchrun; each rank saves."""
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        str(SCRIPT),
+        str(out),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_torchrun_two_processes_end_identical(torchrun_out):
+    w0, w1 = load_file(torchrun_out / "0.st"), load_file(torchrun_out / "1.st")
+    assert w0.keys() == w1.keys()
+    for key in w0:  # weights and batch-norm statistics, bit for bit
+        assert torch.equal(w0[key], w1[key]), key
+    h0 = pd.read_json(torchrun_out / "0.json")
+    h1 = pd.read_json(torchrun_out / "1.json")
+    # the same history on both ranks (the wall-clock seconds aside)
+    pd.testing.assert_frame_equal(h0.drop(columns="seconds"), h1.drop(columns="seconds"))
+    assert len(h0) == 4 and np.isfinite(h0["elbo_validation"]).all()
+    assert h0["elbo_train"].iloc[-1] < h0["elbo_train"].iloc[0]
+
+
+@pytest.mark.slow
+def test_python_api_trains_like_torchrun(torchrun_out):
+    # the same data, model and options as tests/_ddp_script.py, through train(n_processes=2)
+    adata = scvae.data.simulate(400, 40, seed=0)
+    model = scvae.SCVAE(adata, n_latent=4, n_hidden=32)
+    model.train(
+        max_epochs=4,
+        batch_size=64,
+        progress_bar=False,
+        early_stopping=True,
+        seed=0,
+        n_processes=2,
+    )
+    assert model.is_trained and len(model.history) == 4
+    assert model.train_config["n_processes"] == 2
+    # rank 0's result is what torchrun's ranks ended with: the processes really trained one
+    # model together (each its own copy of the weights, gradients averaged)
+    w0 = load_file(torchrun_out / "0.st")
+    for key, value in model.module.state_dict().items():
+        torch.testing.assert_close(value, w0[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert model.get_latent_representation().shape == (400, 4)
+
+
+def test_backed_shards_are_disjoint_and_take_equal_steps(tmp_path):
+    import anndata as ad
+
+    from scvae.data.backed import BackedCSR
+
+    scvae.data.simulate(1000, 20, seed=2).write_h5ad(tmp_path / "c.h5ad")
+    x = ad.read_h5ad(tmp_path / "c.h5ad", backed="r").X
+    cells = torch.as_tensor(np.sort(np.random.default_rng(0).choice(1000, 900, replace=False)))
+    shards, steps = [], []
+    for rank in range(2):
+        src = BackedCSR(x, "cpu", block_rows=64, buffer_blocks=2)
+        gen = torch.Generator().manual_seed(3)
+        parts = [
+            idx.numpy()
+            for idx, _ in src.batches(
+                cells, 64, shuffle=True, generator=gen, drop_last_below=3, rank=rank, world_size=2
+            )
+        ]
+        assert all(len(p) <= 32 for p in parts)  # half of the 64-cell step each
+        steps.append(len(parts))
+        shards.append(np.concatenate(parts))
+        # each rank read only its own buffers: every other buffer of the shared block order
+        assert len(src.reads) < 16
+    assert steps[0] == steps[1]
+    assert not set(shards[0]) & set(shards[1])
+    assert len(shards[0]) + len(shards[1]) > 0.9 * 900
