@@ -56,7 +56,11 @@ def main() -> None:
         model.module.load_state_dict(state)
         model.module.eval()
         with torch.no_grad():
-            ll = model.get_marginal_ll(test, n_mc_samples=a.n_mc_samples, n_mc_samples_per_pass=50)
+            # per cell, averaged here (return_mean=True averages minibatch means, which
+            # over-weights the last, smaller minibatch): the same mean over cells as scvae's
+            ll = model.get_marginal_ll(
+                test, n_mc_samples=a.n_mc_samples, return_mean=False, n_mc_samples_per_pass=50
+            ).mean()
         epochs.append(epoch)
         seconds.append(secs)
         mll.append(float(ll))
