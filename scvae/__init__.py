@@ -15,16 +15,22 @@ __version__ = "0.1.0"
 
 from scvae import data, pl, tl
 from scvae._settings import settings
+from scvae.checkpoint import CheckpointError
 from scvae.data import datasets
 from scvae.integration import integration_scores
+from scvae.io import ModelFileError
 from scvae.label_transfer import transfer_labels
 from scvae.ldvae import LDVAE
 from scvae.model import LATENT_KEY, SCVAE
+from scvae.train import TrainingDiverged
 
 __all__ = [
+    "CheckpointError",
     "LATENT_KEY",
     "LDVAE",
+    "ModelFileError",
     "SCVAE",
+    "TrainingDiverged",
     "__version__",
     "data",
     "datasets",
