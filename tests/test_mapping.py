@@ -143,6 +143,38 @@ def test_batch_already_in_reference_keeps_its_code(split, reference_model):
     np.testing.assert_allclose(model.get_latent_representation(known), expected, atol=1e-6)
 
 
+def test_query_of_reference_batches_only_is_mapped_as_the_reference(split, reference_model, caplog):
+    """No new batch: nothing is added, nothing trains, the query lands where the reference
+    puts it (documented: cells of a batch the reference knows keep that batch's code)."""
+    known = split[1][split[1].obs["batch"] == "batch1"].copy()
+    with caplog.at_level(logging.INFO, logger="scvae"):
+        model = scvae.SCVAE.load_query_data(known, reference_model)
+    assert "0 new batch(es)" in caplog.text
+    assert model.registry.batch_categories == ["batch0", "batch1"]
+    expected = reference_model.get_latent_representation(known)
+    model.train(max_epochs=2, seed=0)
+    np.testing.assert_allclose(model.get_latent_representation(), expected, atol=1e-6)
+
+
+def test_query_with_missing_reordered_genes_and_a_known_batch_end_to_end(split, reference_model):
+    """The three awkward cases at once, through prepare -> load -> train -> transfer_labels."""
+    _, query = split
+    genes = list(reference_model.var_names)
+    messy = query[:, genes[::-1][2:]].copy()  # reversed, two reference genes missing
+    prepared = scvae.SCVAE.prepare_query_anndata(messy, reference_model)
+    assert list(prepared.var_names) == genes and prepared[:, genes[-2:]].X.nnz == 0
+    model = scvae.SCVAE.load_query_data(prepared, reference_model)
+    assert model.registry.batch_categories == ["batch0", "batch1", "lab2"]
+    model.train(max_epochs=5, seed=0)
+    reference = split[0].copy()
+    reference.obsm["X_scvae"] = model.get_latent_representation(reference)
+    prepared.obsm["X_scvae"] = model.get_latent_representation(prepared)
+    out = transfer_labels(reference, prepared, "cell_type")
+    truth = prepared.obs["cell_type"].astype(str).to_numpy()
+    assert (out["cell_type"].astype(str).to_numpy() == truth).mean() > 0.8
+    assert out.index.equals(prepared.obs_names)
+
+
 def test_reference_and_its_files_are_unchanged(split, reference_model, tmp_path):
     path = tmp_path / "reference"
     reference_model.save(path)
