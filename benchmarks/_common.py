@@ -45,6 +45,12 @@ def worker_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--n-mc-samples", type=int, default=1000)
     p.add_argument("--gene-likelihood", default="zinb")
+    p.add_argument("--latent-distribution", default="normal", choices=["normal", "ln"])
+    p.add_argument(
+        "--latent-library",
+        action="store_true",
+        help="learn the library size (use_observed_lib_size=False) instead of observing it",
+    )
     return p.parse_args()
 
 

@@ -14,7 +14,12 @@ def main() -> None:
     adata, train, test = read_split(a.h5ad)
     baseline = rss_mib()
     scvae.settings.seed = a.seed
-    model = scvae.SCVAE(train, gene_likelihood=a.gene_likelihood)
+    model = scvae.SCVAE(
+        train,
+        gene_likelihood=a.gene_likelihood,
+        latent_distribution=a.latent_distribution,
+        use_observed_lib_size=not a.latent_library,
+    )
     start = time.perf_counter()
     model.train(
         max_epochs=a.epochs,

@@ -30,7 +30,12 @@ def main() -> None:
     scvi.settings.seed = a.seed
     scvi.settings.progress_bar_style = "tqdm"
     scvi.model.SCVI.setup_anndata(train)
-    model = scvi.model.SCVI(train, gene_likelihood=a.gene_likelihood)
+    model = scvi.model.SCVI(
+        train,
+        gene_likelihood=a.gene_likelihood,
+        latent_distribution=a.latent_distribution,
+        use_observed_lib_size=not a.latent_library,
+    )
     timer = EpochTimer()
     start = time.perf_counter()
     model.train(
