@@ -105,6 +105,45 @@ def _load_model(model_dir: Path, adata: ad.AnnData, device: str) -> SCVAE:
     return cls.load(model_dir, adata, device=device)
 
 
+def _check_plot_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise CLIError(f"cannot write plots to {path}: {err.strerror or err}") from None
+
+
+def _write_plots(adata, model, out: Path, colors: dict[str, str]) -> dict[str, Path]:
+    """UMAP PNGs (one per obs key in ``colors``, titled by its value) and the history PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    written = {}
+    for key, title in colors.items():
+        fig = sc.pl.umap(
+            adata, color=key, title=f"scvae latent: {title}", show=False, return_fig=True
+        )
+        fig.set_size_inches(8, 5.5)
+        path = out / f"umap_{key}.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written[f"UMAP by {title}"] = path
+    fig, ax = plt.subplots(figsize=(6, 4))
+    columns = [c for c in ("elbo_train", "elbo_validation") if c in model.history]
+    model.history[columns].plot(ax=ax)
+    ax.set(xlabel="epoch", ylabel="negative ELBO per cell", title="training history")
+    path = out / "history.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    written["training history"] = path
+    return written
+
+
 # -------------------------------------------------------------- commands
 def _fit(args: argparse.Namespace) -> None:
     import scanpy as sc
@@ -116,6 +155,9 @@ def _fit(args: argparse.Namespace) -> None:
     model_dir = None if args.model_dir is None else Path(args.model_dir)
     if model_dir is not None:
         _check_model_dir(model_dir, args.overwrite)
+    plot_dir = None if args.plots is None else Path(args.plots)
+    if plot_dir is not None:
+        _check_plot_dir(plot_dir)
     adata = _read(args.input)
     start = time.perf_counter()
     model = scvae.tl.fit(
@@ -147,6 +189,12 @@ def _fit(args: argparse.Namespace) -> None:
         print(f"wrote the model: {model_dir}")
     _write_atomically(out, adata.write_h5ad)
     print(f"wrote {out}: latent in obsm['{scvae.LATENT_KEY}'], obsm['X_umap'], obs['leiden']")
+    if plot_dir is not None:
+        colors = {"leiden": "Leiden clusters"}
+        if args.labels_key:
+            colors[args.labels_key] = args.labels_key
+        for what, where in _write_plots(adata, model, plot_dir, colors).items():
+            print(f"wrote {what}: {where}")
 
 
 def _de(args: argparse.Namespace) -> None:
@@ -180,7 +228,6 @@ def _demo(args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import scanpy as sc
 
     import scvae
@@ -223,23 +270,8 @@ def _demo(args: argparse.Namespace) -> None:
         f"kNN label accuracy {knn:.3f}"
     )
 
-    written = {}
-    for key, title in (("leiden", "Leiden clusters"), ("cell_type", "known cell types")):
-        fig = sc.pl.umap(
-            adata, color=key, title=f"scvae latent: {title}", show=False, return_fig=True
-        )
-        fig.set_size_inches(8, 5.5)
-        path = out / f"umap_{key}.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        written[f"UMAP by {title}"] = path
-    fig, ax = plt.subplots(figsize=(6, 4))
-    model.history[["elbo_train", "elbo_validation"]].plot(ax=ax)
-    ax.set(xlabel="epoch", ylabel="negative ELBO per cell", title="training history")
-    path = out / "history.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    written["training history"] = path
+    colors = {"leiden": "Leiden clusters", "cell_type": "known cell types"}
+    written = _write_plots(adata, model, out, colors)
     h5ad = out / "pbmc68k_scvae.h5ad"
     adata.write_h5ad(h5ad)
     written["AnnData (latent in obsm['X_scvae'], UMAP, Leiden)"] = h5ad
@@ -254,6 +286,7 @@ _FIT_EXAMPLES = """examples:
   scvae fit pbmc.h5ad -o pbmc_scvae.h5ad
   scvae fit filtered_feature_bc_matrix.h5 -o out.h5ad --batch-key sample --model-dir model/
   scvae fit counts.h5ad -o out.h5ad --layer counts --max-epochs 100 --n-latent 20
+  scvae fit pbmc.h5ad -o pbmc_scvae.h5ad --labels-key cell_type --plots plots/
 """
 _DE_EXAMPLES = """examples:
   scvae fit pbmc.h5ad -o pbmc_scvae.h5ad --model-dir pbmc_model/
@@ -312,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-latent", type=int, default=10, metavar="N", help="latent dimensions (default: 10)"
     )
     fit.add_argument("--model-dir", metavar="DIR", help="also save the trained model here")
+    fit.add_argument(
+        "--plots",
+        metavar="DIR",
+        help="also write PNGs here: UMAP by Leiden (and by --labels-key), training history",
+    )
     fit.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(fit)
     fit.set_defaults(func=_fit)

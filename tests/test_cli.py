@@ -280,6 +280,10 @@ FIT_ERRORS = {
         ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--device", "tpu9"],
         r"device='tpu9' is not a torch device",
     ),
+    "unwritable plots dir": (
+        ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--plots", "{d}/a_file/plots"],
+        r"cannot write plots to .*a_file/plots",
+    ),
 }
 
 
@@ -415,9 +419,14 @@ def test_a_real_process_reports_one_line_and_exit_2(tmp_path):
 @pytest.mark.slow
 def test_fit_on_pbmc3k_gives_a_latent_scanpy_opens(tmp_path, capsys):
     data = shared_file("pbmc3k_seurat.h5ad")
-    out = tmp_path / "pbmc3k.h5ad"
-    code, stdout, err = run(["fit", data, "-o", out, "--max-epochs", "10"], capsys)
+    out, plots = tmp_path / "pbmc3k.h5ad", tmp_path / "plots"
+    argv = ["fit", data, "-o", out, "--max-epochs", "10", "--labels-key", "cell_type"]
+    code, stdout, err = run(argv + ["--plots", plots], capsys)
     assert code == 0, err
+    for name in ("umap_leiden.png", "umap_cell_type.png", "history.png"):
+        image = mpimg.imread(plots / name)
+        assert image.shape[0] > 300 and image.shape[1] > 300
+        assert image.std() > 0.05  # not a blank canvas
     result = sc.read_h5ad(out)
     assert result.obsm["X_scvae"].shape == (2638, 10) and result.obsm["X_umap"].shape[1] == 2
     assert result.obs["leiden"].nunique() >= 5
