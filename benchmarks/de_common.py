@@ -17,7 +17,7 @@ from typing import Any
 
 import anndata as ad
 import numpy as np
-from _common import peak_rss_mib
+from _common import peak_rss_mib, rss_mib
 
 
 def _status_mib(field: str) -> float:
@@ -25,11 +25,6 @@ def _status_mib(field: str) -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024  # kB
     raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def rss_now_mib() -> float:
-    """Resident memory of this process now, MiB."""
-    return _status_mib("VmRSS")
 
 
 class PeakMemory:
@@ -144,3 +139,30 @@ def write(path: str, result: dict) -> None:
     """Write one worker's result (adds the process's peak RSS)."""
     result.setdefault("peak_rss_mib", peak_rss_mib())
     Path(path).write_text(json.dumps(result))
+
+
+def run_and_write(a: argparse.Namespace, full: ad.AnnData, head: dict, de: Callable) -> None:
+    """Both workers' job after training, written to ``a.out``.
+
+    ``de(adata, **options)`` is the tool's ``model.differential_expression`` with its own
+    extra options bound (scvae's seed, scvi-tools' silent). With ``--groupby``: one-vs-rest
+    timed with its peak memory; otherwise one call per ``cmp_*`` column, per-gene arrays.
+    """
+    if a.groupby:
+        run = lambda: de(full, groupby=a.groupby, mode=a.mode, n_samples_overall=a.n_samples)  # noqa: E731
+        write(a.out, time_one_vs_rest(run, full, head, rss_mib()))
+        return
+    results = {}
+    for col, cells_a, cells_b in comparisons(full):
+        start = time.perf_counter()
+        res = de(
+            full,
+            idx1=cells_a,
+            idx2=cells_b,
+            mode=a.mode,
+            delta=a.delta,
+            fdr_target=0.05,
+            n_samples_overall=a.n_samples,
+        )
+        results[col] = per_gene(res, full.var_names, a.mode, time.perf_counter() - start)
+    write(a.out, {**head, "rss_after_training_mib": rss_mib(), "comparisons": results})

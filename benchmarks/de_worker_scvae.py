@@ -15,7 +15,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import de_common  # noqa: E402
-from _common import rss_mib  # noqa: E402
 
 import scvae  # noqa: E402
 
@@ -38,34 +37,8 @@ def main() -> None:
     head = {"tool": "scvae", "version": scvae.__version__, "seed": a.seed}
     head["train_seconds"] = time.perf_counter() - start
     head["train_cells"] = adata.n_obs
-    if a.groupby:
-        result = de_common.time_one_vs_rest(
-            lambda: model.differential_expression(
-                full, groupby=a.groupby, mode=a.mode, n_samples_overall=a.n_samples, seed=a.seed
-            ),
-            full,
-            head,
-            rss_mib(),
-        )
-        de_common.write(a.out, result)
-        return
-    comparisons = {}
-    for col, cells_a, cells_b in de_common.comparisons(full):
-        start = time.perf_counter()
-        res = model.differential_expression(
-            full,
-            idx1=cells_a,
-            idx2=cells_b,
-            mode=a.mode,
-            delta=a.delta,
-            fdr_target=0.05,
-            n_samples_overall=a.n_samples,
-            seed=a.seed,
-        )
-        seconds = time.perf_counter() - start
-        comparisons[col] = de_common.per_gene(res, full.var_names, a.mode, seconds)
-    de_common.write(
-        a.out, {**head, "rss_after_training_mib": rss_mib(), "comparisons": comparisons}
+    de_common.run_and_write(
+        a, full, head, lambda adata, **kw: model.differential_expression(adata, seed=a.seed, **kw)
     )
 
 

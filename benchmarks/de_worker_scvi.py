@@ -13,7 +13,6 @@ import time
 
 import de_common
 import scvi
-from _common import rss_mib
 
 
 def main() -> None:
@@ -37,34 +36,8 @@ def main() -> None:
     head["train_cells"] = adata.n_obs
     if full is not adata:
         model._validate_anndata(full)  # registers the cells outside the timed call
-    if a.groupby:
-        result = de_common.time_one_vs_rest(
-            lambda: model.differential_expression(
-                full, groupby=a.groupby, mode=a.mode, n_samples_overall=a.n_samples, silent=True
-            ),
-            full,
-            head,
-            rss_mib(),
-        )
-        de_common.write(a.out, result)
-        return
-    comparisons = {}
-    for col, cells_a, cells_b in de_common.comparisons(full):
-        start = time.perf_counter()
-        res = model.differential_expression(
-            full,
-            idx1=cells_a,
-            idx2=cells_b,
-            mode=a.mode,
-            delta=a.delta,
-            fdr_target=0.05,
-            n_samples_overall=a.n_samples,
-            silent=True,
-        )
-        seconds = time.perf_counter() - start
-        comparisons[col] = de_common.per_gene(res, full.var_names, a.mode, seconds)
-    de_common.write(
-        a.out, {**head, "rss_after_training_mib": rss_mib(), "comparisons": comparisons}
+    de_common.run_and_write(
+        a, full, head, lambda adata, **kw: model.differential_expression(adata, silent=True, **kw)
     )
 
 
