@@ -59,3 +59,37 @@ def read_split(path: str) -> tuple[ad.AnnData, ad.AnnData, ad.AnnData]:
     adata = ad.read_h5ad(path)
     held = adata.obs["split"].to_numpy() == "held_out"
     return adata, adata[~held].copy(), adata[held].copy()
+
+
+def integration_worker_args() -> argparse.Namespace:
+    """The command line both integration workers take."""
+    p = argparse.ArgumentParser()
+    p.add_argument("h5ad")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--batch-key", default="batch")
+    p.add_argument("--batch-size", type=int, default=128)
+    return p.parse_args()
+
+
+# The scArches-style architecture both mapping workers train (the same options in both tools).
+ARCHES = {
+    "encode_covariates": True,
+    "use_layer_norm": "both",
+    "use_batch_norm": "none",
+    "n_layers": 2,
+    "dropout_rate": 0.2,
+}
+
+
+def mapping_worker_args() -> argparse.Namespace:
+    """The command line both mapping workers take."""
+    p = argparse.ArgumentParser()
+    p.add_argument("reference")
+    p.add_argument("query")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--query-epochs", type=int, required=True)
+    return p.parse_args()

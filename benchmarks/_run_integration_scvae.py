@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import anndata as ad
-from _common import write_result
+from _common import integration_worker_args, write_result
 
 import scvae
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("h5ad")
-    p.add_argument("out")
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--batch-key", default="batch")
-    p.add_argument("--batch-size", type=int, default=128)
-    a = p.parse_args()
+    a = integration_worker_args()
 
     adata = ad.read_h5ad(a.h5ad)
     scvae.settings.seed = a.seed

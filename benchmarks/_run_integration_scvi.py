@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import anndata as ad
 import scvi
-from _common import write_result
+from _common import integration_worker_args, write_result
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("h5ad")
-    p.add_argument("out")
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--batch-key", default="batch")
-    p.add_argument("--batch-size", type=int, default=128)
-    a = p.parse_args()
+    a = integration_worker_args()
 
     adata = ad.read_h5ad(a.h5ad)
     scvi.settings.seed = a.seed

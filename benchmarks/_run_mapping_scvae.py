@@ -9,7 +9,6 @@ model trained on reference + query).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import tempfile
@@ -18,16 +17,9 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+from _common import ARCHES, mapping_worker_args
 
 import scvae
-
-ARCHES = {
-    "encode_covariates": True,
-    "use_layer_norm": "both",
-    "use_batch_norm": "none",
-    "n_layers": 2,
-    "dropout_rate": 0.2,
-}
 
 
 def sha(path: Path) -> dict[str, str]:
@@ -35,14 +27,7 @@ def sha(path: Path) -> dict[str, str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("reference")
-    p.add_argument("query")
-    p.add_argument("out")
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--query-epochs", type=int, required=True)
-    a = p.parse_args()
+    a = mapping_worker_args()
 
     ref = ad.read_h5ad(a.reference)
     query = ad.read_h5ad(a.query)

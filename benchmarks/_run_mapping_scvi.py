@@ -7,7 +7,6 @@ weight decay 0, as scvi-tools' scArches tutorial does.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -16,25 +15,11 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import scvi
-
-ARCHES = {
-    "encode_covariates": True,
-    "use_layer_norm": "both",
-    "use_batch_norm": "none",
-    "n_layers": 2,
-    "dropout_rate": 0.2,
-}
+from _common import ARCHES, mapping_worker_args
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("reference")
-    p.add_argument("query")
-    p.add_argument("out")
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--query-epochs", type=int, required=True)
-    a = p.parse_args()
+    a = mapping_worker_args()
 
     ref = ad.read_h5ad(a.reference)
     query = ad.read_h5ad(a.query)
