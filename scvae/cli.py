@@ -105,14 +105,15 @@ def _load_model(model_dir: Path, adata: ad.AnnData, device: str) -> SCVAE:
     return cls.load(model_dir, adata, device=device)
 
 
-def _check_plot_dir(path: Path) -> None:
+def _ensure_writable_dir(path: Path, what: str) -> None:
+    """Create ``path`` if needed and check a file can be written there ("cannot write {what}")."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".scvae-write-test-")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as err:
-        raise CLIError(f"cannot write plots to {path}: {err.strerror or err}") from None
+        raise CLIError(f"cannot write {what}: {err.strerror or err}") from None
 
 
 def _write_plots(adata, model, out: Path, colors: dict[str, str]) -> dict[str, Path]:
@@ -157,7 +158,7 @@ def _fit(args: argparse.Namespace) -> None:
         _check_model_dir(model_dir, args.overwrite)
     plot_dir = None if args.plots is None else Path(args.plots)
     if plot_dir is not None:
-        _check_plot_dir(plot_dir)
+        _ensure_writable_dir(plot_dir, f"plots to {plot_dir}")
     adata = _read(args.input)
     start = time.perf_counter()
     model = scvae.tl.fit(
@@ -234,13 +235,7 @@ def _demo(args: argparse.Namespace) -> None:
     from scvae.metrics import knn_accuracy, leiden_nmi_ari
 
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise CLIError(f"cannot write to --out {out}: {err.strerror or err}") from None
+    _ensure_writable_dir(out, f"to --out {out}")
 
     scvae.settings.seed = args.seed
     adata = scvae.datasets.pbmc68k()
