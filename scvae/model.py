@@ -561,9 +561,8 @@ class SCVAE:
     def _training_counts(self, adata: ad.AnnData) -> Any:
         """The registered counts, checked block by block: the AnnData's own matrix (no copy of
         a CSR float32 matrix) or, for a backed AnnData, its on-disk dataset."""
-        check = 8192
-        for start in range(0, adata.n_obs, check):
-            self.registry.check(adata[start : start + check])
+        for _ in self.registry.check_blocks(adata):
+            pass
         layer = self.registry.layer
         return adata.X if layer is None else adata.layers[layer]
 
@@ -1437,10 +1436,7 @@ class SCVAE:
                 batch_size=batch_size,
             )
 
-        step = 8192
-        count_blocks = (
-            self.registry.check(adata[s : s + step]) for s in range(0, adata.n_obs, step)
-        )
+        count_blocks = self.registry.check_blocks(adata)
 
         seed = settings.seed if seed is None else seed
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []

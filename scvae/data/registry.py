@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -122,6 +123,14 @@ class Registry:
         self.continuous_values(adata)
         self.size_factors(adata)
         return get_counts(adata, self.layer, allow_non_integer=self.allow_non_integer)
+
+    def check_blocks(self, adata: ad.AnnData, block: int = 8192) -> Iterator[sp.csr_matrix]:
+        """:meth:`check` ``block`` cells at a time, yielding each block's validated counts.
+
+        Memory holds one block's counts at a time; a backed AnnData is read block by block.
+        """
+        for start in range(0, adata.n_obs, block):
+            yield self.check(adata[start : start + block])
 
     def batch_codes(self, adata: ad.AnnData) -> np.ndarray:
         """Batch code of each cell (int64); unknown categories are an error."""
