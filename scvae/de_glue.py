@@ -1,0 +1,143 @@
+"""``differential_expression`` of a model: the AnnData glue of :mod:`scvae.de`.
+
+Cell sets from ``obs``, the registered counts checked in blocks and the expression query of
+the model; :mod:`scvae.de` does the rest on numpy arrays. Bound in :class:`scvae.SCVAE`'s
+class body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from scvae import de
+from scvae._settings import settings
+
+if TYPE_CHECKING:
+    from scvae.model import SCVAE
+
+
+def differential_expression(
+    model: SCVAE,
+    adata: ad.AnnData | None = None,
+    *,
+    groupby: str | None = None,
+    group1: str | Sequence[str] | None = None,
+    group2: str | None = None,
+    idx1: Sequence[int] | Sequence[bool] | np.ndarray | str | None = None,
+    idx2: Sequence[int] | Sequence[bool] | np.ndarray | str | None = None,
+    mode: str = "vanilla",
+    delta: float = 0.25,
+    fdr_target: float | Sequence[float] = 0.05,
+    batch_correction: bool = False,
+    n_samples_overall: int = 5000,
+    pseudocounts: float | None = None,
+    test_mode: str = "three",
+    batch_size: int | None = None,
+    seed: int | None = None,
+) -> pd.DataFrame:
+    """scVI's Bayesian differential expression, as in scvi-tools, in bounded memory.
+
+    Cells are sampled first (``n_samples_overall`` per group, with replacement), then one
+    posterior sample of rho is drawn for each sampled cell only, so memory is
+    O(n_samples_overall x genes) whatever the number of cells. See :mod:`scvae.de`.
+
+    Parameters
+    ----------
+    adata
+        Cells (default: the registered AnnData).
+    groupby, group1, group2
+        Column of ``obs``; each of ``group1`` (None: every group, one-vs-rest) is compared
+        with ``group2`` (None: all other cells, "Rest").
+    idx1, idx2
+        Instead of groups: two cell sets (boolean masks, integer positions or an
+        ``obs.eval`` query string); without ``idx2``, ``idx1`` against all other cells.
+    mode
+        "vanilla" (P(rho1 > rho2)) or "change" (P(|LFC| >= delta)).
+    delta, test_mode, pseudocounts
+        Change mode: the LFC (log2) threshold; "three" (up or down, the larger) or "two"
+        (either); the pseudocount (None: estimated from lowly expressed genes).
+    fdr_target
+        Change mode: a column ``is_de_fdr_<t>`` per target (posterior expected FDR).
+    batch_correction
+        Decode every sampled cell under each registered batch (``n_samples_overall``
+        split over them, pairs matched by batch) instead of under its own batch.
+    n_samples_overall
+        Cells sampled per group.
+    batch_size, seed
+        Cells per chunk of the expression query; seed of the sampling (None:
+        ``scvae.settings.seed``).
+
+    Returns
+    -------
+    DataFrame indexed by gene, one block of rows per comparison. Vanilla: ``proba_m1``
+    (P(rho1 > rho2)), ``proba_m2``, ``bayes_factor`` (log odds, saturating near +-18.4).
+    Change: ``proba_de``, ``proba_not_de``, ``bayes_factor``, ``pseudocounts``,
+    ``delta``, ``lfc_mean/median/std/min/max`` (log2, group1 over group2),
+    ``is_de_fdr_<t>``. Both: ``scale1``/``scale2`` (mean sampled rho), ``raw_mean1/2``,
+    ``non_zeros_proportion1/2``, ``raw_normalized_mean1/2`` (counts per 10,000),
+    ``comparison`` ("A vs B", "A vs Rest"), ``group1``, ``group2``. Sorted within each
+    comparison: vanilla by ``bayes_factor``, ties by ``log2(scale1 / scale2)``; change by
+    ``proba_de``, ties by ``|lfc_mean|``; all decreasing. No p-values: the test has none.
+    Both sorts rank how often a cell of group 1 exceeds one of group 2, so a marker shared
+    with a type in "Rest" ranks low; for marker lists, keep the genes of ``is_de_fdr_<t>``
+    with ``lfc_mean > 0`` and sort them by ``lfc_mean - lfc_std`` (benchmarks/README.md).
+
+    Examples
+    --------
+    >>> import scvae
+    >>> model = scvae.SCVAE(scvae.data.simulate(120, 20, seed=0))
+    >>> de = model.differential_expression(groupby="cell_type", n_samples_overall=50)
+    >>> de["comparison"].unique().tolist()
+    ['type0 vs Rest', 'type1 vs Rest', 'type2 vs Rest']
+    """
+    adata = model.registry_adata() if adata is None else adata
+    model.registry.check(adata[:1])  # genes and obs keys; the counts are checked in blocks
+    masks = [adata.obs.eval(i).to_numpy() if isinstance(i, str) else i for i in (idx1, idx2)]
+    if groupby is not None and groupby not in adata.obs:
+        raise ValueError(f"groupby {groupby!r} is not a column of adata.obs.")
+    comparisons = de.define_comparisons(
+        adata.n_obs,
+        labels=None if groupby is None else adata.obs[groupby],
+        groupby=groupby or "groupby",
+        group1=group1,
+        group2=group2,
+        idx1=masks[0],
+        idx2=masks[1],
+    )
+    targets = fdr_target if isinstance(fdr_target, int | float) else tuple(fdr_target)
+    options = de.DEOptions(mode, delta, targets, n_samples_overall, pseudocounts, test_mode)
+    batches = model.registry.batch_categories
+    codes = list(range(len(batches))) if batch_correction else [None]
+
+    def expression(cells: np.ndarray, code: int | None) -> np.ndarray:
+        # a view of the sampled cells only: validation and chunks never touch the rest
+        unique, position = np.unique(cells, return_inverse=True)
+        return model.get_normalized_expression(
+            adata[unique],
+            position,
+            transform_batch=None if code is None else batches[code],
+            return_numpy=True,
+            batch_size=batch_size,
+        )
+
+    count_blocks = model.registry.check_blocks(adata)
+
+    seed = settings.seed if seed is None else seed
+    cuda = [model.device.index or 0] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        return de.run(
+            comparisons,
+            count_blocks,
+            expression,
+            batch_codes=codes,
+            gene_names=list(model.var_names),
+            options=options,
+            rng=np.random.default_rng(seed),
+        )

@@ -1,0 +1,168 @@
+"""Reference mapping: the AnnData glue of :mod:`scvae.data.query` and :mod:`scvae.surgery`.
+
+``prepare_query_anndata`` and ``load_query_data`` are bound as classmethods in
+:class:`scvae.SCVAE`'s class body, so ``scvae.LDVAE.load_query_data`` makes an ``LDVAE``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import anndata as ad
+import torch
+
+from scvae import surgery
+from scvae._settings import logger
+from scvae.data.query import library_prior, pad_query_genes, query_registry
+from scvae.data.registry import RegistryError
+from scvae.device import resolve_device
+
+if TYPE_CHECKING:
+    from scvae.model import SCVAE
+
+
+def prepare_query_anndata(
+    cls: type[SCVAE], adata: ad.AnnData, reference_model: SCVAE | str | os.PathLike
+) -> ad.AnnData:
+    """A copy of a query AnnData with the reference's genes, in the reference's order.
+
+    Genes the query lacks are added as zeros (in ``X`` and in every layer) and genes the
+    reference lacks are dropped; how many of each is logged (``scvae`` logger, INFO; a
+    warning when under 80 % of the reference's genes are present). Unlike scvi-tools,
+    whose version changes ``adata`` in place by default, this returns a new AnnData and
+    leaves ``adata`` as it was.
+
+    Parameters
+    ----------
+    adata
+        The query's raw counts.
+    reference_model
+        The reference, as a model or a directory saved by :meth:`save`.
+
+    Examples
+    --------
+    >>> import scvae
+    >>> data = scvae.data.simulate(60, 20, n_batches=2, seed=0)
+    >>> ref = scvae.SCVAE(data, batch_key="batch", encode_covariates=True)
+    >>> query = data[:10, ::-1][:, 2:].copy()  # genes reversed, two of them missing
+    >>> scvae.SCVAE.prepare_query_anndata(query, ref).var_names.equals(ref.var_names)
+    True
+    """
+    reference = _reference(cls, reference_model)
+    return pad_query_genes(adata, reference.registry.var_names)
+
+
+def load_query_data(
+    cls: type[SCVAE],
+    adata: ad.AnnData,
+    reference_model: SCVAE | str | os.PathLike,
+    *,
+    device: str | torch.device = "auto",
+    unfrozen: bool = False,
+    freeze_dropout: bool = False,
+    freeze_expression: bool = True,
+    freeze_decoder_first_layer: bool = True,
+    freeze_batchnorm_encoder: bool = True,
+    freeze_batchnorm_decoder: bool = False,
+) -> SCVAE:
+    """A new model that maps a query onto a trained reference (scArches architecture surgery).
+
+    The query's batches that the reference does not know are added as new batch
+    categories (codes after the reference's; the library prior of each from the query's
+    cells); cells of a batch the reference knows keep that batch's code. Then everything
+    the reference learnt is frozen except what the new batches need (see
+    :mod:`scvae.surgery`; the defaults are scvi-tools'), and ``train`` fits the new
+    columns on the query's cells alone. The reference model and its files are not
+    changed.
+
+    Mapping needs a reference trained with ``encode_covariates=True`` (otherwise its
+    encoder never sees the batch and the query's latent cannot move: refused), and works
+    best with ``use_layer_norm="both", use_batch_norm="none"``, whose normalisation has no
+    running statistics fitted to the reference's batches.
+
+    Parameters
+    ----------
+    adata
+        The query's raw counts with the reference's genes in its order (see
+        :meth:`prepare_query_anndata`) and the reference's ``batch_key`` column.
+    reference_model
+        The reference, as a model or a directory saved by :meth:`save`.
+    device
+        Where the new model lives.
+    unfrozen, freeze_dropout, freeze_expression, freeze_decoder_first_layer,
+    freeze_batchnorm_encoder, freeze_batchnorm_decoder
+        What trains (:class:`scvae.surgery.FreezeConfig`).
+
+    Returns
+    -------
+    A new, untrained model (``is_trained=False``) on ``adata``; train it, e.g.
+    ``model.train(max_epochs=200, weight_decay=0.0)``. ``model.frozen`` holds the masks
+    of the parameters that train in part.
+
+    Examples
+    --------
+    >>> import scvae
+    >>> ref_data = scvae.data.simulate(100, 30, n_batches=2, seed=0)
+    >>> ref = scvae.SCVAE(ref_data, batch_key="batch", encode_covariates=True)
+    >>> query = scvae.data.simulate(40, 30, seed=1)
+    >>> query.obs["batch"] = "lab2"
+    >>> model = scvae.SCVAE.load_query_data(query, ref)
+    >>> model.registry.batch_categories
+    ['batch0', 'batch1', 'lab2']
+    >>> model.train(max_epochs=1, weight_decay=0.0, progress_bar=False)
+    """
+    reference = _reference(cls, reference_model)
+    if type(reference) is not cls:
+        name = type(reference).__name__
+        raise TypeError(f"The reference is a {name}; use scvae.{name}.load_query_data.")
+    surgery.check_mappable(reference.module)
+    if list(map(str, adata.var_names)) != reference.registry.var_names:
+        raise RegistryError(
+            "The query's genes are not the reference's, in the reference's order; run "
+            "query = scvae.SCVAE.prepare_query_anndata(query, reference_model) first."
+        )
+    keep_labels = reference.module.config.dispersion == "gene-label"
+    registry, new = query_registry(reference.registry, adata, keep_labels=keep_labels)
+    counts = registry.check(adata)
+    n_ref = reference.registry.n_batch
+    means, variances = library_prior(
+        counts, registry.batch_codes(adata), range(n_ref, registry.n_batch)
+    )
+    module = surgery.add_batches(
+        reference.module,
+        len(new),
+        library_log_means=torch.from_numpy(means),
+        library_log_vars=torch.from_numpy(variances),
+    )
+    freeze = surgery.FreezeConfig(
+        unfrozen=unfrozen,
+        freeze_dropout=freeze_dropout,
+        freeze_expression=freeze_expression,
+        freeze_decoder_first_layer=freeze_decoder_first_layer,
+        freeze_batchnorm_encoder=freeze_batchnorm_encoder,
+        freeze_batchnorm_decoder=freeze_batchnorm_decoder,
+    )
+    model = cls.__new__(cls)
+    model._decoder_bias = module.config.decoder_bias
+    model._setup(adata, registry, module.to(resolve_device(device)))
+    model.frozen = surgery.freeze_reference(model.module, n_ref, freeze)
+    logger.info(
+        "Query of %d cells: %d new batch(es) %s added to the reference's %d; %d cells of "
+        "reference batches keep their codes.",
+        adata.n_obs,
+        len(new),
+        new,
+        n_ref,
+        int((registry.batch_codes(adata) < n_ref).sum()),
+    )
+    return model
+
+
+def _reference(cls: type[SCVAE], reference_model: SCVAE | str | os.PathLike) -> SCVAE:
+    """The reference model itself, or the one saved in the directory ``reference_model``."""
+    from scvae.model import SCVAE  # at call time: scvae.model binds this module's functions
+
+    if isinstance(reference_model, SCVAE):
+        return reference_model
+    return cls.load(reference_model, device="cpu")

@@ -1,0 +1,172 @@
+"""Saving and loading a model: its directory's JSON description, ``save`` and ``load``.
+
+The format and the atomic write are :mod:`scvae.io`'s; this file turns a model into the
+description and weights that :mod:`scvae.io` writes, and back. ``save`` and ``load`` are
+bound in :class:`scvae.SCVAE`'s class body (``load`` as a classmethod).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from scvae._settings import logger
+from scvae.data.registry import Registry
+from scvae.device import resolve_device
+from scvae.io import DESCRIPTION_FILE, ModelFileError, load_model, save_model
+from scvae.module import VAE, ModuleConfig
+
+if TYPE_CHECKING:
+    from scvae.model import SCVAE
+
+
+def _description(
+    model: SCVAE,
+    history: pd.DataFrame,
+    is_trained: bool,
+    train_config: dict[str, Any],
+    train_indices: np.ndarray,
+    validation_indices: np.ndarray,
+) -> dict[str, Any]:
+    """The JSON description of a model directory (see :mod:`scvae.io`)."""
+    return {
+        "model_class": type(model).__name__,
+        "registry": model.registry.to_dict(),
+        "module_config": model.module.config.to_dict(),
+        "is_trained": is_trained,
+        "train_config": train_config,
+        "history": history.reset_index().to_dict(orient="list"),
+        "train_indices": np.asarray(train_indices).tolist(),
+        "validation_indices": np.asarray(validation_indices).tolist(),
+    }
+
+
+def save(model: SCVAE, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Save the weights (safetensors) and a JSON description into ``dir_path``, atomically.
+
+    See :mod:`scvae.io` for the format. An existing directory is replaced only with
+    ``overwrite=True``, in one step: a save that fails or is killed at any moment leaves
+    the previous model intact and never a half-written directory. A path that cannot be
+    written (under a file, without permission, disk full) raises the matching ``OSError``
+    naming the path.
+
+    Examples
+    --------
+    >>> import scvae, tempfile, os
+    >>> model = scvae.SCVAE(scvae.data.simulate(50, 20, seed=0))
+    >>> path = os.path.join(tempfile.mkdtemp(), "model")
+    >>> model.save(path)
+    >>> sorted(os.listdir(path))
+    ['model.json', 'model.safetensors']
+    """
+    description = model._description(
+        model.history,
+        model.is_trained,
+        model.train_config,
+        model.train_indices,
+        model.validation_indices,
+    )
+    save_model(dir_path, model.module.state_dict(), description, overwrite=overwrite)
+
+
+def load(
+    cls: type[SCVAE],
+    dir_path: str | os.PathLike,
+    adata: ad.AnnData | None = None,
+    *,
+    device: str = "auto",
+) -> SCVAE:
+    """Load a model saved by :meth:`save`; reads JSON and safetensors only.
+
+    Only ``model.json`` and ``model.safetensors`` are opened (the weights checked against
+    the checksum in ``model.json``); other files in the directory, such as a pickle planted
+    there, are ignored and never run. A missing, truncated, corrupted, foreign or
+    newer-format directory raises :class:`~scvae.io.ModelFileError` naming the problem.
+    A training checkpoint's ``latest/`` or ``best/`` directory loads the same way.
+
+    Parameters
+    ----------
+    dir_path
+        The model directory.
+    adata
+        An AnnData to attach; checked against the saved registry (same genes in the same
+        order, known categories).
+    device
+        Where to put the weights.
+
+    Examples
+    --------
+    >>> import scvae, tempfile, os
+    >>> adata = scvae.data.simulate(50, 20, seed=0)
+    >>> path = os.path.join(tempfile.mkdtemp(), "model")
+    >>> scvae.SCVAE(adata).save(path)
+    >>> scvae.SCVAE.load(path, adata).is_trained
+    False
+    """
+    weights, description = load_model(dir_path)
+    saved_class = description.get("model_class", "SCVAE")
+    if saved_class != cls.__name__:
+        raise ModelFileError(
+            f"{dir_path} holds a {saved_class} model; load it with scvae.{saved_class}.load."
+        )
+    malformed = f"{dir_path}: {DESCRIPTION_FILE} is malformed"
+    try:
+        registry = Registry.from_dict(description["registry"])
+        config = ModuleConfig(**description["module_config"])
+        history = pd.DataFrame(description.get("history", {}))
+        history = history.set_index("epoch") if "epoch" in history else history
+        train_indices = np.asarray(description.get("train_indices", []), dtype=np.int64)
+        val_indices = np.asarray(description.get("validation_indices", []), dtype=np.int64)
+        train_config = dict(description.get("train_config", {}))
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
+        raise ModelFileError(
+            f"{malformed} ({type(err).__name__}: {err}). Restore it from the original save."
+        ) from None
+    try:
+        consistent = (
+            isinstance(registry.var_names, list)
+            and all(isinstance(g, str) for g in registry.var_names)
+            and (registry.n_vars, registry.n_batch, registry.n_labels)
+            == (config.n_input, config.n_batch, config.n_labels)
+            and tuple(registry.n_cats_per_cov) == config.n_cats_per_cov
+        )
+    except (KeyError, TypeError, AttributeError):
+        consistent = False
+    if not consistent:
+        raise ModelFileError(
+            f"{malformed}: its registry (genes, batches, labels) does not match its module "
+            "configuration. Restore it from the original save."
+        )
+    # Shapes are compared on the meta device first, so a tampered configuration cannot
+    # make this allocate a huge module.
+    try:
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in VAE(config).state_dict().items()}
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+        raise ModelFileError(f"{malformed} ({err}).") from None
+    saved = {k: tuple(v.shape) for k, v in weights.items()}
+    if shapes != saved:
+        wrong = sorted(set(shapes) ^ set(saved)) or [k for k in shapes if shapes[k] != saved[k]]
+        raise ModelFileError(
+            f"{dir_path}: the weights do not fit the saved configuration (e.g. "
+            f"{', '.join(wrong[:3])}). Restore the directory from the original save."
+        )
+    module = VAE(config)
+    module.load_state_dict(weights, strict=True)
+    if adata is not None:
+        registry.check(adata)
+    model = cls.__new__(cls)
+    model._decoder_bias = config.decoder_bias
+    model._setup(adata, registry, module.to(resolve_device(device)))
+    model.is_trained = bool(description.get("is_trained", False))
+    model.train_config = train_config
+    model.history = history
+    model.train_indices = train_indices
+    model.validation_indices = val_indices
+    logger.debug("Loaded %r from %s", model, dir_path)
+    return model

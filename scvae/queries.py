@@ -1,0 +1,438 @@
+"""The queries of a model: AnnData cells into validated chunks for :mod:`scvae.inference`.
+
+Each function takes the model first and is bound in :class:`scvae.SCVAE`'s class body, so
+``model.get_latent_representation(...)`` is ``get_latent_representation(model, ...)``.
+The helpers are reached through the model (``model._chunks``...), so a subclass or a test
+can replace them on the model.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from scvae import inference
+from scvae._settings import settings
+from scvae.module import Covariates
+
+if TYPE_CHECKING:
+    from scvae.model import SCVAE
+
+# Bound on the elements (cells x samples x genes) held at once by sampling queries.
+_SAMPLE_ELEMENTS = inference.SAMPLE_ELEMENTS
+
+
+def _covariates(model: SCVAE, adata: ad.AnnData) -> Covariates:
+    """The registered per-cell covariates of ``adata`` as CPU tensors."""
+    reg = model.registry
+
+    def tensor(a: np.ndarray | None) -> torch.Tensor | None:
+        return None if a is None else torch.as_tensor(a)
+
+    return Covariates(
+        labels=tensor(reg.label_codes(adata)),
+        categorical=tensor(reg.categorical_codes(adata)),
+        continuous=tensor(reg.continuous_values(adata)),
+        size_factor=tensor(reg.size_factors(adata)),
+    )
+
+
+def _chunks(
+    model: SCVAE, adata: ad.AnnData | None, indices: Sequence[int] | None, batch_size: int | None
+) -> inference.Chunks:
+    """Validated (counts, batch, covariates) on the model's device, chunk by chunk.
+
+    The genes and the per-cell annotations are checked once; the counts are read and
+    checked one chunk at a time (a slice of cells when the chunk is contiguous, e.g. from
+    a backed AnnData on disk), so memory holds one chunk of counts, never all of them.
+    """
+    adata = model.registry_adata() if adata is None else adata
+    model.registry.check(adata[:1])  # genes and layer; counts are checked chunk by chunk
+    batch = torch.as_tensor(model.registry.batch_codes(adata))
+    covariates = model._covariates(adata)
+    idx = np.arange(adata.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= adata.n_obs):
+        raise IndexError(f"indices must lie in [0, {adata.n_obs}); got {idx.min()}..{idx.max()}.")
+    size = settings.inference_batch_size if batch_size is None else batch_size
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1 or None, got {size!r}.")
+    dev = model.device
+    model.module.eval()
+
+    def chunks() -> Iterator[inference.Chunk]:
+        for start in range(0, len(idx), size):
+            part = idx[start : start + size]
+            lo, hi = int(part[0]), int(part[-1]) + 1
+            if hi - lo == len(part) and np.array_equal(part, np.arange(lo, hi)):
+                counts = model.registry.check(adata[lo:hi])
+            else:  # read each cell once, in file order, then put them in the asked order
+                unique, inverse = np.unique(part, return_inverse=True)
+                counts = model.registry.check(adata[unique])[inverse]
+            x = torch.as_tensor(counts.toarray(), device=dev)
+            part_t = torch.as_tensor(part)
+            yield x, batch[part_t].to(dev), covariates.take(part_t).to(dev)
+
+    return inference.Chunks(chunks(), len(idx))
+
+
+def _sampling_batch_size(model: SCVAE, batch_size: int | None, n_samples: int) -> int:
+    """Cells per chunk so that cells x samples x genes stays under a fixed bound."""
+    per_cell = max(1, n_samples) * model.module.config.n_input
+    return max(1, min(batch_size or settings.inference_batch_size, _SAMPLE_ELEMENTS // per_cell))
+
+
+def _batch_codes(model: SCVAE, transform_batch: str | Sequence[str] | None) -> list[int] | None:
+    if transform_batch is None:
+        return None
+    names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
+    known = model.registry.batch_categories
+    unknown = [str(b) for b in names if str(b) not in known]
+    if unknown:
+        raise ValueError(f"transform_batch {unknown} is not a registered batch (batches: {known}).")
+    return [known.index(str(b)) for b in names]
+
+
+def _gene_index(model: SCVAE, gene_list: Sequence[str] | None) -> np.ndarray | None:
+    if gene_list is None:
+        return None
+    lookup = {g: i for i, g in enumerate(model.registry.var_names)}
+    missing = [g for g in gene_list if g not in lookup]
+    if missing:
+        raise ValueError(f"gene_list has genes the model does not know: {missing[:5]}.")
+    return np.array([lookup[g] for g in gene_list], dtype=np.int64)
+
+
+def _obs_names(model: SCVAE, adata: ad.AnnData | None, indices: Sequence[int] | None) -> pd.Index:
+    names = (model.registry_adata() if adata is None else adata).obs_names
+    return names if indices is None else names[np.asarray(indices, dtype=np.int64)]
+
+
+def get_latent_representation(
+    model: SCVAE,
+    adata: ad.AnnData | None = None,
+    indices: Sequence[int] | None = None,
+    *,
+    give_mean: bool = True,
+    mc_samples: int = 5000,
+    return_dist: bool = False,
+    batch_size: int | None = None,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Latent representation of each cell, for ``adata.obsm["X_scvae"]``.
+
+    Parameters
+    ----------
+    adata, indices
+        Cells to embed (default: the registered AnnData, all cells).
+    give_mean
+        Posterior mean (for the ``ln`` latent: the mean of ``mc_samples`` transformed
+        samples); False: one sample.
+    mc_samples
+        Samples for the ``ln`` posterior mean.
+    return_dist
+        Return the Gaussian posterior's ``(mean, variance)`` instead.
+    batch_size
+        Cells per chunk (None: ``scvae.settings.inference_batch_size``).
+
+    Returns
+    -------
+    ndarray cells x n_latent (or two of them with ``return_dist``).
+
+    Examples
+    --------
+    >>> import scvae
+    >>> model = scvae.SCVAE(scvae.data.simulate(100, 30, seed=0), n_latent=4)
+    >>> model.get_latent_representation().shape
+    (100, 4)
+    """
+    return inference.latent(
+        model.module,
+        model._chunks(adata, indices, batch_size),
+        give_mean=give_mean,
+        mc_samples=mc_samples,
+        return_dist=return_dist,
+    )
+
+
+def get_elbo(
+    model: SCVAE,
+    adata: ad.AnnData | None = None,
+    indices: Sequence[int] | None = None,
+    *,
+    batch_size: int | None = None,
+    return_mean: bool = True,
+) -> float | np.ndarray:
+    """ELBO per cell with KL weight 1 and one posterior sample: negative, higher is better.
+
+    Returns the mean over cells (float) or, with ``return_mean=False``, one value per cell.
+
+    Examples
+    --------
+    >>> import scvae
+    >>> model = scvae.SCVAE(scvae.data.simulate(100, 30, seed=0))
+    >>> model.get_elbo() < 0
+    True
+    """
+    recon, kl = inference.loss_terms(model.module, model._chunks(adata, indices, batch_size))
+    elbo = -(recon + kl)
+    return float(elbo.mean()) if return_mean else elbo
+
+
+def get_reconstruction_error(
+    model: SCVAE,
+    adata: ad.AnnData | None = None,
+    indices: Sequence[int] | None = None,
+    *,
+    batch_size: int | None = None,
+    return_mean: bool = True,
+) -> float | np.ndarray:
+    """-log p(x | z, l) per cell (one posterior sample): positive, lower is better.
+
+    Examples
+    --------
+    >>> import scvae
+    >>> model = scvae.SCVAE(scvae.data.simulate(100, 30, seed=0))
+    >>> model.get_reconstruction_error() > 0
+    True
+    """
+    recon, _ = inference.loss_terms(model.module, model._chunks(adata, indices, batch_size))
+    return float(recon.mean()) if return_mean else recon
+
+
+def get_marginal_ll(
+    model: SCVAE,
+    adata: ad.AnnData | None = None,
+    indices: Sequence[int] | None = None,
+    *,
+    n_mc_samples: int = 1000,
+    batch_size: int | None = None,
+    return_mean: bool = True,
+) -> float | np.ndarray:
+    """Importance-sampled log p(x) per cell (observed library: log p(x | l)).
+
+    Negative, higher is better; at least the ELBO in expectation. ``n_mc_samples`` draws
+    from q(z, l | x) are used as the proposal.
+
+    Examples
+    --------
+    >>> import scvae
+    >>> model = scvae.SCVAE(scvae.data.simulate(50, 30, seed=0))
+    >>> model.get_marginal_ll(n_mc_samples=20) < 0
+    True
+    """
+    size = model._sampling_batch_size(batch_size, min(n_mc_samples, 100))
+    values = inference.marginal_ll(model.module, model._chunks(adata, indices, size), n_mc_samples)
+    return float(values.mean()) if return_mean else values
+
+
+def get_normalized_expression(
+    model: SCVAE,
+    adata: ad.AnnData | None = None,
+    indices: Sequence[int] | None = None,
+    *,
+    transform_batch: str | Sequence[str] | None = None,
+    gene_list: Sequence[str] | None = None,
+    library_size: float | str = 1,
+    n_samples: int = 1,
+    return_mean: bool = True,
+    return_numpy: bool = False,
+    batch_size: int | None = None,
+) -> pd.DataFrame | np.ndarray:
+    """Denoised expression per cell and gene, as in scvi-tools.
+
+    Parameters
+    ----------
+    adata, indices
+        Cells (default: the registered AnnData, all cells).
+    transform_batch
+        Decode every cell as if it came from this batch (a list: averaged over those
+        batches), for batch-corrected expression; None: each cell's own batch.
+    gene_list
+        Genes to return (default: all).
+    library_size
+        1: rho, the normalised expression (rows sum to 1 over all genes); a number: rho
+        times it (e.g. 1e4 for counts per 10,000); "latent": mu, the expected counts at the
+        cell's own library.
+    n_samples, return_mean
+        Posterior samples of z per cell (each gives one value, as in scvi-tools), averaged
+        when ``return_mean``.
+    return_numpy
+        Return an ndarray instead of a DataFrame (forced when samples are kept).
+    batch_size
+        Cells per chunk.
+
+    Returns
+    -------
+    DataFrame cells x genes (obs names x gene names), or an ndarray
+    ``(n_samples, cells, genes)`` when ``n_samples > 1`` and ``return_mean=False``.
+
+    Examples
+    --------
+    >>> import scvae
+    >>> model = scvae.SCVAE(scvae.data.simulate(60, 20, seed=0))
+    >>> expr = model.get_normalized_expression()
+    >>> expr.shape, bool(np.allclose(expr.sum(1), 1, atol=1e-4))
+    ((60, 20), True)
+    """
+    if library_size != "latent" and not (
+        isinstance(library_size, int | float) and library_size > 0
+    ):
+        raise ValueError(
+            f"library_size must be a positive number or 'latent', got {library_size!r}."
+        )
+    gene_idx = model._gene_index(gene_list)
+    values = inference.normalized_expression(
+        model.module,
+        model._chunks(adata, indices, model._sampling_batch_size(batch_size, n_samples)),
+        transform_batch=model._batch_codes(transform_batch),
+        gene_idx=gene_idx,
+        library_size=library_size,
+        n_samples=n_samples,
+        return_mean=return_mean,
+    )
+    if return_numpy or values.ndim == 3:
+        return values
+    genes = model.var_names if gene_idx is None else model.var_names[gene_idx]
+    return pd.DataFrame(values, index=model._obs_names(adata, indices), columns=genes)
+
+
+def get_likelihood_parameters(
+    model: SCVAE,
+    adata: ad.AnnData | None = None,
+    indices: Sequence[int] | None = None,
+    *,
+    n_samples: int = 1,
+    give_mean: bool = False,
+    batch_size: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Parameters of p(x | z, l) per cell and gene: ``mean``, ``dispersions``, ``dropout``.
+
+    ``dropout`` (zinb only) holds the logits of the dropout probability and
+    ``dispersions`` (not for poisson) the inverse dispersion theta, as in scvi-tools.
+    With ``n_samples > 1`` the arrays have a leading sample axis unless ``give_mean``.
+
+    Examples
+    --------
+    >>> import scvae
+    >>> model = scvae.SCVAE(scvae.data.simulate(40, 15, seed=0))
+    >>> sorted(model.get_likelihood_parameters())
+    ['dispersions', 'dropout', 'mean']
+    """
+    return inference.likelihood_parameters(
+        model.module,
+        model._chunks(adata, indices, model._sampling_batch_size(batch_size, n_samples)),
+        n_samples=n_samples,
+        give_mean=give_mean,
+    )
+
+
+def get_latent_library_size(
+    model: SCVAE,
+    adata: ad.AnnData | None = None,
+    indices: Sequence[int] | None = None,
+    *,
+    give_mean: bool = True,
+    batch_size: int | None = None,
+) -> np.ndarray:
+    """Library size per cell, ``(cells, 1)``, on the count scale.
+
+    A latent library gives the mean of q(l | x) on the count scale with ``give_mean``
+    (else one sample); an observed one gives the total counts (size factors when
+    registered).
+
+    Examples
+    --------
+    >>> import scvae
+    >>> adata = scvae.data.simulate(30, 10, seed=0)
+    >>> model = scvae.SCVAE(adata)
+    >>> bool(np.allclose(model.get_latent_library_size()[:, 0], adata.X.sum(1).A1))
+    True
+    """
+    return inference.latent_library_size(
+        model.module, model._chunks(adata, indices, batch_size), give_mean=give_mean
+    )
+
+
+def posterior_predictive_sample(
+    model: SCVAE,
+    adata: ad.AnnData | None = None,
+    indices: Sequence[int] | None = None,
+    *,
+    n_samples: int = 1,
+    gene_list: Sequence[str] | None = None,
+    batch_size: int | None = None,
+) -> sp.csr_matrix | list[sp.csr_matrix]:
+    """Counts drawn from the posterior predictive, as sparse CSR cells x genes.
+
+    One matrix for ``n_samples=1``; a list of ``n_samples`` matrices otherwise (scvi-tools
+    returns a 3-D sparse array there; scipy has none).
+
+    Examples
+    --------
+    >>> import scvae
+    >>> model = scvae.SCVAE(scvae.data.simulate(40, 15, seed=0))
+    >>> model.posterior_predictive_sample().shape
+    (40, 15)
+    """
+    samples = inference.posterior_predictive(
+        model.module,
+        model._chunks(adata, indices, model._sampling_batch_size(batch_size, n_samples)),
+        n_samples=n_samples,
+        gene_idx=model._gene_index(gene_list),
+    )
+    return samples[0] if n_samples == 1 else samples
+
+
+def get_feature_correlation_matrix(
+    model: SCVAE,
+    adata: ad.AnnData | None = None,
+    indices: Sequence[int] | None = None,
+    *,
+    n_samples: int = 10,
+    batch_size: int | None = None,
+    rna_size_factor: float = 1000,
+    transform_batch: str | Sequence[str] | None = None,
+    correlation_type: str = "spearman",
+) -> pd.DataFrame:
+    """Gene-gene correlation of denoised expression, genes x genes.
+
+    Denoised values are Gamma draws with mean ``rna_size_factor * rho`` (and the model's
+    dispersion) for ``n_samples`` posterior samples per cell, pooled over the batches of
+    ``transform_batch`` (None: each cell's own); "spearman" or "pearson" correlation.
+    Memory grows with cells x samples x genes.
+
+    Examples
+    --------
+    >>> import scvae
+    >>> model = scvae.SCVAE(scvae.data.simulate(40, 6, seed=0))
+    >>> model.get_feature_correlation_matrix(n_samples=2).shape
+    (6, 6)
+    """
+    if correlation_type not in ("spearman", "pearson"):
+        raise ValueError(
+            f"correlation_type must be 'spearman' or 'pearson', got {correlation_type!r}."
+        )
+    codes = model._batch_codes(transform_batch) or [None]
+    size = model._sampling_batch_size(batch_size, n_samples)
+    data = np.concatenate(
+        [
+            inference.denoised_samples(
+                model.module,
+                model._chunks(adata, indices, size),
+                n_samples=n_samples,
+                rna_size_factor=rna_size_factor,
+                transform_batch=code,
+            )
+            for code in codes
+        ]
+    )
+    if correlation_type == "spearman":
+        data = np.apply_along_axis(lambda c: pd.Series(c).rank().to_numpy(), 0, data)
+    corr = np.corrcoef(data, rowvar=False)
+    return pd.DataFrame(corr, index=model.var_names, columns=model.var_names)
