@@ -377,7 +377,17 @@ def fit(
         row = {"epoch": epoch, **sums.row("train")}
         if has_val:
             row.update(
-                evaluate(module, counts, batch_codes, covariates, val_t, "validation", world=world)
+                # in training-sized chunks: the validation pass never needs more memory than a step
+                evaluate(
+                    module,
+                    counts,
+                    batch_codes,
+                    covariates,
+                    val_t,
+                    "validation",
+                    chunk=config.batch_size,
+                    world=world,
+                )
             )
         row.update(
             kl_weight=weight,
