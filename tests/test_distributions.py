@@ -144,7 +144,6 @@ def test_lgamma_diff_accuracy():
     assert np.all(np.abs(out64 - ref) <= 1e-8 + 1e-14 * scale)
 
 
-
 def test_lgamma_diff_gradient_is_the_digamma_difference():
     """The written-out theta-gradient against scipy's float64 digamma, in float32 and on both
     sides of the Stirling threshold; plain autograd through torch.lgamma is far off there."""
@@ -161,6 +160,7 @@ def test_lgamma_diff_gradient_is_the_digamma_difference():
     # counts are data: asking for their gradient is an error, not a silent zero
     with pytest.raises(ValueError, match="counts"):
         distributions_module._lgamma_diff(t32([1.0], True), t32([2.0]))
+
 
 @pytest.mark.parametrize("eps", [1e-8, 1e-30])
 def test_tiny_theta_finite(eps):
