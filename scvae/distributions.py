@@ -299,21 +299,32 @@ def nb_log_prob_rows(
     ...                     log_nb_positive(x, mu, theta).sum(-1)))
     True
     """
-    mu = mu.clamp_min(eps)
-    theta = theta.clamp_min(eps).expand_as(mu)
-    log_nb_zero = -theta * torch.log1p(mu / theta)
-    nonzero = x > 0
+    theta = theta.clamp_min(eps)
+    log_nb_zero = -theta * torch.log1p(mu.clamp_min(eps) / theta)
     if zi_logits is None:
         dense = log_nb_zero
     else:
         at_zero = torch.logaddexp(zi_logits, log_nb_zero)
-        dense = torch.where(nonzero, log_nb_zero, at_zero) - F.softplus(zi_logits)
+        if torch.compiler.is_compiling():
+            # the same choice as arithmetic on sign(x) (0 or 1 for counts): a boolean mask
+            # saved for the backward pass is read back element by element by compiled CPU
+            # code, at more than the cost of the whole likelihood
+            at_zero = at_zero + torch.sign(x) * (log_nb_zero - at_zero)
+        else:
+            at_zero = torch.where(x > 0, log_nb_zero, at_zero)
+        dense = at_zero - F.softplus(zi_logits)
     n_genes = x.shape[-1]
     rows = dense.sum(-1).reshape(-1)
-    cell, gene = nonzero.reshape(-1, n_genes).nonzero(as_tuple=True)
+    # the non-zeros of the (non-negative) counts themselves: a boolean mask shared with the
+    # dense part would make torch.compile store it and read it back, at twice the cost
+    cell, gene = x.reshape(-1, n_genes).nonzero(as_tuple=True)
     xs = x.reshape(-1, n_genes)[cell, gene]
-    ms = mu.reshape(-1, n_genes)[cell, gene]
-    ts = theta.reshape(-1, n_genes)[cell, gene]
+    # gathered, then clamped: no clamped or broadcast copy of the whole matrix is kept
+    ms = mu.reshape(-1, n_genes)[cell, gene].clamp_min(eps)
+    if theta.numel() == n_genes:  # one dispersion per gene (the default)
+        ts = theta.reshape(-1)[gene]
+    else:
+        ts = theta.expand_as(mu).reshape(-1, n_genes)[cell, gene]
     extra = _lgamma_diff(xs, ts) - torch.lgamma(xs + 1.0) - xs * torch.log1p(ts / ms)
     return rows.index_add(0, cell, extra).reshape(x.shape[:-1])
 
