@@ -5,7 +5,10 @@ n_hidden 128, n_latent 10), the step exactly as ``scvae.train.fit`` runs it (gat
 device CSR, forward, backward, finite check, fused Adam). Prints and writes the operators by
 self time, grouped into the parts of the step.
 
-    .venv/bin/python benchmarks/profile_step.py --threads 2 [--precision bf16-mixed]
+    .venv/bin/python benchmarks/profile_step.py --threads 2 [--precision bf16-mixed] [--compile]
+
+With ``--compile`` the step runs under ``torch.compile`` as ``train(compile=True)`` runs it;
+the fused kernels that inductor generates are then listed under their own names.
 """
 
 from __future__ import annotations
@@ -40,12 +43,18 @@ PARTS = {
 }
 
 
+def is_kernel(key: str) -> bool:
+    """A graph of fused kernels that inductor generated (the compiled step)."""
+    return key.startswith("## Call CompiledFxGraph")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--precision", default="32")
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--compile", action="store_true", help="profile the torch.compile'd step")
     p.add_argument("--out", type=Path, default=HERE / "results")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -58,7 +67,7 @@ def main() -> None:
     module = VAE(ModuleConfig(n_input=g))
     params = list(module.parameters())
     opt = make_optimizer(params, lr=1e-3, eps=0.01, weight_decay=1e-6)
-    run = StepRunner(module, torch.device("cpu"), a.precision, compile=False)
+    run = StepRunner(module, torch.device("cpu"), a.precision, compile=a.compile)
     codes = torch.zeros(n, dtype=torch.long)
     gen = torch.Generator().manual_seed(0)
 
@@ -79,11 +88,11 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(a.steps):
             step()
-    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::") or is_kernel(e.key)]
     total = sum(e.self_cpu_time_total for e in events)
     lines = [
         f"### One training step: {ms:.1f} ms ({b / ms * 1000:.0f} cells/s), batch {b}, "
-        f"{a.threads} threads, precision {a.precision}\n",
+        f"{a.threads} threads, precision {a.precision}{', compiled' if a.compile else ''}\n",
         "| part | share of operator time |",
         "|---|---|",
     ]
@@ -93,18 +102,19 @@ def main() -> None:
         rest -= t
         lines.append(f"| {part} | {100 * t / total:.0f} % |")
     lines.append(
-        f"| element-wise and reductions (softmax, exp, log1p, where, sums, ...) | "
+        f"| element-wise and reductions (softmax, exp, log1p, sums; compiled: fused graphs) | "
         f"{100 * rest / total:.0f} % |"
     )
     lines += ["", "| operator | self ms per step | share |", "|---|---|---|"]
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
         share = 100 * e.self_cpu_time_total / total
         per_step = e.self_cpu_time_total / 1000 / a.steps
-        lines.append(f"| `{e.key}` | {per_step:.2f} | {share:.0f} % |")
+        name = "compiled graph (fused kernels)" if is_kernel(e.key) else f"`{e.key}`"
+        lines.append(f"| {name} | {per_step:.2f} | {share:.0f} % |")
     text = "\n".join(lines) + "\n"
     print(text)
     a.out.mkdir(parents=True, exist_ok=True)
-    name = f"profile_step_b{b}_t{a.threads}_{a.precision}.md"
+    name = f"profile_step_b{b}_t{a.threads}_{a.precision}{'_compiled' if a.compile else ''}.md"
     (a.out / name).write_text(text)
 
 

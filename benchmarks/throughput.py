@@ -139,6 +139,8 @@ def main() -> None:
         return
     work = Path(tempfile.mkdtemp(prefix="scvae_throughput_"))
     data = work / "counts.h5ad"
+    if hasattr(ad.settings, "allow_write_nullable_strings"):  # pandas 3 names are string arrays
+        ad.settings.allow_write_nullable_strings = True
     load(args).write_h5ad(data)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     rows = []

@@ -57,8 +57,8 @@ def one_thread():
 def assert_same_weights(a: scvae.SCVAE, b: scvae.SCVAE) -> None:
     sa, sb = a.module.state_dict(), b.module.state_dict()
     assert sa.keys() == sb.keys()
-    for key in sa:
-        assert torch.equal(sa[key], sb[key]), key
+    for key in sa:  # on the CPU: load() puts a model on the GPU when there is one
+        assert torch.equal(sa[key].cpu(), sb[key].cpu()), key
 
 
 def assert_same_history(a: pd.DataFrame, b: pd.DataFrame) -> None:
