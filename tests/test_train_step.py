@@ -90,6 +90,25 @@ def test_speed_options_are_checked():
     assert not model.is_trained
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"use_observed_lib_size": False, "n_batch": 2}, {"gene_likelihood": "nb"}],
+    ids=["default", "latent-library", "nb"],
+)
+def test_training_step_compiles_as_one_graph(options):
+    # a graph break (torch.distributions' KL look-up split the step in three) costs fusion
+    # across the break and a trip through Python per piece, forward and backward
+    torch._dynamo.reset()
+    torch.distributions.kl._KL_MEMOIZE.clear()  # the look-up broke the graph on a cache miss
+    module = VAE(ModuleConfig(n_input=50, **options))
+    x, b = _batch()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        explained = torch._dynamo.explain(module)(x, b, Covariates(), kl_weight=torch.tensor(0.5))
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
 @pytest.mark.slow
 def test_compiled_step_gives_the_eager_results(monkeypatch):
     # inductor draws its own random numbers; with fallback_random it uses eager's generator, so
