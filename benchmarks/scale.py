@@ -232,7 +232,7 @@ def write_md(rows: list[dict], out: Path) -> None:
     lines = [
         "# Scale on CPU: one epoch, default model, batch 128, 2,000 genes, ~10 % non-zero",
         "",
-        "Wall-clock on a shared 2-core machine loaded by other jobs: compare shapes, not digits.",
+        "Wall-clock on a 2-core machine that other jobs may share: compare shapes, not digits.",
         "",
         "| cells | mode | s / epoch | cells / s | peak RSS above baseline (GiB) | "
         "count matrix (GiB) | peak / (counts + model) | epoch time from | measured epoch "
