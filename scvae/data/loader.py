@@ -144,6 +144,93 @@ class DeviceCSR:
             yield idx, self.rows(idx)
 
 
+class HostCSR:
+    """Counts kept in host memory as CSR arrays, minibatches gathered there and copied over.
+
+    For a matrix that does not fit the training device (see :func:`count_source`): each
+    minibatch is gathered on the CPU exactly as :class:`DeviceCSR` gathers it and its dense rows
+    are copied to ``device``, so the device holds one minibatch of counts at a time. Same
+    minibatches as :class:`DeviceCSR` for the same generator.
+
+    Examples
+    --------
+    >>> m = HostCSR(np.array([[0, 1], [2, 0], [0, 0]]), "cpu")
+    >>> [(i.tolist(), x.tolist()) for i, x in m.batches(torch.tensor([1, 0]), 2, shuffle=False)]
+    [([1, 0], [[2.0, 0.0], [0.0, 1.0]])]
+    """
+
+    def __init__(self, matrix: sp.spmatrix | sp.sparray | np.ndarray, device: str | torch.device):
+        self.host = DeviceCSR(matrix, "cpu")
+        self.shape = self.host.shape
+        self.device = torch.device(device)
+
+    @property
+    def n_rows(self) -> int:
+        """Number of cells."""
+        return self.host.n_rows
+
+    def batches(
+        self,
+        indices: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        generator: torch.Generator | None = None,
+        drop_last_below: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(cell indices, dense rows)`` on ``device``; see :meth:`DeviceCSR.batches`."""
+        for idx, x in self.host.batches(
+            torch.as_tensor(indices).cpu(),
+            batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            drop_last_below=drop_last_below,
+            rank=rank,
+            world_size=world_size,
+        ):
+            yield idx.to(self.device), x.to(self.device)
+
+
+def csr_nbytes(matrix: sp.spmatrix | sp.sparray | np.ndarray) -> int:
+    """Bytes the matrix takes as float32 CSR arrays (int64 row pointers).
+
+    Examples
+    --------
+    >>> csr_nbytes(sp.csr_matrix(np.eye(3, dtype="float32")))
+    56
+    """
+    nnz = matrix.nnz if sp.issparse(matrix) else int(np.count_nonzero(matrix))
+    index_bytes = matrix.indices.dtype.itemsize if sp.issparse(matrix) else 8
+    return nnz * (4 + index_bytes) + (matrix.shape[0] + 1) * 8
+
+
+def count_source(
+    matrix: sp.spmatrix | sp.sparray | np.ndarray,
+    device: torch.device,
+    *,
+    max_fraction: float = 0.5,
+) -> DeviceCSR | HostCSR:
+    """The counts on ``device`` when they fit, else in host memory, streamed a minibatch at a time.
+
+    On a CUDA device the counts' CSR arrays may take at most ``max_fraction`` of the device's
+    free memory (the rest is for the model, its activations and the optimizer); a larger matrix
+    stays in host memory (:class:`HostCSR`) and training copies each minibatch over. On the CPU
+    the counts are always used in place.
+
+    Examples
+    --------
+    >>> type(count_source(np.eye(3), torch.device("cpu"))).__name__
+    'DeviceCSR'
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if csr_nbytes(matrix) > max_fraction * free:
+            return HostCSR(matrix, device)
+    return DeviceCSR(matrix, device)
+
+
 def minibatches(
     indices: torch.Tensor,
     batch_size: int,
