@@ -96,8 +96,8 @@ def test_speed_options_are_checked():
     ids=["default", "latent-library", "nb"],
 )
 def test_training_step_compiles_as_one_graph(options):
-    # a graph break (torch.distributions' KL look-up split the step in three) costs fusion
-    # across the break and a trip through Python per piece, forward and backward
+    # a graph break (torch.distributions' KL look-up split the step in three) leaves pieces
+    # that inductor cannot fuse across, each a trip through Python forward and backward
     torch._dynamo.reset()
     torch.distributions.kl._KL_MEMOIZE.clear()  # the look-up broke the graph on a cache miss
     module = VAE(ModuleConfig(n_input=50, **options))
