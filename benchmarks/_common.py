@@ -51,6 +51,7 @@ def worker_args() -> argparse.Namespace:
         action="store_true",
         help="learn the library size (use_observed_lib_size=False) instead of observing it",
     )
+    p.add_argument("--precision", default="32", help="scvae's train(precision=...)")
     return p.parse_args()
 
 

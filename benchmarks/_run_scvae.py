@@ -28,6 +28,7 @@ def main() -> None:
         seed=a.seed,
         device="cpu",
         progress_bar=False,
+        precision=a.precision,
     )
     train_seconds = time.perf_counter() - start
     peak = peak_rss_mib()
