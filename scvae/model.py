@@ -21,9 +21,9 @@ import pandas as pd
 import torch
 
 from scvae import de_glue, distributed, mapping, model_files, queries
-from scvae._settings import logger, settings
+from scvae._settings import settings
 from scvae.data.backed import BLOCK_ROWS, BUFFER_BLOCKS, BackedCSR, is_on_disk, row_totals
-from scvae.data.loader import HostCSR, count_source, csr_nbytes
+from scvae.data.loader import count_source
 from scvae.data.registry import Registry, register
 from scvae.device import resolve_device
 from scvae.module import VAE, ModuleConfig
@@ -478,13 +478,6 @@ class SCVAE:
                 )
             else:
                 source = count_source(counts, dev)
-                if isinstance(source, HostCSR):
-                    logger.info(
-                        "The counts (%.1f GiB as CSR) take over half of %s's free memory: they "
-                        "stay in host memory and each minibatch is copied over.",
-                        csr_nbytes(counts) / 2**30,
-                        dev,
-                    )
             history = fit(
                 self.module,
                 source,

@@ -21,6 +21,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from scvae._settings import logger
+
 
 class CountSource(Protocol):
     """What the training loop needs from the counts: minibatches of dense rows on a device."""
@@ -226,7 +228,15 @@ def count_source(
     """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        if csr_nbytes(matrix) > max_fraction * free:
+        nbytes = csr_nbytes(matrix)
+        if nbytes > max_fraction * free:
+            logger.info(
+                "The counts (%.1f GiB as CSR) take over %.0f%% of %s's free memory: they stay "
+                "in host memory and each minibatch is copied over.",
+                nbytes / 2**30,
+                100 * max_fraction,
+                device,
+            )
             return HostCSR(matrix, device)
     return DeviceCSR(matrix, device)
 
