@@ -14,7 +14,9 @@ reads row blocks from an on-disk matrix).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
@@ -88,20 +90,24 @@ class DeviceCSR:
         """Number of cells."""
         return int(self.shape[0])
 
-    def rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """Dense float32 rows ``idx`` (int64 on the device): ``(len(idx), n_genes)``."""
+    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The non-zeros of rows ``idx``: ``(row within idx, gene, value)``, one entry each."""
         idx = idx.to(self.device)
         starts = self.indptr[idx]
         counts = self.indptr[idx + 1] - starts
-        out = torch.zeros(len(idx), self.shape[1], dtype=torch.float32, device=self.device)
         total = int(counts.sum())
-        if total == 0:
-            return out
-        row_of = torch.repeat_interleave(torch.arange(len(idx), device=self.device), counts)
-        offsets = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(total, device=self.device) - offsets[row_of] + starts[row_of]
-        out[row_of, self.indices[pos]] = self.values[pos]
-        return out
+        row_of = torch.repeat_interleave(
+            torch.arange(len(idx), device=self.device), counts, output_size=total
+        )
+        # position in the CSR arrays: the row's start plus the rank within the row
+        shift = starts - (torch.cumsum(counts, 0) - counts)
+        pos = torch.repeat_interleave(shift, counts, output_size=total)
+        pos += torch.arange(total, device=self.device)
+        return row_of, self.indices[pos], self.values[pos]
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Dense float32 rows ``idx`` (int64 on the device): ``(len(idx), n_genes)``."""
+        return densify(*self.gather(idx), (len(idx), self.shape[1]))
 
     def row_sums(self) -> torch.Tensor:
         """Total counts of each cell, shape ``(n_rows,)``."""
@@ -146,13 +152,31 @@ class DeviceCSR:
             yield idx, self.rows(idx)
 
 
+def densify(
+    row_of: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
+) -> torch.Tensor:
+    """Dense float32 matrix of ``shape``: ``values`` at ``(row_of, cols)``, on their device.
+
+    Examples
+    --------
+    >>> densify(torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([3.0, 4.0]), (2, 2))
+    tensor([[0., 3.],
+            [4., 0.]])
+    """
+    out = torch.zeros(shape[0] * shape[1], dtype=torch.float32, device=values.device)
+    out.scatter_(0, row_of * shape[1] + cols, values)
+    return out.view(shape)
+
+
 class HostCSR:
     """Counts kept in host memory as CSR arrays, minibatches gathered there and copied over.
 
-    For a matrix that does not fit the training device (see :func:`count_source`): each
-    minibatch is gathered on the CPU exactly as :class:`DeviceCSR` gathers it and its dense rows
-    are copied to ``device``, so the device holds one minibatch of counts at a time. Same
-    minibatches as :class:`DeviceCSR` for the same generator.
+    For a matrix that does not fit the training device (see :func:`count_source`). A worker
+    thread gathers the non-zeros of the next ``prefetch`` minibatches on the CPU (the same
+    minibatches as :class:`DeviceCSR` for the same generator) into page-locked memory; they are
+    copied to ``device`` without blocking the training step that runs meanwhile, and made dense
+    there. The device holds a few minibatches of counts at a time, and the copies carry only
+    the non-zeros.
 
     Examples
     --------
@@ -161,15 +185,28 @@ class HostCSR:
     [([1, 0], [[2.0, 0.0], [0.0, 1.0]])]
     """
 
-    def __init__(self, matrix: sp.spmatrix | sp.sparray | np.ndarray, device: str | torch.device):
+    def __init__(
+        self,
+        matrix: sp.spmatrix | sp.sparray | np.ndarray,
+        device: str | torch.device,
+        *,
+        prefetch: int = 2,
+    ):
         self.host = DeviceCSR(matrix, "cpu")
         self.shape = self.host.shape
         self.device = torch.device(device)
+        self.prefetch = max(1, prefetch)
 
     @property
     def n_rows(self) -> int:
         """Number of cells."""
         return self.host.n_rows
+
+    def _host_parts(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = (idx, *self.host.gather(idx))
+        if self.device.type == "cuda":  # page-locked, so that the copy does not block
+            parts = tuple(p.pin_memory() for p in parts)
+        return parts
 
     def batches(
         self,
@@ -183,16 +220,28 @@ class HostCSR:
         world_size: int = 1,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(cell indices, dense rows)`` on ``device``; see :meth:`DeviceCSR.batches`."""
-        for idx, x in self.host.batches(
-            torch.as_tensor(indices).cpu(),
-            batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            drop_last_below=drop_last_below,
-            rank=rank,
-            world_size=world_size,
-        ):
-            yield idx.to(self.device), x.to(self.device)
+        order = list(
+            shard_minibatches(
+                torch.as_tensor(indices, dtype=torch.long).cpu(),
+                batch_size,
+                shuffle=shuffle,
+                generator=generator,
+                drop_last_below=drop_last_below,
+                rank=rank,
+                world_size=world_size,
+            )
+        )
+        blocking = self.device.type != "cuda"
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scvae-prefetch") as pool:
+            pending = deque(pool.submit(self._host_parts, i) for i in order[: self.prefetch])
+            for ahead in order[self.prefetch :] + [None] * len(pending):
+                parts = pending.popleft().result()
+                if ahead is not None:
+                    pending.append(pool.submit(self._host_parts, ahead))
+                idx, row_of, cols, values = (
+                    p.to(self.device, non_blocking=not blocking) for p in parts
+                )
+                yield idx, densify(row_of, cols, values, (len(idx), self.shape[1]))
 
 
 def csr_nbytes(matrix: sp.spmatrix | sp.sparray | np.ndarray) -> int:
