@@ -60,6 +60,9 @@ __all__ = [
     "nb_log_prob_rows",
 ]
 
+#: ``(row, gene, value)`` of the stored counts of a minibatch (see :func:`nb_log_prob_rows`).
+Nonzero = tuple[Tensor, Tensor, Tensor]
+
 # Above this theta, lgamma(x + theta) - lgamma(theta) uses the Stirling series.
 _STIRLING_MIN_THETA = 10.0
 
@@ -281,7 +284,13 @@ def log_zinb_positive(
 
 
 def nb_log_prob_rows(
-    x: Tensor, mu: Tensor, theta: Tensor, zi_logits: Tensor | None = None, eps: float = 1e-8
+    x: Tensor,
+    mu: Tensor,
+    theta: Tensor,
+    zi_logits: Tensor | None = None,
+    eps: float = 1e-8,
+    *,
+    nonzero: Nonzero | None = None,
 ) -> Tensor:
     """Sum over the last axis of the NB (or, with ``zi_logits``, ZINB) log-probability.
 
@@ -290,6 +299,10 @@ def nb_log_prob_rows(
     ``log NB(0) = -theta * log1p(mu / theta)`` (and the zero-inflation mixing), and only the
     non-zero counts pay for ``lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)`` and
     ``-x * log1p(theta / mu)``. Same float32 accuracy as the dense functions.
+
+    ``nonzero``, when the caller has it (a minibatch gathered from CSR arrays), is
+    ``(row, gene, value)`` of every stored count of ``x`` seen as ``(-1, n_genes)`` rows
+    (stored zeros are allowed: they add nothing); otherwise the non-zeros are found in ``x``.
 
     Examples
     --------
@@ -321,8 +334,11 @@ def nb_log_prob_rows(
     rows = dense.sum(-1).reshape(-1)
     # the non-zeros of the (non-negative) counts themselves: a boolean mask shared with the
     # dense part would make torch.compile store it and read it back, at twice the cost
-    cell, gene = x.reshape(-1, n_genes).nonzero(as_tuple=True)
-    xs = x.reshape(-1, n_genes)[cell, gene]
+    if nonzero is None:
+        cell, gene = x.reshape(-1, n_genes).nonzero(as_tuple=True)
+        xs = x.reshape(-1, n_genes)[cell, gene]
+    else:
+        cell, gene, xs = nonzero
     # gathered, then clamped: no clamped or broadcast copy of the whole matrix is kept
     ms = mu.reshape(-1, n_genes)[cell, gene].clamp_min(eps)
     if theta.numel() == n_genes:  # one dispersion per gene (the default)
@@ -432,9 +448,9 @@ class NegativeBinomial:
         """Elementwise log-probability of counts ``x`` (see :func:`log_nb_positive`)."""
         return log_nb_positive(x, self.mu, self.theta)
 
-    def log_prob_sum(self, x: Tensor) -> Tensor:
+    def log_prob_sum(self, x: Tensor, *, nonzero: Nonzero | None = None) -> Tensor:
         """``log_prob(x).sum(-1)``, computed sparsely (see :func:`nb_log_prob_rows`)."""
-        return nb_log_prob_rows(x, self.mu, self.theta)
+        return nb_log_prob_rows(x, self.mu, self.theta, nonzero=nonzero)
 
     @torch.no_grad()
     def sample(
@@ -518,9 +534,9 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         """Elementwise log-probability of counts ``x`` (see :func:`log_zinb_positive`)."""
         return log_zinb_positive(x, self.mu, self.theta, self.zi_logits)
 
-    def log_prob_sum(self, x: Tensor) -> Tensor:
+    def log_prob_sum(self, x: Tensor, *, nonzero: Nonzero | None = None) -> Tensor:
         """``log_prob(x).sum(-1)``, computed sparsely (see :func:`nb_log_prob_rows`)."""
-        return nb_log_prob_rows(x, self.mu, self.theta, self.zi_logits)
+        return nb_log_prob_rows(x, self.mu, self.theta, self.zi_logits, nonzero=nonzero)
 
     @torch.no_grad()
     def sample(
@@ -589,8 +605,8 @@ class Poisson:
         """Elementwise log-probability of counts ``x`` (see :func:`log_poisson`)."""
         return log_poisson(x, self.rate)
 
-    def log_prob_sum(self, x: Tensor) -> Tensor:
-        """``log_prob(x).sum(-1)``."""
+    def log_prob_sum(self, x: Tensor, *, nonzero: Nonzero | None = None) -> Tensor:
+        """``log_prob(x).sum(-1)`` (``nonzero`` is accepted for a common signature, unused)."""
         return self.log_prob(x).sum(-1)
 
     @torch.no_grad()

@@ -34,7 +34,12 @@ from torch import nn
 from torch.distributions import Normal
 from torch.nn import functional as F
 
-from scvae.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
+from scvae.distributions import (
+    NegativeBinomial,
+    Nonzero,
+    Poisson,
+    ZeroInflatedNegativeBinomial,
+)
 from scvae.nn import DecoderSCVI, Encoder, LinearDecoderSCVI
 
 GeneLikelihood = Literal["zinb", "nb", "poisson"]
@@ -396,12 +401,15 @@ class VAE(nn.Module):
         generative_outputs: dict[str, Any],
         kl_weight: float = 1.0,
         batch_index: torch.Tensor | None = None,
+        nonzero: Nonzero | None = None,
     ) -> LossOutput:
         """Per-cell reconstruction and KL terms and the minibatch loss.
 
         ``batch_index`` selects the library prior of each cell (needed for a latent library).
+        ``nonzero``: ``(row, gene, value)`` of the non-zeros of ``x`` where the caller has them
+        (:class:`scvae.data.loader.Minibatch`), so that the likelihood need not search for them.
         """
-        recon = -generative_outputs["px"].log_prob_sum(x)
+        recon = -generative_outputs["px"].log_prob_sum(x, nonzero=nonzero)
         qz = inference_outputs["qz"]
         kl_z = normal_kl(qz).sum(-1)
         ql = inference_outputs["ql"]
@@ -428,11 +436,12 @@ class VAE(nn.Module):
         batch_index: torch.Tensor,
         covariates: Covariates | None = None,
         kl_weight: float = 1.0,
+        nonzero: Nonzero | None = None,
     ) -> LossOutput:
-        """inference -> generative -> loss on one minibatch."""
+        """inference -> generative -> loss on one minibatch (``nonzero``: see :meth:`loss`)."""
         inf = self.inference(x, batch_index, covariates)
         gen = self.generative(inf["z"], inf["library"], batch_index, covariates)
-        return self.loss(x, inf, gen, kl_weight=kl_weight, batch_index=batch_index)
+        return self.loss(x, inf, gen, kl_weight=kl_weight, batch_index=batch_index, nonzero=nonzero)
 
     @torch.no_grad()
     def loadings(self) -> torch.Tensor:

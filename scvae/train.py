@@ -349,10 +349,12 @@ def fit(
             rank=world.rank,
             world_size=world.size,
         )
-        for step, (idx, x) in enumerate(batches):
+        for step, (idx, x, nonzero) in enumerate(batches):
             for keep, buf in zip(saved, buffers, strict=True):
                 keep.copy_(buf)
-            out = run_step(x, batch_codes[idx], covariates.take(idx), kl_weight=weight)
+            out = run_step(
+                x, batch_codes[idx], covariates.take(idx), kl_weight=weight, nonzero=nonzero
+            )
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             if not all_true(_all_finite(out.loss, params), device, world):
@@ -454,8 +456,8 @@ def evaluate(
     was_training = module.training
     module.eval()
     sums = _Sums(counts.device)
-    for part, x in counts.batches(idx, chunk, shuffle=False):
-        sums.add(module(x, batch_codes[part], covariates.take(part)))
+    for part, x, nonzero in counts.batches(idx, chunk, shuffle=False):
+        sums.add(module(x, batch_codes[part], covariates.take(part), nonzero=nonzero))
     sums.reduce(world or World())
     module.train(was_training)
     return sums.row(suffix)

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 
 from scvae._settings import logger
+from scvae.distributions import Nonzero
 from scvae.module import VAE, Covariates, LossOutput
 
 Precision = Literal["32", "bf16-mixed"]
@@ -113,15 +114,24 @@ class StepRunner:
         covariates: Covariates,
         *,
         kl_weight: float,
+        nonzero: Nonzero | None = None,
     ) -> LossOutput:
-        """Loss and per-cell terms of one minibatch, with the graph for ``backward``."""
+        """Loss and per-cell terms of one minibatch, with the graph for ``backward``.
+
+        ``nonzero``: the minibatch's non-zeros, where the count source has them
+        (:class:`scvae.data.loader.Minibatch`); see :meth:`scvae.module.VAE.loss`.
+        """
         with autocast(self.device, self.precision):
             if self._compiled is not None:
                 # a tensor, so that a new KL weight each epoch is not a new graph
                 weight = torch.tensor(kl_weight, device=x.device)
+                for t in nonzero or ():  # their number changes with every minibatch
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
                 try:
                     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-                        return self._compiled(x, batch_index, covariates, kl_weight=weight)
+                        return self._compiled(
+                            x, batch_index, covariates, kl_weight=weight, nonzero=nonzero
+                        )
                 except Exception as err:  # noqa: BLE001 - any compiler failure falls back
                     logger.warning(
                         "torch.compile failed (%s: %s); training goes on without it "
@@ -130,4 +140,4 @@ class StepRunner:
                         str(err).splitlines()[0] if str(err) else "",
                     )
                     self._compiled = None
-            return self.module(x, batch_index, covariates, kl_weight=kl_weight)
+            return self.module(x, batch_index, covariates, kl_weight=kl_weight, nonzero=nonzero)

@@ -30,8 +30,11 @@ def test_blocks_are_read_contiguously_in_shuffled_order_within_bounded_memory(h5
     src = BackedCSR(backed.X, "cpu", block_rows=50, buffer_blocks=4)
     gen = torch.Generator().manual_seed(0)
     seen = []
-    for idx, x in src.batches(torch.as_tensor(train), 32, shuffle=True, generator=gen):
+    for idx, x, (row, gene, value) in src.batches(
+        torch.as_tensor(train), 32, shuffle=True, generator=gen
+    ):
         np.testing.assert_array_equal(x.numpy(), dense[idx.numpy()])  # the right rows
+        assert torch.equal(x[row, gene], value) and int((x != 0).sum()) == len(value)
         seen.append(idx.numpy())
     seen = np.concatenate(seen)
     # every training cell once per epoch (1000 = 31 * 32 + 8 cells: nothing dropped)

@@ -27,9 +27,23 @@ def test_host_source_gives_the_device_source_minibatches(world_size):
     a = list(dev.batches(torch.arange(300), 64, generator=gens[0], **kw))
     b = list(host.batches(torch.arange(300), 64, generator=gens[1], **kw))
     assert len(a) == len(b) > 2
-    for (ia, xa), (ib, xb) in zip(a, b, strict=True):
+    for (ia, xa, nza), (ib, xb, nzb) in zip(a, b, strict=True):
         assert torch.equal(ia, ib) and torch.equal(xa, xb)
-    np.testing.assert_array_equal(b[0][1].numpy(), counts[b[0][0].numpy()].toarray())
+        assert all(torch.equal(u, v) for u, v in zip(nza, nzb, strict=True))
+    np.testing.assert_array_equal(b[0].x.numpy(), counts[b[0].idx.numpy()].toarray())
+
+
+def test_minibatch_non_zeros_are_those_of_its_rows():
+    """The (row, gene, value) a source hands the likelihood are exactly the rows' non-zeros."""
+    counts = _counts()
+    counts.data[::7] = 0  # stored zeros, as a CSR matrix may hold: listed, and harmless
+    for src in (DeviceCSR(counts, "cpu"), HostCSR(counts, "cpu")):
+        idx, x, (row, gene, value) = next(src.batches(torch.arange(300), 50, shuffle=True))
+        assert row.dtype == gene.dtype == torch.long
+        assert torch.equal(x[row, gene], value)
+        stored = {(int(r), int(g)) for r, g in zip(row, gene, strict=True)}
+        assert {(int(r), int(g)) for r, g in x.nonzero()} <= stored
+        assert len(stored) == len(value) == counts[idx.numpy()].nnz
 
 
 def test_csr_bytes():
@@ -76,8 +90,8 @@ def test_counts_larger_than_the_gpu_budget_stay_in_host_memory(monkeypatch, capl
     assert isinstance(count_source(adata.X, cuda), DeviceCSR)
     src = count_source(adata.X, cuda, max_fraction=0.0)
     assert isinstance(src, HostCSR) and src.host.values.device.type == "cpu"
-    idx, x = next(src.batches(torch.arange(300), 64, shuffle=False))
-    assert idx.is_cuda and x.is_cuda
+    idx, x, nonzero = next(src.batches(torch.arange(300), 64, shuffle=False))
+    assert idx.is_cuda and x.is_cuda and all(t.is_cuda for t in nonzero)
     np.testing.assert_array_equal(x.cpu().numpy(), adata.X[:64].toarray())
     # training on the GPU from host memory, as when the counts do not fit
     monkeypatch.setattr(

@@ -128,8 +128,8 @@ def test_backed_shards_are_disjoint_and_take_equal_steps(tmp_path):
         src = BackedCSR(x, "cpu", block_rows=64, buffer_blocks=2)
         gen = torch.Generator().manual_seed(3)
         parts = [
-            idx.numpy()
-            for idx, _ in src.batches(
+            b.idx.numpy()
+            for b in src.batches(
                 cells, 64, shuffle=True, generator=gen, drop_last_below=3, rank=rank, world_size=2
             )
         ]

@@ -502,3 +502,27 @@ def test_sparse_row_sums_equal_dense_with_gradients(zero_inflated, theta_shape):
     g_sparse = torch.autograd.grad(sparse.sum(), inputs)
     for a, b in zip(g_sparse, g_dense, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("zero_inflated", [False, True])
+def test_given_non_zeros_give_the_same_rows_and_gradients(zero_inflated):
+    """nonzero=(row, gene, value) from a CSR gather, stored zeros included, changes nothing."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.poisson(torch.full((40, 30), 0.5), generator=gen)
+    mu = (torch.rand(40, 30, generator=gen) * 4 + 1e-3).requires_grad_()
+    theta = (torch.rand(30, generator=gen) * 50 + 1e-2).requires_grad_()
+    zi = (torch.randn(40, 30, generator=gen) * 2).requires_grad_() if zero_inflated else None
+    row, gene = x.nonzero(as_tuple=True)
+    extra_row, extra_gene = torch.tensor([0, 5]), torch.tensor([1, 2])
+    x[extra_row, extra_gene] = 0.0  # now stored zeros of the list below
+    stored = (row, gene, x[row, gene])
+    found = nb_log_prob_rows(x, mu, theta, zi)
+    given = nb_log_prob_rows(x, mu, theta, zi, nonzero=stored)
+    torch.testing.assert_close(given, found, rtol=1e-6, atol=1e-5)
+    inputs = [mu, theta] + ([zi] if zero_inflated else [])
+    for a, b in zip(
+        torch.autograd.grad(given.sum(), inputs),
+        torch.autograd.grad(found.sum(), inputs),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

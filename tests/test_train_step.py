@@ -20,12 +20,20 @@ def _batch(n: int = 64, g: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch
     return torch.as_tensor(x, dtype=torch.float32), torch.zeros(n, dtype=torch.long)
 
 
-def _steps(module: VAE, opt: torch.optim.Optimizer, run, n: int = 5) -> list[float]:
+def _non_zeros(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    row, gene = x.nonzero(as_tuple=True)
+    return row, gene, x[row, gene]
+
+
+def _steps(
+    module: VAE, opt: torch.optim.Optimizer, run, n: int = 5, *, give_non_zeros: bool = False
+) -> list[float]:
     losses = []
     for i in range(n):
         x, b = _batch(seed=i)
         torch.manual_seed(i)  # the same reparameterisation noise for both runs
-        out = run(x, b, Covariates(), kl_weight=0.5)
+        nonzero = _non_zeros(x) if give_non_zeros else None
+        out = run(x, b, Covariates(), kl_weight=0.5, nonzero=nonzero)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -91,19 +99,27 @@ def test_speed_options_are_checked():
 
 
 @pytest.mark.parametrize(
-    "options",
-    [{}, {"use_observed_lib_size": False, "n_batch": 2}, {"gene_likelihood": "nb"}],
-    ids=["default", "latent-library", "nb"],
+    ("options", "give_non_zeros"),
+    [
+        ({}, False),
+        ({"use_observed_lib_size": False, "n_batch": 2}, False),
+        ({"gene_likelihood": "nb"}, False),
+        ({}, True),
+    ],
+    ids=["default", "latent-library", "nb", "non-zeros-given"],
 )
-def test_training_step_compiles_as_one_graph(options):
+def test_training_step_compiles_as_one_graph(options, give_non_zeros):
     # a graph break (torch.distributions' KL look-up split the step in three) leaves pieces
     # that inductor cannot fuse across, each a trip through Python forward and backward
     torch._dynamo.reset()
     torch.distributions.kl._KL_MEMOIZE.clear()  # the look-up broke the graph on a cache miss
     module = VAE(ModuleConfig(n_input=50, **options))
     x, b = _batch()
+    nonzero = _non_zeros(x) if give_non_zeros else None
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        explained = torch._dynamo.explain(module)(x, b, Covariates(), kl_weight=torch.tensor(0.5))
+        explained = torch._dynamo.explain(module)(
+            x, b, Covariates(), kl_weight=torch.tensor(0.5), nonzero=nonzero
+        )
     torch._dynamo.reset()
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
@@ -122,7 +138,9 @@ def test_compiled_step_gives_the_eager_results(monkeypatch):
     opt_b = make_optimizer(b.parameters(), lr=1e-2, eps=0.01, weight_decay=1e-6)
     eager = _steps(a, opt_a, StepRunner(a, torch.device("cpu"), "32", compile=False))
     compiled_run = StepRunner(b, torch.device("cpu"), "32", compile=True)
-    compiled = _steps(b, opt_b, compiled_run)
+    # the compiled run is given the non-zeros (as training from a count source does; their
+    # number changes with each minibatch), the eager one finds them itself
+    compiled = _steps(b, opt_b, compiled_run, give_non_zeros=True)
     assert compiled_run.compiled  # it really ran compiled (no silent fallback)
     np.testing.assert_allclose(compiled, eager, rtol=1e-4)
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):

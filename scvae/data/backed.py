@@ -29,7 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scvae.data.loader import DeviceCSR
+from scvae.data.loader import DeviceCSR, Minibatch
 
 # Rows per contiguous read and blocks per shuffle buffer (defaults of BackedCSR).
 BLOCK_ROWS = 1024
@@ -126,8 +126,8 @@ class BackedCSR:
     --------
     >>> src = BackedCSR(np.arange(20.0).reshape(10, 2), "cpu", block_rows=2, buffer_blocks=2)
     >>> gen = torch.Generator().manual_seed(0)
-    >>> sorted(i for idx, x in src.batches(torch.arange(10), 4, shuffle=True, generator=gen)
-    ...        for i in idx.tolist())
+    >>> sorted(i for b in src.batches(torch.arange(10), 4, shuffle=True, generator=gen)
+    ...        for i in b.idx.tolist())
     [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
     """
 
@@ -202,8 +202,8 @@ class BackedCSR:
         drop_last_below: int = 0,
         rank: int = 0,
         world_size: int = 1,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(cell indices, dense rows)`` minibatches of the cells ``indices``.
+    ) -> Iterator[Minibatch]:
+        """Minibatches (:class:`~scvae.data.loader.Minibatch`) of the cells ``indices``.
 
         With ``world_size > 1`` the buffers are dealt to the processes in turn (buffer ``j``
         to process ``j % world_size``), so each reads only its own blocks, and each takes
@@ -248,9 +248,9 @@ class BackedCSR:
                 if done >= steps:
                     return
                 pos = order[s : min(s + per_rank_batch, usable)]
-                yield (
-                    torch.as_tensor(rows[pos], device=self.device),
-                    on_device.rows(torch.as_tensor(pos, device=self.device)),
+                yield on_device.minibatch(
+                    torch.as_tensor(pos, device=self.device),
+                    cells=torch.as_tensor(rows[pos], device=self.device),
                 )
                 done += 1
             rest = order[usable:]

@@ -17,13 +17,27 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from scvae._settings import logger
+
+
+class Minibatch(NamedTuple):
+    """One minibatch of counts: cell indices, dense rows and, where known, their non-zeros.
+
+    ``nonzero`` is ``(row, gene, value)`` of each stored count (int64, int64, float32 on the
+    rows' device, rows in increasing order), taken from the CSR arrays the rows were gathered
+    from, so that the likelihood need not search the dense rows for them; None when the source
+    does not know them.
+    """
+
+    idx: torch.Tensor
+    x: torch.Tensor
+    nonzero: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 class CountSource(Protocol):
@@ -44,7 +58,7 @@ class CountSource(Protocol):
         drop_last_below: int = 0,
         rank: int = 0,
         world_size: int = 1,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    ) -> Iterator[Minibatch]: ...
 
 
 class DeviceCSR:
@@ -103,11 +117,17 @@ class DeviceCSR:
         shift = starts - (torch.cumsum(counts, 0) - counts)
         pos = torch.repeat_interleave(shift, counts, output_size=total)
         pos += torch.arange(total, device=self.device)
-        return row_of, self.indices[pos], self.values[pos]
+        return row_of, self.indices[pos].long(), self.values[pos]
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dense float32 rows ``idx`` (int64 on the device): ``(len(idx), n_genes)``."""
         return densify(*self.gather(idx), (len(idx), self.shape[1]))
+
+    def minibatch(self, idx: torch.Tensor, cells: torch.Tensor | None = None) -> Minibatch:
+        """Rows ``idx`` as a :class:`Minibatch` (``cells``: the indices it reports, else idx)."""
+        nonzero = self.gather(idx)
+        x = densify(*nonzero, (len(idx), self.shape[1]))
+        return Minibatch(idx.to(self.device) if cells is None else cells, x, nonzero)
 
     def row_sums(self) -> torch.Tensor:
         """Total counts of each cell, shape ``(n_rows,)``."""
@@ -127,8 +147,8 @@ class DeviceCSR:
         drop_last_below: int = 0,
         rank: int = 0,
         world_size: int = 1,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(cell indices, dense rows)`` minibatches of ``indices``, for process ``rank``.
+    ) -> Iterator[Minibatch]:
+        """Minibatches (:class:`Minibatch`) of ``indices`` for process ``rank``.
 
         See :func:`minibatches`; with ``world_size > 1`` each global minibatch of
         ``batch_size`` cells is split across the processes (:func:`shard_minibatches`).
@@ -136,7 +156,7 @@ class DeviceCSR:
         Examples
         --------
         >>> m = DeviceCSR(np.eye(4, dtype="float32"), "cpu")
-        >>> [i.tolist() for i, x in m.batches(torch.arange(4), 2, shuffle=False)]
+        >>> [b.idx.tolist() for b in m.batches(torch.arange(4), 2, shuffle=False)]
         [[0, 1], [2, 3]]
         """
         indices = torch.as_tensor(indices, dtype=torch.long).to(self.device)
@@ -149,7 +169,7 @@ class DeviceCSR:
             rank=rank,
             world_size=world_size,
         ):
-            yield idx, self.rows(idx)
+            yield self.minibatch(idx)
 
 
 def densify(
@@ -181,7 +201,7 @@ class HostCSR:
     Examples
     --------
     >>> m = HostCSR(np.array([[0, 1], [2, 0], [0, 0]]), "cpu")
-    >>> [(i.tolist(), x.tolist()) for i, x in m.batches(torch.tensor([1, 0]), 2, shuffle=False)]
+    >>> [(b.idx.tolist(), b.x.tolist()) for b in m.batches(torch.tensor([1, 0]), 2, shuffle=False)]
     [([1, 0], [[2.0, 0.0], [0.0, 1.0]])]
     """
 
@@ -218,8 +238,8 @@ class HostCSR:
         drop_last_below: int = 0,
         rank: int = 0,
         world_size: int = 1,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(cell indices, dense rows)`` on ``device``; see :meth:`DeviceCSR.batches`."""
+    ) -> Iterator[Minibatch]:
+        """Minibatches (:class:`Minibatch`) on ``device``; see :meth:`DeviceCSR.batches`."""
         order = list(
             shard_minibatches(
                 torch.as_tensor(indices, dtype=torch.long).cpu(),
@@ -238,10 +258,9 @@ class HostCSR:
                 parts = pending.popleft().result()
                 if ahead is not None:
                     pending.append(pool.submit(self._host_parts, ahead))
-                idx, row_of, cols, values = (
-                    p.to(self.device, non_blocking=not blocking) for p in parts
-                )
-                yield idx, densify(row_of, cols, values, (len(idx), self.shape[1]))
+                idx, *nonzero = (p.to(self.device, non_blocking=not blocking) for p in parts)
+                x = densify(*nonzero, (len(idx), self.shape[1]))
+                yield Minibatch(idx, x, tuple(nonzero))
 
 
 def csr_nbytes(matrix: sp.spmatrix | sp.sparray | np.ndarray) -> int:
