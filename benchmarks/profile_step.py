@@ -2,8 +2,8 @@
 
 20,000 simulated cells x 2,000 genes (10 % non-zero), batch 128, the default model (zinb,
 n_hidden 128, n_latent 10), the step exactly as ``scvae.train.fit`` runs it (gather from the
-device CSR, forward, backward, finite check, fused Adam). Prints and writes the operators by
-self time, grouped into the parts of the step.
+device CSR, whose non-zeros go to the likelihood, forward, backward, finite check, fused
+Adam). Prints and writes the operators by self time, grouped into the parts of the step.
 
     .venv/bin/python benchmarks/profile_step.py --threads 2 [--precision bf16-mixed] [--compile]
 
@@ -73,7 +73,8 @@ def main() -> None:
 
     def step() -> None:
         idx = torch.randperm(n, generator=gen)[:b]
-        out = run(data.rows(idx), codes[idx], Covariates(), kl_weight=0.5)
+        batch = data.minibatch(idx)  # dense rows and their non-zeros, as fit gets them
+        out = run(batch.x, codes[idx], Covariates(), kl_weight=0.5, nonzero=batch.nonzero)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         assert _all_finite(out.loss, params)
