@@ -86,20 +86,33 @@ def _lgamma_diff_value(x: Tensor, theta: Tensor) -> Tensor:
         + correction(x + theta) - correction(theta)
 
     Each branch of the ``torch.where`` gets inputs clamped to its own range so
-    that the branch not selected stays finite.
+    that the branch not selected stays finite. Computed as the terms that involve ``x``
+    (:func:`_lgamma_diff_x_terms`) minus those of theta alone (:func:`_lgamma_theta_terms`),
+    which a per-gene theta computes once per gene.
     """
+    return _lgamma_diff_x_terms(x, theta) - _lgamma_theta_terms(theta)
+
+
+def _lgamma_diff_x_terms(x: Tensor, theta: Tensor) -> Tensor:
+    """``lgamma(x + theta)``, or for ``theta >= 10`` the Stirling terms that involve ``x``."""
     large = theta >= _STIRLING_MIN_THETA
     t_small = theta.clamp_max(_STIRLING_MIN_THETA)
     t_large = theta.clamp_min(_STIRLING_MIN_THETA)
-    direct = torch.lgamma(x + t_small) - torch.lgamma(t_small)
     stirling = (
         (t_large - 0.5) * torch.log1p(x / t_large)
         + x * torch.log(x + t_large)
         - x
         + _stirling_correction(x + t_large)
-        - _stirling_correction(t_large)
     )
-    return torch.where(large, stirling, direct)
+    return torch.where(large, stirling, torch.lgamma(x + t_small))
+
+
+def _lgamma_theta_terms(theta: Tensor) -> Tensor:
+    """``lgamma(theta)``, or for ``theta >= 10`` its Stirling correction (the rest cancels)."""
+    large = theta >= _STIRLING_MIN_THETA
+    t_small = theta.clamp_max(_STIRLING_MIN_THETA)
+    t_large = theta.clamp_min(_STIRLING_MIN_THETA)
+    return torch.where(large, _stirling_correction(t_large), torch.lgamma(t_small))
 
 
 def _digamma(y: Tensor) -> Tensor:
@@ -125,20 +138,28 @@ def _lgamma_diff_grad(x: Tensor, theta: Tensor) -> Tensor:
 
     For ``theta >= 10`` the derivative of the Stirling form (no cancellation between two
     digammas): ``log1p(x / theta) + x / (2 theta (x + theta))
-    + correction'(x + theta) - correction'(theta)``.
+    + correction'(x + theta) - correction'(theta)``. As the value, the terms with ``x`` minus
+    those of theta alone.
     """
+    return _lgamma_diff_grad_x_terms(x, theta) - _lgamma_theta_grad_terms(theta)
+
+
+def _lgamma_diff_grad_x_terms(x: Tensor, theta: Tensor) -> Tensor:
+    """The terms of :func:`_lgamma_diff_grad` that involve ``x``."""
     large = theta >= _STIRLING_MIN_THETA
     t_small = theta.clamp_max(_STIRLING_MIN_THETA)
     t_large = theta.clamp_min(_STIRLING_MIN_THETA)
-    direct = _digamma(x + t_small) - _digamma(t_small)
     y = x + t_large
-    stirling = (
-        torch.log1p(x / t_large)
-        + 0.5 * x / (t_large * y)
-        + _stirling_correction_grad(y)
-        - _stirling_correction_grad(t_large)
-    )
-    return torch.where(large, stirling, direct)
+    stirling = torch.log1p(x / t_large) + 0.5 * x / (t_large * y) + _stirling_correction_grad(y)
+    return torch.where(large, stirling, _digamma(x + t_small))
+
+
+def _lgamma_theta_grad_terms(theta: Tensor) -> Tensor:
+    """The terms of :func:`_lgamma_diff_grad` of theta alone (digamma, or correction')."""
+    large = theta >= _STIRLING_MIN_THETA
+    t_small = theta.clamp_max(_STIRLING_MIN_THETA)
+    t_large = theta.clamp_min(_STIRLING_MIN_THETA)
+    return torch.where(large, _stirling_correction_grad(t_large), _digamma(t_small))
 
 
 def _stirling_correction_grad(a: Tensor) -> Tensor:
@@ -171,6 +192,35 @@ class _LgammaDiff(torch.autograd.Function):
         return None, _reduce_to(grad * _lgamma_diff_grad(x, theta), theta.shape)
 
 
+class _LgammaDiffPerGene(torch.autograd.Function):
+    """``lgamma(x + theta[gene]) - lgamma(theta[gene])`` for one theta per gene.
+
+    As :class:`_LgammaDiff`, but the terms of theta alone (``lgamma(theta)`` and, in the
+    backward pass, ``digamma(theta)``, or their Stirling corrections) are computed once per gene
+    and gathered, instead of once per non-zero count.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, theta: Tensor, gene: Tensor) -> Tensor:  # type: ignore[override]
+        return _lgamma_diff_x_terms(x, theta[gene]) - _lgamma_theta_terms(theta)[gene]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx, grad: Tensor
+    ) -> tuple[None, Tensor | None, None]:
+        x, theta, gene = ctx.saved_tensors
+        if not ctx.needs_input_grad[1]:
+            return None, None, None
+        per_count = grad * (
+            _lgamma_diff_grad_x_terms(x, theta[gene]) - _lgamma_theta_grad_terms(theta)[gene]
+        )
+        return None, torch.zeros_like(theta).index_add_(0, gene, per_count), None
+
+
 def _reduce_to(t: Tensor, shape: torch.Size) -> Tensor:
     """Sum a broadcast gradient back to ``shape``."""
     if t.shape == shape:
@@ -190,6 +240,17 @@ def _lgamma_diff(x: Tensor, theta: Tensor) -> Tensor:
     if x.requires_grad:
         raise ValueError("The counts x of a log-probability cannot require a gradient.")
     return _LgammaDiff.apply(x, theta)
+
+
+def _lgamma_diff_per_gene(x: Tensor, theta: Tensor, gene: Tensor) -> Tensor:
+    """``lgamma(x + theta[gene]) - lgamma(theta[gene])`` for counts ``x`` of genes ``gene``.
+
+    The same values and theta-gradient as ``_lgamma_diff(x, theta[gene])``, with the terms of
+    theta alone computed once per gene (``theta``: one value per gene).
+    """
+    if x.requires_grad:
+        raise ValueError("The counts x of a log-probability cannot require a gradient.")
+    return _LgammaDiffPerGene.apply(x, theta, gene)
 
 
 def log_nb_positive(x: Tensor, mu: Tensor, theta: Tensor, eps: float = 1e-8) -> Tensor:
@@ -343,9 +404,12 @@ def nb_log_prob_rows(
     ms = mu.reshape(-1, n_genes)[cell, gene].clamp_min(eps)
     if theta.numel() == n_genes:  # one dispersion per gene (the default)
         ts = theta.reshape(-1)[gene]
+        # lgamma(theta) and, backward, digamma(theta) once per gene, not once per count
+        lgamma_diff = _lgamma_diff_per_gene(xs, theta.reshape(-1), gene)
     else:
         ts = theta.expand_as(mu).reshape(-1, n_genes)[cell, gene]
-    extra = _lgamma_diff(xs, ts) - torch.lgamma(xs + 1.0) - xs * torch.log1p(ts / ms)
+        lgamma_diff = _lgamma_diff(xs, ts)
+    extra = lgamma_diff - torch.lgamma(xs + 1.0) - xs * torch.log1p(ts / ms)
     return rows.index_add(0, cell, extra).reshape(x.shape[:-1])
 
 
