@@ -76,6 +76,15 @@ def _stirling_correction(a: Tensor) -> Tensor:
     return (1.0 / 12.0 - 1.0 / (360.0 * a * a)) / a
 
 
+def _stirling_split(theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``theta >= 10`` (the Stirling branch), and theta clamped into each branch's range."""
+    return (
+        theta >= _STIRLING_MIN_THETA,
+        theta.clamp_max(_STIRLING_MIN_THETA),
+        theta.clamp_min(_STIRLING_MIN_THETA),
+    )
+
+
 def _lgamma_diff_value(x: Tensor, theta: Tensor) -> Tensor:
     """Return ``lgamma(x + theta) - lgamma(theta)``, accurate for large theta.
 
@@ -95,9 +104,7 @@ def _lgamma_diff_value(x: Tensor, theta: Tensor) -> Tensor:
 
 def _lgamma_diff_x_terms(x: Tensor, theta: Tensor) -> Tensor:
     """``lgamma(x + theta)``, or for ``theta >= 10`` the Stirling terms that involve ``x``."""
-    large = theta >= _STIRLING_MIN_THETA
-    t_small = theta.clamp_max(_STIRLING_MIN_THETA)
-    t_large = theta.clamp_min(_STIRLING_MIN_THETA)
+    large, t_small, t_large = _stirling_split(theta)
     stirling = (
         (t_large - 0.5) * torch.log1p(x / t_large)
         + x * torch.log(x + t_large)
@@ -109,9 +116,7 @@ def _lgamma_diff_x_terms(x: Tensor, theta: Tensor) -> Tensor:
 
 def _lgamma_theta_terms(theta: Tensor) -> Tensor:
     """``lgamma(theta)``, or for ``theta >= 10`` its Stirling correction (the rest cancels)."""
-    large = theta >= _STIRLING_MIN_THETA
-    t_small = theta.clamp_max(_STIRLING_MIN_THETA)
-    t_large = theta.clamp_min(_STIRLING_MIN_THETA)
+    large, t_small, t_large = _stirling_split(theta)
     return torch.where(large, _stirling_correction(t_large), torch.lgamma(t_small))
 
 
@@ -146,9 +151,7 @@ def _lgamma_diff_grad(x: Tensor, theta: Tensor) -> Tensor:
 
 def _lgamma_diff_grad_x_terms(x: Tensor, theta: Tensor) -> Tensor:
     """The terms of :func:`_lgamma_diff_grad` that involve ``x``."""
-    large = theta >= _STIRLING_MIN_THETA
-    t_small = theta.clamp_max(_STIRLING_MIN_THETA)
-    t_large = theta.clamp_min(_STIRLING_MIN_THETA)
+    large, t_small, t_large = _stirling_split(theta)
     y = x + t_large
     stirling = torch.log1p(x / t_large) + 0.5 * x / (t_large * y) + _stirling_correction_grad(y)
     return torch.where(large, stirling, _digamma(x + t_small))
@@ -156,9 +159,7 @@ def _lgamma_diff_grad_x_terms(x: Tensor, theta: Tensor) -> Tensor:
 
 def _lgamma_theta_grad_terms(theta: Tensor) -> Tensor:
     """The terms of :func:`_lgamma_diff_grad` of theta alone (digamma, or correction')."""
-    large = theta >= _STIRLING_MIN_THETA
-    t_small = theta.clamp_max(_STIRLING_MIN_THETA)
-    t_large = theta.clamp_min(_STIRLING_MIN_THETA)
+    large, t_small, t_large = _stirling_split(theta)
     return torch.where(large, _stirling_correction_grad(t_large), _digamma(t_small))
 
 

@@ -121,7 +121,7 @@ class DeviceCSR:
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dense float32 rows ``idx`` (int64 on the device): ``(len(idx), n_genes)``."""
-        return densify(*self.gather(idx), (len(idx), self.shape[1]))
+        return self.minibatch(idx).x
 
     def minibatch(self, idx: torch.Tensor, cells: torch.Tensor | None = None) -> Minibatch:
         """Rows ``idx`` as a :class:`Minibatch` (``cells``: the indices it reports, else idx)."""
