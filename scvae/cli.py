@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load a model saved by `scvae fit --model-dir`, run scVI's differential\n"
         "expression of each group of --groupby against all other cells, and write the table\n"
         "as CSV: one row per gene and comparison, the columns of\n"
-        "model.differential_expression (proba_de, lfc_mean, ... in change mode).",
+        "model.differential_expression (proba_de, lfc_mean, ... in change and group modes).",
         epilog=_DE_EXAMPLES,
         formatter_class=raw,
     )
@@ -365,14 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--groupby", required=True, metavar="KEY", help="obs column with the groups")
     de.add_argument(
         "--mode",
-        choices=("vanilla", "change"),
+        choices=("vanilla", "change", "group"),
         default="vanilla",
-        help="vanilla: P(rho1 > rho2); change: P(|log2 fold change| >= delta) (default: vanilla)",
+        help="vanilla: P(rho1 > rho2); change: P(|log2 fold change| >= delta) over pairs of "
+        "cells; group: the same for the groups' mean expression (default: vanilla)",
     )
     de.add_argument(
-        "--delta", type=float, default=0.25, help="change mode: log2 FC threshold (0.25)"
+        "--delta", type=float, default=0.25, help="change, group: log2 FC threshold (0.25)"
     )
-    de.add_argument("--fdr-target", type=float, default=0.05, help="change mode: target FDR (0.05)")
+    de.add_argument(
+        "--fdr-target", type=float, default=0.05, help="change, group: target FDR (0.05)"
+    )
     de.add_argument(
         "--batch-correction", action="store_true", help="decode cells under every batch"
     )

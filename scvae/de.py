@@ -21,6 +21,11 @@ with the pseudocount ``c`` estimated from genes that are nearly unexpressed in t
 use ``1e-3 * c`` so that they estimate the log fold change itself, as scvi-tools does. Genes are
 called DE by the posterior expected FDR (:func:`fdr_calls`). The test gives no p-values.
 
+``mode="group"`` (scvae's own) compares the groups' mean expression instead of pairs of cells:
+each side is subsampled to at most ``n_samples`` cells without replacement and handed to
+:mod:`scvae.de_group` (:func:`compare_groups`); its ``proba_de`` and FDR calls have the same
+form as change mode's.
+
 Examples
 --------
 >>> import numpy as np
@@ -41,14 +46,19 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scvae.de_group import GroupInputs, fit_group, group_statistics
+
 EPS = 1e-8
 # Genes per block when per-pair statistics are computed (bounds the temporaries).
 _GENE_BLOCK = 256
 # Cells per block when count statistics are accumulated from the CSR matrix.
 _CELL_BLOCK = 8192
 
+MODES = ("vanilla", "change", "group")
+
 Selection = np.ndarray | Sequence[int] | Sequence[bool]
 ExpressionFn = Callable[[np.ndarray, int | None], np.ndarray]
+GroupInputsFn = Callable[[np.ndarray], GroupInputs]
 
 
 @dataclass(frozen=True)
@@ -419,7 +429,7 @@ class DEOptions:
     0.25
     """
 
-    mode: Literal["vanilla", "change"] = "vanilla"
+    mode: Literal["vanilla", "change", "group"] = "vanilla"
     delta: float = 0.25
     fdr_target: float | tuple[float, ...] = 0.05
     n_samples: int = 5000
@@ -428,8 +438,8 @@ class DEOptions:
     threshold_counts: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.mode not in ("vanilla", "change"):
-            raise ValueError(f"mode must be 'vanilla' or 'change', got {self.mode!r}.")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
         for t in self.fdr_targets:
             if not 0 < t < 1:
                 raise ValueError(f"fdr_target must lie in (0, 1), got {t}.")
@@ -494,6 +504,68 @@ def compare(
     return table
 
 
+def subsample(cells: np.ndarray, n_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """At most ``n_samples`` of the cells, drawn without replacement, sorted.
+
+    Examples
+    --------
+    >>> subsample(np.arange(10), 3, np.random.default_rng(0)).size
+    3
+    >>> subsample(np.arange(4), 10, np.random.default_rng(0)).tolist()
+    [0, 1, 2, 3]
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples_overall must be at least 1, got {n_samples}.")
+    if cells.size <= n_samples:
+        return cells
+    return np.sort(rng.choice(cells, size=n_samples, replace=False))
+
+
+def compare_groups(
+    comp: Comparison,
+    stats: dict[str, np.ndarray],
+    group_inputs: GroupInputsFn,
+    gene_names: Sequence[str],
+    options: DEOptions,
+    rng: np.random.Generator,
+) -> pd.DataFrame:
+    """One comparison's table in ``mode="group"`` (:mod:`scvae.de_group`), sorted.
+
+    Sorted by ``proba_de`` rounded to 6 decimals (the posterior is computed in closed form, so
+    genes beyond any doubt differ only by rounding), ties by ``|lfc_mean|``, both decreasing;
+    FDR calls as in change mode.
+
+    Examples
+    --------
+    >>> from scvae.de_group import GroupInputs
+    >>> rng = np.random.default_rng(0)
+    >>> rho = np.tile([0.25, 0.25, 0.5], (60, 1)); rho[:30, 0] *= 4; rho /= rho.sum(1)[:, None]
+    >>> x = rng.poisson(rho * 200.0).astype(float)
+    >>> fn = lambda cells: GroupInputs(rho[cells], x[cells], rho[cells] * 200.0, None, None)
+    >>> comp = Comparison("a", "b", np.arange(30), np.arange(30, 60))
+    >>> compare_groups(comp, {}, fn, list("xyz"), DEOptions(mode="group"), rng).index[0]
+    'x'
+    """
+    fits = []
+    for cells in (comp.cells1, comp.cells2):
+        chosen = subsample(cells, options.n_samples, rng)
+        inputs = group_inputs(chosen)
+        if inputs.rho.shape != (chosen.size, len(gene_names)):
+            raise ValueError(
+                f"group_inputs returned rho of shape {inputs.rho.shape}; expected "
+                f"({chosen.size}, {len(gene_names)})."
+            )
+        fits.append(fit_group(inputs))
+    res: dict = group_statistics(fits[0], fits[1], delta=options.delta, test_mode=options.test_mode)
+    res.update(stats)
+    table = pd.DataFrame(res, index=pd.Index(list(gene_names), name=None))
+    keys = (np.round(table["proba_de"].to_numpy(), 6), np.abs(table["lfc_mean"].to_numpy()))
+    table = table.iloc[np.lexsort((np.arange(len(table)), -keys[1], -keys[0]))]
+    for t in options.fdr_targets:
+        table[fdr_column(t)] = fdr_calls(table["proba_de"].to_numpy(), t)
+    return table
+
+
 def run(
     comparisons: Sequence[Comparison],
     counts: sp.spmatrix | Iterable[sp.spmatrix],
@@ -503,6 +575,7 @@ def run(
     gene_names: Sequence[str],
     options: DEOptions,
     rng: np.random.Generator,
+    group_inputs: GroupInputsFn | None = None,
 ) -> pd.DataFrame:
     """All comparisons: sample cells, query their expression, compare, concatenate.
 
@@ -526,6 +599,10 @@ def run(
         :class:`DEOptions`.
     rng
         Draws the cells.
+    group_inputs
+        ``mode="group"`` only: ``group_inputs(cells)`` -> :class:`scvae.de_group.GroupInputs`
+        of the listed (distinct) cells; each side of a comparison is subsampled to
+        ``n_samples`` cells without replacement first.
 
     Returns
     -------
@@ -543,27 +620,45 @@ def run(
     (4, 14)
     """
     stats = count_statistics(counts, comparisons)
+    if options.mode == "group" and group_inputs is None:
+        raise ValueError("mode='group' needs group_inputs.")
     tables = []
     for comp, st in zip(comparisons, stats, strict=True):
-        pairs = sample_pairs(comp.cells1, comp.cells2, options.n_samples, len(batch_codes), rng)
-        s1_parts, s2_parts = [], []
-        for code, (a, b) in zip(batch_codes, pairs, strict=True):
-            values = np.asarray(expression(np.concatenate([a, b]), code))
-            if values.shape != (len(a) + len(b), len(gene_names)):
-                raise ValueError(
-                    f"expression returned shape {values.shape}; expected "
-                    f"({len(a) + len(b)}, {len(gene_names)})."
-                )
-            s1_parts.append(values[: len(a)])
-            s2_parts.append(values[len(a) :])
-        s1 = s1_parts[0] if len(s1_parts) == 1 else np.concatenate(s1_parts)
-        s2 = s2_parts[0] if len(s2_parts) == 1 else np.concatenate(s2_parts)
-        table = compare(s1, s2, st, gene_names, options)
+        if options.mode == "group":
+            table = compare_groups(comp, st, group_inputs, gene_names, options, rng)
+        else:
+            s1, s2 = _paired_samples(comp, expression, batch_codes, len(gene_names), options, rng)
+            table = compare(s1, s2, st, gene_names, options)
         table["comparison"] = comp.label
         table["group1"] = comp.name1
         table["group2"] = comp.name2
         tables.append(table)
     return pd.concat(tables, axis=0)
+
+
+def _paired_samples(
+    comp: Comparison,
+    expression: ExpressionFn,
+    batch_codes: Sequence[int | None],
+    n_genes: int,
+    options: DEOptions,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Vanilla and change modes: rho of the cells drawn for each side, paired by position."""
+    pairs = sample_pairs(comp.cells1, comp.cells2, options.n_samples, len(batch_codes), rng)
+    s1_parts, s2_parts = [], []
+    for code, (a, b) in zip(batch_codes, pairs, strict=True):
+        values = np.asarray(expression(np.concatenate([a, b]), code))
+        if values.shape != (len(a) + len(b), n_genes):
+            raise ValueError(
+                f"expression returned shape {values.shape}; expected "
+                f"({len(a) + len(b)}, {n_genes})."
+            )
+        s1_parts.append(values[: len(a)])
+        s2_parts.append(values[len(a) :])
+    s1 = s1_parts[0] if len(s1_parts) == 1 else np.concatenate(s1_parts)
+    s2 = s2_parts[0] if len(s2_parts) == 1 else np.concatenate(s2_parts)
+    return s1, s2
 
 
 def _check_pairs(s1: np.ndarray, s2: np.ndarray) -> None:

@@ -278,7 +278,7 @@ def differential_expression(
     groupby: str,
     groups: str | Sequence[str] | None = None,
     reference: str = "rest",
-    mode: Literal["vanilla", "change"] = "vanilla",
+    mode: Literal["vanilla", "change", "group"] = "vanilla",
     delta: float = 0.25,
     fdr_target: float = 0.05,
     batch_correction: bool = False,
@@ -320,15 +320,15 @@ def differential_expression(
     Notes
     -----
     ``uns[key_added]`` holds ``params`` (``groupby``, ``reference``, ``method`` =
-    ``"scvae_vanilla"`` or ``"scvae_change"``, ``use_raw=False``, ``corr_method="none"``, and
-    the test's options), then per group, genes ranked by score:
+    ``"scvae_vanilla"``, ``"scvae_change"`` or ``"scvae_group"``, ``use_raw=False``,
+    ``corr_method="none"``, and the test's options), then per group, genes ranked by score:
 
     - ``names``;
     - ``scores``: vanilla, the ``bayes_factor`` (log odds of P(rho1 > rho2): positive when higher
-      in the group); change, ``sign(lfc_mean) * proba_de`` (near +1 confidently up, near -1
-      confidently down, near 0 not DE). Ties are broken by ``logfoldchanges``;
+      in the group); change and group, ``sign(lfc_mean) * proba_de`` (near +1 confidently up,
+      near -1 confidently down, near 0 not DE). Ties are broken by ``logfoldchanges``;
     - ``logfoldchanges``: log2, group over reference: vanilla, ``log2(scale1 / scale2)`` (mean
-      sampled rho); change, ``lfc_mean``;
+      sampled rho); change and group, ``lfc_mean``;
     - ``pvals`` and ``pvals_adj``: all NaN. scVI's test has no p-values; the fields exist only
       because ``sc.get.rank_genes_groups_df`` reads them. Use ``proba_de`` and
       ``is_de_fdr_<t>`` of the returned table instead;

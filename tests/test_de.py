@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score
 
 import scvae
-from scvae import de
+from scvae import de, de_group
 
 # ------------------------------------------------------------------ statistics on arrays
 
@@ -365,6 +365,128 @@ def test_works_after_load_with_another_adata(sim, tmp_path):
         sim[:200].copy(), groupby="cell_type", group1="type0", n_samples_overall=20
     )
     assert res.shape[0] == sim.n_vars
+
+
+# ------------------------------------------------------------------ group mode
+GROUP = [
+    "proba_de",
+    "proba_not_de",
+    "bayes_factor",
+    "scale1",
+    "scale2",
+    "lfc_mean",
+    "lfc_std",
+    "lfc_estimate",
+    "lfc_se",
+    "delta",
+]
+
+
+def test_group_factor_recovers_known_factors_and_their_spread():
+    rng = np.random.default_rng(0)
+    n, theta = 300, 4.0
+    mu = np.exp(rng.normal(0.0, 1.0, (n, 1))) * np.array([[0.2, 1.0, 5.0]])
+    factors = np.array([2.0, 0.5, 1.0])
+    betas = []
+    for _ in range(200):
+        lam = rng.gamma(theta, mu * factors / theta)
+        beta, info = de_group.group_factor(rng.poisson(lam), mu, np.full_like(mu, theta))
+        betas.append(beta)
+    betas = np.array(betas)
+    # unbiased up to the weak N(0, 1) prior, and the information's variance is the spread's
+    np.testing.assert_allclose(betas.mean(0), np.log(factors), atol=0.03)
+    np.testing.assert_allclose(betas.std(0), 1.0 / np.sqrt(info), rtol=0.2)
+
+
+def test_group_factor_zero_weight_discounts_zero_inflation():
+    rng = np.random.default_rng(1)
+    mu = np.full((2000, 1), 3.0)
+    x = rng.poisson(mu * 2.0)
+    x[rng.random(x.shape) < 0.5] = 0  # half the counts lost to zero-inflation
+    naive, _ = de_group.group_factor(x, mu, None)
+    p0 = np.exp(-6.0)
+    weight = np.full(x.shape, 0.5 * p0 / (0.5 + 0.5 * p0))
+    aware, _ = de_group.group_factor(x, mu, None, weight)
+    assert abs(naive[0] - np.log(1.0)) < 0.1  # x2 signal, halved by the zeros
+    assert abs(aware[0] - np.log(2.0)) < 0.03
+
+
+def test_normal_means_posterior_null_shrinks_and_effects_stand():
+    rng = np.random.default_rng(0)
+    se = rng.uniform(0.1, 0.5, 2000)
+    effect = np.zeros(2000)
+    effect[:200] = rng.choice([-1.0, 1.0], 200)
+    est = effect + se * rng.standard_normal(2000)
+    post = de_group.normal_means_posterior(est, se, 0.25)
+    proba = np.maximum(post["up"], post["down"])
+    null = effect == 0
+    assert np.median(proba[null]) < 0.05 and proba[null].mean() < 0.1
+    assert np.median(proba[~null]) > 0.9
+    assert (np.abs(post["mean"]) <= np.abs(est) + 1e-12).all()  # shrinkage towards zero
+    called = de.fdr_calls(proba, 0.05)
+    assert called.sum() > 100 and null[called].mean() <= 0.08
+
+
+def test_group_mode_columns_sorting_and_bounded_queries(sim, trained, monkeypatch):
+    rows = []
+    original_chunks = trained._chunks
+
+    def chunks(adata, indices, batch_size):
+        for x, b, cov in original_chunks(adata, indices, batch_size):
+            rows.append(x.shape[0])
+            yield x, b, cov
+
+    monkeypatch.setattr(trained, "_chunks", chunks)
+    n = 150
+    res = trained.differential_expression(
+        groupby="cell_type", group1="type0", mode="group", n_samples_overall=n
+    )
+    # two queries (likelihood parameters, rho) per side, n cells each, never more
+    assert sum(rows) == 2 * 2 * n
+    assert list(res.columns) == GROUP + COUNTS + ["is_de_fdr_0.05"] + NAMES
+    p = np.round(res["proba_de"].to_numpy(), 6)
+    assert (np.diff(p) <= 0).all()
+    ties = np.diff(p) == 0
+    assert (np.diff(res["lfc_mean"].abs().to_numpy())[ties] <= 1e-12).all()
+    assert ((res["proba_de"] >= 0) & (res["proba_de"] <= 1)).all()
+    assert (res["lfc_mean"].abs() <= res["lfc_estimate"].abs() + 1e-9).all()
+    # the known effects of type0 against the rest are found, the rest are not
+    true = true_log2_ratio(sim, 0, 1)
+    called = res.loc[sim.var_names, "is_de_fdr_0.05"].to_numpy()
+    assert called.sum() >= 20 and (np.abs(true[called]) >= 0.25).mean() >= 0.9
+    rows.clear()
+    trained.differential_expression(
+        groupby="cell_type", group1="type0", mode="group", batch_correction=True
+    )
+    assert max(rows) <= 1200  # without replacement: each side at most its own cells
+
+
+def test_group_mode_finds_a_shift_the_latent_space_does_not_hold(sim):
+    """Thinned genes in a random half of one type: invisible to change mode, found by group."""
+    thinned = scvae.data.binomial_thinning(
+        sim,
+        cell_type="type0",
+        n_de_genes=15,
+        log2_fold_changes=(1.0, 2.0),
+        max_fraction_of_counts=0.2,
+        seed=0,
+    )
+    factor = np.minimum(thinned.var["thinning_factor_A"], thinned.var["thinning_factor_B"])
+    truth = (factor < 1).to_numpy()
+    model = scvae.SCVAE(thinned, batch_key="batch")
+    model.train(max_epochs=60, seed=0)
+    halves = {"idx1": thinned.obs["group"] == "A", "idx2": thinned.obs["group"] == "B"}
+    group = model.differential_expression(**halves, mode="group").loc[thinned.var_names]
+    change = model.differential_expression(**halves, mode="change").loc[thinned.var_names]
+    called = group["is_de_fdr_0.05"].to_numpy()
+    assert called.sum() >= 10 and truth[called].mean() >= 0.9
+    assert average_precision_score(truth, group["proba_de"]) > 0.95
+    # the two halves decode alike, so comparing pairs of cells misses the thinned genes
+    assert change["is_de_fdr_0.05"].sum() < called.sum() // 2
+    # the estimate follows the counts: thinned 2^-2 in one half, about -2 or +2 in log2
+    strong = (factor == 0.25).to_numpy()
+    sign = np.where(thinned.var["thinning_factor_A"] < 1, -1.0, 1.0)[strong]
+    assert np.median(sign * group["lfc_estimate"].to_numpy()[strong]) > 1.4
 
 
 # ------------------------------------------------------------------ real data: pbmc3k markers

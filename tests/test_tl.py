@@ -63,13 +63,14 @@ def test_uns_structure_and_get_df(adata_model):
     assert len(everything) == 3 * adata.n_vars
 
 
-def test_change_mode_scores_are_signed_probabilities(adata_model):
+@pytest.mark.parametrize("mode", ["change", "group"])
+def test_change_and_group_scores_are_signed_probabilities(adata_model, mode):
     adata, model = adata_model
     table = scvae.tl.differential_expression(
-        adata, model, groupby="cell_type", mode="change", n_samples_overall=300
+        adata, model, groupby="cell_type", mode=mode, n_samples_overall=300
     )
     uns = adata.uns["rank_genes_groups"]
-    assert uns["params"]["method"] == "scvae_change"
+    assert uns["params"]["method"] == f"scvae_{mode}"
     for g in ("type0", "type2"):
         block = table[table["group1"] == g]
         scores = uns["scores"][g]
