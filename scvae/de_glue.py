@@ -145,6 +145,10 @@ def differential_expression(
             batch_size=batch_size,
         )
 
+    config = model.module.config
+    fixed_library = config.use_observed_lib_size or config.use_size_factor
+    corrected = batch_correction and len(batches) > 1
+
     def group_inputs(cells: np.ndarray) -> de_group.GroupInputs:
         # mode="group": the subsampled cells of one side, never more
         sub = adata[cells]
@@ -152,15 +156,20 @@ def differential_expression(
         params = model.get_likelihood_parameters(
             sub, n_samples=GROUP_POSTERIOR_SAMPLES, give_mean=True, batch_size=batch_size
         )
-        rho = model.get_normalized_expression(
-            sub,
-            transform_batch=list(batches) if batch_correction and len(batches) > 1 else None,
-            n_samples=GROUP_POSTERIOR_SAMPLES,
-            return_mean=True,
-            return_numpy=True,
-            batch_size=batch_size,
-        )
         mean = params["mean"].astype(np.float64)
+        if fixed_library and not corrected:
+            # the library is the same in every sample: the mean is library x mean rho
+            library = model.get_latent_library_size(sub, batch_size=batch_size)
+            rho = mean / np.asarray(library, dtype=np.float64).reshape(-1, 1)
+        else:
+            rho = model.get_normalized_expression(
+                sub,
+                transform_batch=list(batches) if corrected else None,
+                n_samples=GROUP_POSTERIOR_SAMPLES,
+                return_mean=True,
+                return_numpy=True,
+                batch_size=batch_size,
+            )
         theta = params.get("dispersions")
         weight = None
         if "dropout" in params:

@@ -17,6 +17,9 @@ This test asks about the groups' mean expression instead. For each group G and g
    the latent space, with the Fisher information as its precision.
 
 The group's log mean expression is ``log(rho_bar) + beta``, its variance the sum of the two.
+The Fisher variance of ``beta`` treats ``mu`` as fixed although the encoder saw the same
+counts; on the benchmark's thinned pbmc3k genes without an effect it overstates the spread of
+``beta`` (z-scores with standard deviation 0.58-0.69), so the test errs on the cautious side.
 The LFC estimate of two groups and its standard error go through an empirical-Bayes
 normal-means step shared by the genes of the comparison (:func:`normal_means_posterior`, the
 adaptive shrinkage of Stephens 2017: a prior that is a mixture of zero-centred normals, with a
@@ -86,7 +89,7 @@ def group_factor(
     *,
     prior_sd: float = BETA_PRIOR_SD,
     max_iter: int = 100,
-    tol: float = 1e-6,
+    tol: float = 1e-5,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-gene factor ``beta`` with ``counts ~ NB(mean * exp(beta), theta)``; its information.
 
@@ -110,16 +113,26 @@ def group_factor(
     inv_theta = 0.0 if theta is None else 1.0 / np.maximum(np.asarray(theta, np.float64), 1e-8)
     weight = 1.0 if zero_weight is None else np.where(counts > 0, 1.0, zero_weight)
     precision = 1.0 / prior_sd**2
-    beta = np.zeros(counts.shape[1])
-    info = np.full(counts.shape[1], precision)
+    # start at the Poisson estimate (log of observed over expected counts), near the answer
+    observed = (weight * counts).sum(axis=0)
+    expected = (weight * mean).sum(axis=0)
+    beta = np.clip(np.log((observed + 0.5) / (expected + 0.5)), -5.0, 5.0)
+    active = np.arange(counts.shape[1])  # genes not yet converged: only they are updated
+
+    def cols(a: np.ndarray | float) -> np.ndarray | float:
+        return a if np.ndim(a) == 0 or active.size == beta.size else a[:, active]
+
     for _ in range(max_iter):
-        m = mean * np.exp(beta)
-        denom = 1.0 + m * inv_theta
-        score = (weight * (counts - m) / denom).sum(axis=0) - beta * precision
-        info = (weight * m / denom).sum(axis=0) + precision
+        b = beta[active]
+        m = cols(mean) * np.exp(b)
+        denom = 1.0 + m * cols(inv_theta)
+        w = cols(weight)
+        score = (w * (cols(counts) - m) / denom).sum(axis=0) - b * precision
+        info = (w * m / denom).sum(axis=0) + precision
         step = np.clip(score / info, -1.0, 1.0)
-        beta += step
-        if np.max(np.abs(step)) < tol:
+        beta[active] = b + step
+        active = active[np.abs(step) >= tol]
+        if active.size == 0:
             break
     m = mean * np.exp(beta)
     denom = 1.0 + m * inv_theta

@@ -441,7 +441,7 @@ def test_group_mode_columns_sorting_and_bounded_queries(sim, trained, monkeypatc
     res = trained.differential_expression(
         groupby="cell_type", group1="type0", mode="group", n_samples_overall=n
     )
-    # two queries (likelihood parameters, rho) per side, n cells each, never more
+    # two passes per side (likelihood parameters; library or rho), n cells each, never more
     assert sum(rows) == 2 * 2 * n
     assert list(res.columns) == GROUP + COUNTS + ["is_de_fdr_0.05"] + NAMES
     p = np.round(res["proba_de"].to_numpy(), 6)
