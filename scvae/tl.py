@@ -326,7 +326,8 @@ def differential_expression(
     - ``names``;
     - ``scores``: vanilla, the ``bayes_factor`` (log odds of P(rho1 > rho2): positive when higher
       in the group); change and group, ``sign(lfc_mean) * proba_de`` (near +1 confidently up,
-      near -1 confidently down, near 0 not DE). Ties are broken by ``logfoldchanges``;
+      near -1 confidently down, near 0 not DE). Ties (to 6 decimals) are broken by
+      ``logfoldchanges``;
     - ``logfoldchanges``: log2, group over reference: vanilla, ``log2(scale1 / scale2)`` (mean
       sampled rho); change and group, ``lfc_mean``;
     - ``pvals`` and ``pvals_adj``: all NaN. scVI's test has no p-values; the fields exist only
@@ -401,7 +402,8 @@ def _rank_genes_groups_uns(
         else:
             lfc = block["lfc_mean"].to_numpy()
             scores = np.sign(lfc) * block["proba_de"].to_numpy()
-        order = np.lexsort((-lfc, -scores))
+        # rounded: group mode's closed-form probabilities differ by float noise near 1
+        order = np.lexsort((-lfc, -np.round(scores, 6)))
         fields["names"].append(block.index.to_numpy(dtype=object)[order])
         fields["scores"].append(scores[order].astype(np.float32))
         fields["logfoldchanges"].append(lfc[order].astype(np.float32))
