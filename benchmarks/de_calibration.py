@@ -1,8 +1,9 @@
 """Calibration and ranking of differential expression where the truth is known.
 
-Three kinds of data, each analysed by scvae (change mode), scvi-tools (change mode, in its
-own environment) and scanpy's Wilcoxon test (log-normalised counts, Benjamini-Hochberg), all
-on the same cells and genes in one run:
+Three kinds of data, each analysed by scvae (change mode, and group mode on the same trained
+model: "scvae (group)"), scvi-tools (change mode, in its own environment) and scanpy's
+Wilcoxon test (log-normalised counts, Benjamini-Hochberg), all on the same cells and genes in
+one run:
 
 - ``simulate``: ``scvae.data.simulate`` with two cell types (10% of genes DE per type), at
   several effect sizes, ``--replicates`` data sets each; the true log2 ratio of normalised
@@ -162,6 +163,8 @@ def run_worker(tool: str, python: str, h5ad: Path, out: Path, args, seed: int, e
         "--n-samples",
         str(args.n_samples),
     ]
+    if tool == "scvae":
+        cmd += ["--extra-modes", "group"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{tool} on {h5ad.name} failed:\n{proc.stderr[-4000:]}")
@@ -212,8 +215,10 @@ def analyse(name: str, kind: str, adata: ad.AnnData, truth: dict, args, epochs: 
     for col in [c for c in adata.obs.columns if c.startswith("cmp_")]:
         base = {"kind": kind, "dataset": name, "comparison": col, "seed": seed}
         base["n_cells_per_group"] = int((adata.obs[col] == "A").sum())
-        for tool, res in results.items():
-            cmp_ = res["comparisons"][col]
+        runs = [(tool, res, res["comparisons"][col]) for tool, res in results.items()]
+        group = results["scvae"]["comparisons_group"][col]
+        runs.insert(1, ("scvae (group)", results["scvae"], group))
+        for tool, res, cmp_ in runs:
             proba = np.asarray(cmp_["proba_de"])
             calls = {t: fdr_calls(proba, t) for t in TARGETS}
             own = np.asarray(cmp_["is_de_fdr_0_05"])

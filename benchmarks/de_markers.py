@@ -4,7 +4,10 @@ Both tools train on pbmc3k_seurat (2,000 seurat_v3 HVGs, 100 epochs, ``train_siz
 0, as the slow test in tests/test_de.py) and run one-vs-rest on ``cell_type`` twice: vanilla
 (the default; sorted by ``bayes_factor``) and change (sorted by ``proba_de``). A third ranking
 keeps the genes called at fdr 0.05 with ``lfc_mean > 0`` and sorts them by ``lfc_mean -
-lfc_std``. Writes ``results/de_markers.{md,json}``.
+lfc_std``. scvae also runs group mode: its own order (``proba_de``, ties ``|lfc_mean|``) and
+the order ``scvae.tl.differential_expression`` writes for scanpy (``sign(lfc_mean) *
+proba_de`` to 6 decimals, ties ``lfc_mean``: confidently up genes first). Writes
+``results/de_markers.{md,json}``.
 
 Run from the repository root (each tool in its own environment, one after the other)::
 
@@ -32,6 +35,8 @@ MARKERS = {
     "FCGR3A+ Mono": ["FCGR3A", "MS4A7"],
 }
 RANKINGS = ("vanilla, by bayes_factor", "change, by proba_de", "change, up, lfc_mean - lfc_std")
+# scvae only (scvi-tools has no group mode)
+GROUP_RANKINGS = ("group, by proba_de", "group, up first (tl scores: sign(lfc_mean) * proba_de)")
 
 
 def ranks(table: pd.DataFrame) -> dict[str, dict[str, int | None]]:
@@ -70,8 +75,18 @@ def work(tool: str, data: Path, out: Path) -> None:
         kw = {"silent": True}
     vanilla = model.differential_expression(groupby="cell_type", **kw)
     change = model.differential_expression(groupby="cell_type", mode="change", **kw)
-    tables = (vanilla, change, conservative(change))
-    out.write_text(json.dumps({name: ranks(t) for name, t in zip(RANKINGS, tables, strict=True)}))
+    tables = [vanilla, change, conservative(change)]
+    names = list(RANKINGS)
+    if tool == "scvae":
+        group = model.differential_expression(groupby="cell_type", mode="group")
+        score = np.round(np.sign(group["lfc_mean"]) * group["proba_de"], 6)  # as tl rounds
+        signed = group.assign(score=score)
+        signed = signed.sort_values(
+            ["group1", "score", "lfc_mean"], ascending=[True, False, False], kind="stable"
+        )
+        tables += [group, signed]
+        names += GROUP_RANKINGS
+    out.write_text(json.dumps({name: ranks(t) for name, t in zip(names, tables, strict=True)}))
 
 
 def main() -> None:
@@ -104,7 +119,7 @@ def main() -> None:
         "|---|---|" + "---|" * len(MARKERS),
     ]
     for tool, res in results.items():
-        for name in RANKINGS:
+        for name in [n for n in (*RANKINGS, *GROUP_RANKINGS) if n in res]:
             cells = [", ".join(str(r) for r in res[name][g].values()) for g in MARKERS]
             lines.append(f"| {tool} | {name} | " + " | ".join(cells) + " |")
     (a.out / "de_markers.md").write_text("\n".join(lines) + "\n")

@@ -101,6 +101,7 @@ def main() -> None:
         results[tool] = json.loads(out.read_text())
         print(tool, results[tool], flush=True)
     name = f"de_scale_{a.cells}x{a.genes}_{a.groups}groups"
+    name += "" if a.mode == "vanilla" else f"_{a.mode}"  # vanilla: the file name it always had
     (a.out / f"{name}.json").write_text(
         json.dumps({"settings": {k: str(v) for k, v in vars(a).items()}, "results": results})
     )
@@ -109,7 +110,7 @@ def main() -> None:
         "",
         f"mode={a.mode}, n_samples_overall={a.n_samples}, {a.threads} CPU threads, model "
         f"trained {a.epochs} epoch(s) on {a.train_cells or a.cells:,} cells; DE on all cells. "
-        "Times from a shared, loaded 2-core machine; the tools ran one after the other.",
+        "Check the machine's load when reading the times; the tools ran one after the other.",
         "",
         "| tool | DE seconds | DE peak RSS above trained model (MiB) | rows |",
         "|---|---|---|---|",

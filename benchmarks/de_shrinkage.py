@@ -1,7 +1,8 @@
 """How far the models' log fold changes fall below the truth (why change mode calls few genes).
 
 Reads what de_calibration.py left in its work folder (the simulated h5ad files and both
-workers' per-gene ``lfc_mean`` and ``proba_de``, all cells per group) and reports, per true
+workers' per-gene ``lfc_mean`` and ``proba_de``, all cells per group; scvae's change and group
+modes) and reports, per true
 effect (log2) and tool: the mean true |log2 ratio| of the DE genes, the mean model
 ``|lfc_mean|`` (sign-aligned with the truth), the share of those genes whose model LFC is below
 delta (0.25) or below 2 * delta, and the mean ``proba_de``. Writes
@@ -42,11 +43,17 @@ def main() -> None:
         true = simulate_truth(adata)
         effect = adata.uns["simulation"]["de_log_fold_change"] / np.log(2)
         is_de = np.abs(true) >= a.delta
-        for tool, suffix in (("scvae", "scvae"), ("scvi-tools", "scvi")):
+        runs = (
+            ("scvae", "scvae", "comparisons"),
+            ("scvae (group)", "scvae", "comparisons_group"),
+            ("scvi-tools", "scvi", "comparisons"),
+        )
+        for tool, suffix, key in runs:
             path = h5ad.with_suffix(f".{suffix}.json")
-            if not path.exists():
+            result = json.loads(path.read_text()) if path.exists() else {}
+            if key not in result:
                 continue
-            cmp_ = json.loads(path.read_text())["comparisons"][a.comparison]
+            cmp_ = result[key][a.comparison]
             lfc = np.asarray(cmp_["lfc_mean"]) * np.sign(true)  # > 0: the true direction
             proba = np.asarray(cmp_["proba_de"])
             rows.append(
