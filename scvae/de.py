@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scvae.de_group import GroupInputs, fit_group, group_statistics
+from scvae.de_group import GroupInputs, fit_group, group_statistics, proba_columns
 
 EPS = 1e-8
 # Genes per block when per-pair statistics are computed (bounds the temporaries).
@@ -374,14 +374,8 @@ def change_statistics(
         out["std"][b] = lfc.std(axis=0)
         out["min"][b] = lfc.min(axis=0)
         out["max"][b] = lfc.max(axis=0)
-    if test_mode == "three":
-        proba = np.maximum(out["up"], out["down"])
-    else:
-        proba = np.minimum(out["up"] + out["down"], 1.0)
     return {
-        "proba_de": proba,
-        "proba_not_de": 1.0 - proba,
-        "bayes_factor": np.log(proba + EPS) - np.log(1.0 - proba + EPS),
+        **proba_columns(out["up"], out["down"], test_mode),
         "pseudocounts": float(pseudocounts),
         "delta": float(delta),
         **{f"lfc_{k}": out[k] for k in ("mean", "median", "std", "min", "max")},

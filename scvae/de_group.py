@@ -234,6 +234,30 @@ def normal_means_posterior(
     }
 
 
+def proba_columns(
+    up: np.ndarray, down: np.ndarray, test_mode: Literal["three", "two"]
+) -> dict[str, np.ndarray]:
+    """``proba_de``, ``proba_not_de`` and ``bayes_factor`` from P(lfc >= delta), P(lfc <= -delta).
+
+    ``test_mode="three"``: the larger of the two; ``"two"``: their sum (at most 1). Change and
+    group modes share it.
+
+    Examples
+    --------
+    >>> proba_columns(np.array([0.9, 0.1]), np.array([0.05, 0.2]), "three")["proba_de"].tolist()
+    [0.9, 0.2]
+    """
+    if test_mode == "three":
+        proba = np.maximum(up, down)
+    else:
+        proba = np.minimum(up + down, 1.0)
+    return {
+        "proba_de": proba,
+        "proba_not_de": 1.0 - proba,
+        "bayes_factor": np.log(proba + EPS) - np.log(1.0 - proba + EPS),
+    }
+
+
 def group_statistics(
     fit1: GroupFit,
     fit2: GroupFit,
@@ -264,14 +288,8 @@ def group_statistics(
     estimate = (fit1.log_mean - fit2.log_mean) / LOG2
     se = np.sqrt(fit1.variance + fit2.variance) / LOG2
     post = normal_means_posterior(estimate, se, delta)
-    if test_mode == "three":
-        proba = np.maximum(post["up"], post["down"])
-    else:
-        proba = np.minimum(post["up"] + post["down"], 1.0)
     return {
-        "proba_de": proba,
-        "proba_not_de": 1.0 - proba,
-        "bayes_factor": np.log(proba + EPS) - np.log(1.0 - proba + EPS),
+        **proba_columns(post["up"], post["down"], test_mode),
         "scale1": np.exp(fit1.log_mean),
         "scale2": np.exp(fit2.log_mean),
         "lfc_mean": post["mean"],

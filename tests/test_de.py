@@ -268,6 +268,20 @@ def test_known_de_genes_rank_first(sim, trained):
     assert up[:10].all() and average_precision_score(up, va["bayes_factor"]) > 0.85
 
 
+def count_chunk_rows(model, monkeypatch) -> list[int]:
+    """Record the cells of every chunk the model's encoder and decoder see."""
+    rows: list[int] = []
+    original_chunks = model._chunks
+
+    def chunks(adata, indices, batch_size):
+        for x, b, cov in original_chunks(adata, indices, batch_size):
+            rows.append(x.shape[0])
+            yield x, b, cov
+
+    monkeypatch.setattr(model, "_chunks", chunks)
+    return rows
+
+
 def test_expression_is_queried_only_for_sampled_cells(sim, trained, monkeypatch):
     calls = []
     original = trained.get_normalized_expression
@@ -279,15 +293,7 @@ def test_expression_is_queried_only_for_sampled_cells(sim, trained, monkeypatch)
         return original(adata, indices, **kw)
 
     monkeypatch.setattr(trained, "get_normalized_expression", spy)
-    rows = []
-    original_chunks = trained._chunks
-
-    def chunks(adata, indices, batch_size):
-        for x, b, cov in original_chunks(adata, indices, batch_size):
-            rows.append(x.shape[0])
-            yield x, b, cov
-
-    monkeypatch.setattr(trained, "_chunks", chunks)
+    rows = count_chunk_rows(trained, monkeypatch)
     n = 150
     trained.differential_expression(groupby="cell_type", n_samples_overall=n)
     assert len(calls) == 3  # one query per comparison, of the sampled cells only
@@ -428,15 +434,7 @@ def test_normal_means_posterior_null_shrinks_and_effects_stand():
 
 
 def test_group_mode_columns_sorting_and_bounded_queries(sim, trained, monkeypatch):
-    rows = []
-    original_chunks = trained._chunks
-
-    def chunks(adata, indices, batch_size):
-        for x, b, cov in original_chunks(adata, indices, batch_size):
-            rows.append(x.shape[0])
-            yield x, b, cov
-
-    monkeypatch.setattr(trained, "_chunks", chunks)
+    rows = count_chunk_rows(trained, monkeypatch)
     n = 150
     res = trained.differential_expression(
         groupby="cell_type", group1="type0", mode="group", n_samples_overall=n
