@@ -46,9 +46,15 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scvae.de_group import GroupInputs, fit_group, group_statistics, proba_columns
+from scvae.de_group import (
+    EPS,
+    GroupInputs,
+    check_test_options,
+    fit_group,
+    group_statistics,
+    proba_columns,
+)
 
-EPS = 1e-8
 # Genes per block when per-pair statistics are computed (bounds the temporaries).
 _GENE_BLOCK = 256
 # Cells per block when count statistics are accumulated from the CSR matrix.
@@ -356,10 +362,7 @@ def change_statistics(
     ([1.0, 0.0, 1.0], [2.0, 0.0, -0.678])
     """
     _check_pairs(s1, s2)
-    if test_mode not in ("three", "two"):
-        raise ValueError(f"test_mode must be 'three' or 'two', got {test_mode!r}.")
-    if not delta > 0:
-        raise ValueError(f"delta must be positive, got {delta}.")
+    check_test_options(delta, test_mode)
     n_genes = s1.shape[1]
     out = {k: np.empty(n_genes) for k in ("up", "down", "mean", "median", "std", "min", "max")}
     small = 1e-3 * pseudocounts
@@ -489,13 +492,7 @@ def compare(
         res.update({k: v for k, v in ch.items() if k not in res})
         keys = (res["proba_de"], np.abs(res["lfc_mean"]))
     res.update(stats)
-    table = pd.DataFrame(res, index=pd.Index(list(gene_names), name=None))
-    order = np.lexsort((np.arange(len(table)), -keys[1], -keys[0]))
-    table = table.iloc[order]
-    if options.mode == "change":
-        for t in options.fdr_targets:
-            table[fdr_column(t)] = fdr_calls(table["proba_de"].to_numpy(), t)
-    return table
+    return _sorted_table(res, keys, gene_names, options)
 
 
 def subsample(cells: np.ndarray, n_samples: int, rng: np.random.Generator) -> np.ndarray:
@@ -552,12 +549,8 @@ def compare_groups(
         fits.append(fit_group(inputs))
     res: dict = group_statistics(fits[0], fits[1], delta=options.delta, test_mode=options.test_mode)
     res.update(stats)
-    table = pd.DataFrame(res, index=pd.Index(list(gene_names), name=None))
-    keys = (np.round(table["proba_de"].to_numpy(), 6), np.abs(table["lfc_mean"].to_numpy()))
-    table = table.iloc[np.lexsort((np.arange(len(table)), -keys[1], -keys[0]))]
-    for t in options.fdr_targets:
-        table[fdr_column(t)] = fdr_calls(table["proba_de"].to_numpy(), t)
-    return table
+    keys = (np.round(res["proba_de"], 6), np.abs(res["lfc_mean"]))
+    return _sorted_table(res, keys, gene_names, options)
 
 
 def run(
@@ -628,6 +621,22 @@ def run(
         table["group2"] = comp.name2
         tables.append(table)
     return pd.concat(tables, axis=0)
+
+
+def _sorted_table(
+    columns: dict,
+    keys: tuple[np.ndarray, np.ndarray],
+    gene_names: Sequence[str],
+    options: DEOptions,
+) -> pd.DataFrame:
+    """One comparison's table sorted by ``keys`` (both decreasing, then gene order), with the
+    FDR call columns in change and group modes."""
+    table = pd.DataFrame(columns, index=pd.Index(list(gene_names), name=None))
+    table = table.iloc[np.lexsort((np.arange(len(table)), -keys[1], -keys[0]))]
+    if options.mode != "vanilla":
+        for t in options.fdr_targets:
+            table[fdr_column(t)] = fdr_calls(table["proba_de"].to_numpy(), t)
+    return table
 
 
 def _paired_samples(

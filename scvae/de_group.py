@@ -73,12 +73,10 @@ class GroupInputs(NamedTuple):
 
 
 class GroupFit(NamedTuple):
-    """A group's log mean expression per gene (natural log), its variance and the parts."""
+    """A group's log mean expression per gene (natural log) and its variance."""
 
     log_mean: np.ndarray
     variance: np.ndarray
-    rho_bar: np.ndarray
-    beta: np.ndarray
 
 
 def group_factor(
@@ -157,7 +155,7 @@ def fit_group(inputs: GroupInputs) -> GroupFit:
     rho_bar = np.maximum(rho.mean(axis=0), 1e-30)
     var_rho = rho.var(axis=0) / (n * rho_bar**2) if n > 1 else np.zeros_like(rho_bar)
     beta, info = group_factor(inputs.counts, inputs.mean, inputs.theta, inputs.zero_weight)
-    return GroupFit(np.log(rho_bar) + beta, var_rho + 1.0 / info, rho_bar, beta)
+    return GroupFit(np.log(rho_bar) + beta, var_rho + 1.0 / info)
 
 
 def _grid(estimate: np.ndarray, se: np.ndarray) -> np.ndarray:
@@ -234,6 +232,19 @@ def normal_means_posterior(
     }
 
 
+def check_test_options(delta: float, test_mode: str) -> None:
+    """The options change and group modes share: ``delta > 0``, ``test_mode`` three or two.
+
+    Examples
+    --------
+    >>> check_test_options(0.25, "three")
+    """
+    if test_mode not in ("three", "two"):
+        raise ValueError(f"test_mode must be 'three' or 'two', got {test_mode!r}.")
+    if not delta > 0:
+        raise ValueError(f"delta must be positive, got {delta}.")
+
+
 def proba_columns(
     up: np.ndarray, down: np.ndarray, test_mode: Literal["three", "two"]
 ) -> dict[str, np.ndarray]:
@@ -274,17 +285,13 @@ def group_statistics(
 
     Examples
     --------
-    >>> a = GroupFit(np.log([0.5, 0.2, 0.3]), np.full(3, 0.01), np.array([0.5, 0.2, 0.3]),
-    ...              np.zeros(3))
+    >>> a = GroupFit(np.log([0.5, 0.2, 0.3]), np.full(3, 0.01))
     >>> b = a._replace(log_mean=np.log([0.125, 0.2, 0.3]))
     >>> st = group_statistics(a, b, delta=0.25)
     >>> np.round(st["proba_de"], 2).tolist(), round(float(st["lfc_estimate"][0]), 2)
     ([1.0, 0.0, 0.0], 2.0)
     """
-    if test_mode not in ("three", "two"):
-        raise ValueError(f"test_mode must be 'three' or 'two', got {test_mode!r}.")
-    if not delta > 0:
-        raise ValueError(f"delta must be positive, got {delta}.")
+    check_test_options(delta, test_mode)
     estimate = (fit1.log_mean - fit2.log_mean) / LOG2
     se = np.sqrt(fit1.variance + fit2.variance) / LOG2
     post = normal_means_posterior(estimate, se, delta)
