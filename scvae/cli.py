@@ -60,8 +60,16 @@ def _probe_folder(folder: Path, flag: str, target: Path) -> None:
 
 
 def _check_model_dir(path: Path, overwrite: bool) -> None:
+    from scvae.io import foreign_entries
+
     if path.exists() and not path.is_dir():
         raise CLIError(f"--model-dir {path} is a file; give a folder name")
+    foreign = foreign_entries(path)
+    if foreign:
+        raise CLIError(
+            f"--model-dir {path} holds files that are not part of a saved model "
+            f"({', '.join(foreign[:5])}); give a new or empty folder"
+        )
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise CLIError(f"--model-dir {path} exists and is not empty; pass --overwrite")
     _probe_folder(path.parent, "--model-dir", path)
@@ -69,11 +77,14 @@ def _check_model_dir(path: Path, overwrite: bool) -> None:
 
 def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` into a temporary file beside ``path``, then rename it into place."""
+    from scvae.io import default_file_mode
+
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
     tmp = Path(name)
     try:
         write(tmp)
+        default_file_mode(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -186,7 +197,9 @@ def _fit(args: argparse.Namespace) -> None:
     sc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False, random_state=args.seed)
     print(f"Leiden: {adata.obs['leiden'].nunique()} clusters", flush=True)
     if model_dir is not None:
-        model.save(model_dir, overwrite=args.overwrite)
+        # an empty folder was accepted up front (_check_model_dir): nothing in it to lose
+        empty = model_dir.is_dir() and not any(model_dir.iterdir())
+        model.save(model_dir, overwrite=args.overwrite or empty)
         print(f"wrote the model: {model_dir}")
     _write_atomically(out, adata.write_h5ad)
     print(f"wrote {out}: latent in obsm['{scvae.LATENT_KEY}'], obsm['X_umap'], obs['leiden']")

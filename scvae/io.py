@@ -65,6 +65,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def default_file_mode(path: Path) -> None:
+    """Give a file written through a private temporary file the mode a plain ``open`` gives.
+
+    ``tempfile.mkstemp`` and safetensors create files readable by their owner only; a saved
+    model or output file should be as readable as any other file the user writes (0666 minus
+    the process's umask).
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -128,11 +140,48 @@ def _unwritable(target: Path, err: Exception) -> OSError:
     return OSError(code, msg) if code is not None else OSError(msg)
 
 
+def foreign_entries(dir_path: str | os.PathLike) -> list[str]:
+    """Names in the directory ``dir_path`` that are not part of a saved model.
+
+    A model directory holds ``model.json``, ``model.safetensors`` and the extra files its
+    ``model.json`` lists; saving with ``overwrite=True`` replaces the whole directory, so it
+    must hold nothing else (a user's notebook, figures, data). Empty for a path that does not
+    exist.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> root = tempfile.mkdtemp()
+    >>> open(os.path.join(root, "notes.txt"), "w").close()
+    >>> foreign_entries(root)
+    ['notes.txt']
+    """
+    root = Path(dir_path)
+    if not root.is_dir():
+        return []
+    own = {WEIGHTS_FILE, DESCRIPTION_FILE}
+    try:
+        meta = json.loads((root / DESCRIPTION_FILE).read_text())
+        own.update(str(name) for name in meta.get("extra_files", {}))
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass  # no readable description: only the two standard names are a model's own
+    return sorted(entry.name for entry in root.iterdir() if entry.name not in own)
+
+
 def _prepare(dir_path: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
     """Check ``dir_path`` can be (re)written and create the temporary sibling directory."""
     target = Path(dir_path).absolute()
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory; choose another path.")
+    foreign = foreign_entries(target)
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        shown = ", ".join(foreign[:5]) + more
+        raise FileExistsError(
+            f"{target} holds files that are not part of a saved model ({shown}). Saving "
+            "replaces the whole model directory, so it is never a folder with other files: "
+            "choose a new or empty directory, e.g. a subfolder."
+        )
     if target.exists() and not overwrite:
         raise FileExistsError(
             f"{target} already exists; pass overwrite=True to replace it, or choose another path."
@@ -218,6 +267,7 @@ def save_model(
         }
         (tmp / DESCRIPTION_FILE).write_text(json.dumps(meta, indent=1))
         for name in (WEIGHTS_FILE, DESCRIPTION_FILE, *extra):
+            default_file_mode(tmp / name)
             _fsync(tmp / name)
         _install(tmp, target)
     except (OSError, SafetensorError) as err:

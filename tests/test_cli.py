@@ -268,6 +268,10 @@ FIT_ERRORS = {
         ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--model-dir", "{d}/model"],
         r"--model-dir .*model exists and is not empty; pass --overwrite",
     ),
+    "model dir holds other files": (
+        ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--model-dir", "{d}", "--overwrite"],
+        r"--model-dir .* holds files that are not part of a saved model",
+    ),
     "max epochs": (
         ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--max-epochs", "0"],
         r"--max-epochs must be at least 1",
@@ -304,6 +308,23 @@ def test_fit_bad_input_is_one_line_exit_2_and_writes_nothing(files, tmp_path, ca
     check_one_line_error(code, err, "fit", match)
     assert list(tmp_path.iterdir()) == []  # no output, no temporary file
     assert sorted(p.name for p in files.iterdir()) == before
+
+
+def test_fit_into_an_empty_model_folder_writes_readable_files(files, tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    out = tmp_path / "out.h5ad"
+    old = os.umask(0o022)
+    try:
+        argv = ["fit", files / "counts.h5ad", "-o", out, "--max-epochs", "1"]
+        code, _, err = run([*argv, "--model-dir", tmp_path / "model"], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
+        "model.json",
+        "model.safetensors",
+    ]
+    assert out.stat().st_mode & 0o777 == 0o644  # not the 0600 of a temporary file
 
 
 def test_a_failed_run_keeps_the_previous_output(files, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
 import pickle
 import signal
@@ -179,3 +180,34 @@ def test_failed_save_leaves_previous_model_and_no_temporary(saved, tmp_path, mon
     assert (path / "model.safetensors").read_bytes() == before  # ...the old one stays
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     scvae.SCVAE.load(path, adata)
+
+
+def test_overwrite_never_deletes_files_a_model_does_not_own(tmp_path):
+    model = scvae.SCVAE(scvae.data.simulate(60, 12, seed=0), n_hidden=16)
+    project = tmp_path / "project"
+    (project / "figs").mkdir(parents=True)
+    (project / "analysis.ipynb").write_text("{}")
+    with pytest.raises(
+        FileExistsError, match=r"not part of a saved model \(analysis\.ipynb, figs\)"
+    ):
+        model.save(project, overwrite=True)
+    assert sorted(p.name for p in project.iterdir()) == ["analysis.ipynb", "figs"]
+    model.save(tmp_path / "m")
+    model.save(tmp_path / "m", overwrite=True)  # a model directory: its own files are replaced
+    (tmp_path / "empty").mkdir()
+    model.save(tmp_path / "empty", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [
+        "model.json",
+        "model.safetensors",
+    ]
+
+
+def test_saved_files_are_as_readable_as_any_other_file(tmp_path):
+    model = scvae.SCVAE(scvae.data.simulate(60, 12, seed=0), n_hidden=16)
+    old = os.umask(0o022)
+    try:
+        model.save(tmp_path / "m")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()}
+    assert modes == {"model.json": 0o644, "model.safetensors": 0o644}
