@@ -173,7 +173,7 @@ def differential_expression(
         theta = params.get("dispersions")
         weight = None
         if "dropout" in params:
-            pi = 1.0 / (1.0 + np.exp(-params["dropout"].astype(np.float64)))
+            pi = params["dropout"].astype(np.float64)
             if theta is None:
                 nb_zero = np.exp(-mean)
             else:

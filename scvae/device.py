@@ -21,6 +21,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise ValueError(
             f"device={device!r} is not a torch device ({err}); use 'auto', 'cpu' or 'cuda:0'."
         ) from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(
+            f"device={device!r}: scvae runs on 'cpu', 'cuda' (e.g. 'cuda:0') or 'mps'; use "
+            "'auto' to pick the GPU when there is one."
+        )
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device={device!r} was asked for, but torch sees no CUDA device; use 'auto' or 'cpu'."

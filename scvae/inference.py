@@ -179,7 +179,7 @@ def normalized_expression(
 def likelihood_parameters(
     module: VAE, chunks: Iterable[Chunk], *, n_samples: int, give_mean: bool
 ) -> dict[str, np.ndarray]:
-    """``mean`` (mu), ``dispersions`` (theta) and ``dropout`` (zi logits) per cell and gene."""
+    """``mean`` (mu), ``dispersions`` (theta) and ``dropout`` (zi probability) per cell and gene."""
     keys = {"mean": "mu", "dispersions": "theta", "dropout": "zi_logits"}
     parts = {k: _Rows(chunks, axis=-2) for k in keys}
     n_genes = module.config.n_input
@@ -190,6 +190,8 @@ def likelihood_parameters(
             value = gen[name]
             if value.dim() == 1:  # per-gene theta: one row per cell
                 value = value.expand(*inf["z"].shape[:-1], n_genes)
+            if key == "dropout":  # the probability, as scvi-tools' px.zi_probs
+                value = torch.sigmoid(value)
             if n_samples > 1 and give_mean:
                 value = value.mean(0)
             parts[key].add(value)

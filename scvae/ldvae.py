@@ -18,6 +18,8 @@ class LDVAE(SCVAE):
     are LinearSCVI's: ``gene_likelihood="nb"``, a latent library
     (``use_observed_lib_size=False``), batch norm in encoder and decoder, no decoder bias.
     Everything else (training, queries, files) is :class:`SCVAE`'s.
+    ``encode_covariates=True`` (the batch also enters the encoder, as LinearSCVI's
+    ``**model_kwargs`` allow) makes the model a reference for ``LDVAE.load_query_data``.
 
     Examples
     --------
@@ -48,6 +50,7 @@ class LDVAE(SCVAE):
         use_observed_lib_size: bool = False,
         use_batch_norm: bool = True,
         bias: bool = False,
+        encode_covariates: bool = False,
     ) -> None:
         self._decoder_bias = bias
         super().__init__(
@@ -67,6 +70,7 @@ class LDVAE(SCVAE):
             latent_distribution=latent_distribution,
             use_observed_lib_size=use_observed_lib_size,
             use_batch_norm="both" if use_batch_norm else "encoder",
+            encode_covariates=encode_covariates,
         )
 
     def _extra_module_options(self) -> dict[str, Any]:

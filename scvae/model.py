@@ -99,6 +99,32 @@ def _train_worker(rank: int, world_size: int, init_method: str, payload: bytes) 
         dist.destroy_process_group()
 
 
+def _refuse_backed_view(adata: ad.AnnData | None) -> None:
+    """A model's own AnnData is read in row blocks, which a view of a backed one cannot give."""
+    if isinstance(adata, ad.AnnData) and adata.isbacked and adata.is_view:
+        raise ValueError(
+            "This AnnData is a subset (view) of a backed AnnData, which cannot be read in blocks "
+            "for training. Pass the whole backed AnnData, load the subset into memory with "
+            ".to_memory(), or write it to its own file (.write_h5ad) and open that backed."
+        )
+
+
+def _continued(previous: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """The history of another ``train`` call after the previous one: its epochs numbered on.
+
+    Examples
+    --------
+    >>> a = pd.DataFrame({"elbo_train": [3.0, 2.0]}, index=pd.Index([0, 1], name="epoch"))
+    >>> _continued(a, a).index.tolist()
+    [0, 1, 2, 3]
+    """
+    if previous.empty:
+        return new
+    start = int(previous.index.max()) + 1
+    new = new.set_axis(new.index + start - (int(new.index.min()) if len(new) else 0), axis=0)
+    return pd.concat([previous, new])
+
+
 class SCVAE:
     """Single-cell variational inference (scVI, Lopez et al. 2018) on an AnnData of raw counts.
 
@@ -206,6 +232,7 @@ class SCVAE:
             use_batch_norm=use_batch_norm,  # type: ignore[arg-type]
             use_layer_norm=use_layer_norm,  # type: ignore[arg-type]
         )
+        _refuse_backed_view(adata)
         registry = register(
             adata,
             layer=layer,
@@ -250,6 +277,7 @@ class SCVAE:
         return {}
 
     def _setup(self, adata: ad.AnnData | None, registry: Registry, module: VAE) -> None:
+        _refuse_backed_view(adata)
         self.adata = adata
         self.registry = registry
         self.module = module
@@ -407,6 +435,21 @@ class SCVAE:
         )
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
             raise ValueError(f"checkpoint_every must be a whole number, got {checkpoint_every!r}.")
+        watched = [
+            n
+            for n, on in (
+                ("early_stopping", early_stopping),
+                ("reduce_lr_on_plateau", reduce_lr_on_plateau),
+            )
+            if on
+        ]
+        if watched and not len(split_indices(n_cells, train_size, validation_size, seed)[1]):
+            raise ValueError(
+                f"{' and '.join(watched)} {'watch' if len(watched) > 1 else 'watches'} the "
+                f"validation ELBO, but train_size="
+                f"{train_size} leaves no validation cells of {n_cells}: use a smaller train_size "
+                "(e.g. 0.9) or turn them off."
+            )
         dev = resolve_device(device)
         if n_processes != 1:
             self._train_in_processes(n_processes, options, dev)
@@ -446,7 +489,7 @@ class SCVAE:
             previous = self.history if self.is_trained else None
 
             def describe(history: pd.DataFrame) -> dict[str, Any]:
-                full = history if previous is None else pd.concat([previous, history])
+                full = history if previous is None else _continued(previous, history)
                 return self._description(full, True, train_config, train_idx, val_idx)
 
             identity = {
@@ -466,7 +509,9 @@ class SCVAE:
             )
         try:
             self.module.to(dev)
-            if self.module.l_encoder is not None:
+            # a query model keeps the prior load_query_data gave it (the reference's for its
+            # batches), as in scvi-tools
+            if self.module.l_encoder is not None and getattr(self, "frozen", None) is None:
                 totals = row_totals(counts)[train_idx]
                 self._set_library_prior(totals, batch[train_idx].cpu().numpy())
             if is_on_disk(counts):
@@ -526,7 +571,7 @@ class SCVAE:
         val_idx: np.ndarray,
         train_config: dict[str, Any],
     ) -> None:
-        self.history = pd.concat([self.history, history]) if self.is_trained else history
+        self.history = _continued(self.history, history) if self.is_trained else history
         self.is_trained = True
         self.train_indices, self.validation_indices = train_idx, val_idx
         self.train_config = train_config
@@ -586,8 +631,9 @@ class SCVAE:
 
     def _set_library_prior(self, totals: np.ndarray, batch: np.ndarray) -> None:
         log_totals = np.log(np.asarray(totals, dtype=np.float64).ravel())
-        means = np.zeros(self.registry.n_batch, dtype=np.float32)
-        variances = np.ones(self.registry.n_batch, dtype=np.float32)
+        # a batch without training cells keeps the prior it has
+        means = self.module.library_log_means.detach().cpu().numpy().astype(np.float32)
+        variances = self.module.library_log_vars.detach().cpu().numpy().astype(np.float32)
         for b in range(self.registry.n_batch):
             sel = log_totals[batch == b]
             if len(sel):
@@ -599,7 +645,10 @@ class SCVAE:
     def registry_adata(self) -> ad.AnnData:
         """The AnnData the model was built on (raises after a load without one)."""
         if self.adata is None:
-            raise ValueError("This model has no AnnData attached; pass adata= to the call.")
+            raise ValueError(
+                "This model has no AnnData attached (it was loaded without one): pass adata= "
+                "to the query, or load it with one, SCVAE.load(dir_path, adata), to train it."
+            )
         return self.adata
 
     # ------------------------------------------------ queries (scvae/queries.py)

@@ -9,7 +9,8 @@ can replace them on the model.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import anndata as ad
@@ -44,6 +45,51 @@ def _covariates(model: SCVAE, adata: ad.AnnData) -> Covariates:
     )
 
 
+def cell_indices(indices: Sequence[int] | np.ndarray | None, n_obs: int) -> np.ndarray:
+    """The cells a query asks for, in the asked order: integer positions or a boolean mask.
+
+    Examples
+    --------
+    >>> cell_indices([2, 0], 3).tolist(), cell_indices(np.array([True, False, True]), 3).tolist()
+    ([2, 0], [0, 2])
+    """
+    if indices is None:
+        return np.arange(n_obs)
+    idx = np.asarray(indices).ravel()
+    if idx.dtype == bool:
+        if idx.size != n_obs:
+            raise IndexError(
+                f"indices is a boolean mask of {idx.size} entries but the AnnData has {n_obs} "
+                "cells; give one entry per cell, or integer positions."
+            )
+        return np.flatnonzero(idx)
+    if idx.size and idx.dtype.kind not in "iu":
+        raise IndexError(
+            f"indices must be integer positions or a boolean mask, got {idx.dtype} values; for "
+            "cell names use adata.obs_names.get_indexer(names)."
+        )
+    idx = idx.astype(np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= n_obs):
+        raise IndexError(f"indices must lie in [0, {n_obs}); got {idx.min()}..{idx.max()}.")
+    return idx
+
+
+def _warn_if_untrained(model: SCVAE, query: str) -> None:
+    """Warn that an untrained model's encoder is random (scvi-tools refuses the query).
+
+    A query model from ``load_query_data`` carries the reference's trained encoder, so it is
+    not warned about before its own training.
+    """
+    if not model.is_trained and getattr(model, "frozen", None) is None:
+        warnings.warn(
+            f"{query} on a model that has not been trained: its encoder is random, so is the "
+            "result. Call model.train() first, or load a trained model with "
+            "SCVAE.load(dir_path, adata).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _chunks(
     model: SCVAE, adata: ad.AnnData | None, indices: Sequence[int] | None, batch_size: int | None
 ) -> inference.Chunks:
@@ -54,12 +100,14 @@ def _chunks(
     a backed AnnData on disk), so memory holds one chunk of counts, never all of them.
     """
     adata = model.registry_adata() if adata is None else adata
-    model.registry.check(adata[:1])  # genes and layer; counts are checked chunk by chunk
+    if adata.isbacked and adata.is_view:  # anndata cannot take a view of this view
+        adata = adata.to_memory()  # the view's cells only
+    # the per-cell annotations of all cells first (so an error counts every bad cell), then
+    # the genes and layer; the counts are checked chunk by chunk
     batch = torch.as_tensor(model.registry.batch_codes(adata))
     covariates = model._covariates(adata)
-    idx = np.arange(adata.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= adata.n_obs):
-        raise IndexError(f"indices must lie in [0, {adata.n_obs}); got {idx.min()}..{idx.max()}.")
+    model.registry.check(adata[:1])
+    idx = cell_indices(indices, adata.n_obs)
     size = settings.inference_batch_size if batch_size is None else batch_size
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
         raise ValueError(f"batch_size must be a whole number >= 1 or None, got {size!r}.")
@@ -82,6 +130,13 @@ def _chunks(
     return inference.Chunks(chunks(), len(idx))
 
 
+def _count(name: str, value: object) -> int:
+    """A number of samples: a whole number >= 1 (numpy integers too), as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
+    return int(value)
+
+
 def _sampling_batch_size(model: SCVAE, batch_size: int | None, n_samples: int) -> int:
     """Cells per chunk so that cells x samples x genes stays under a fixed bound."""
     per_cell = max(1, n_samples) * model.module.config.n_input
@@ -91,7 +146,17 @@ def _sampling_batch_size(model: SCVAE, batch_size: int | None, n_samples: int) -
 def _batch_codes(model: SCVAE, transform_batch: str | Sequence[str] | None) -> list[int] | None:
     if transform_batch is None:
         return None
-    names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
+    if isinstance(transform_batch, str) or not isinstance(transform_batch, Iterable):
+        names = [transform_batch]  # one batch, by name or by an integer category
+    else:
+        names = list(transform_batch)
+    if all(b is None for b in names):  # scvi-tools' [None]: each cell's own batch
+        return None
+    if any(b is None for b in names):
+        raise ValueError(
+            "transform_batch cannot mix None (each cell's own batch) with batch names; give "
+            "batch names only, or None alone."
+        )
     known = model.registry.batch_categories
     unknown = [str(b) for b in names if str(b) not in known]
     if unknown:
@@ -102,6 +167,8 @@ def _batch_codes(model: SCVAE, transform_batch: str | Sequence[str] | None) -> l
 def _gene_index(model: SCVAE, gene_list: Sequence[str] | None) -> np.ndarray | None:
     if gene_list is None:
         return None
+    if isinstance(gene_list, str):  # one gene
+        gene_list = [gene_list]
     lookup = {g: i for i, g in enumerate(model.registry.var_names)}
     missing = [g for g in gene_list if g not in lookup]
     if missing:
@@ -111,7 +178,7 @@ def _gene_index(model: SCVAE, gene_list: Sequence[str] | None) -> np.ndarray | N
 
 def _obs_names(model: SCVAE, adata: ad.AnnData | None, indices: Sequence[int] | None) -> pd.Index:
     names = (model.registry_adata() if adata is None else adata).obs_names
-    return names if indices is None else names[np.asarray(indices, dtype=np.int64)]
+    return names if indices is None else names[cell_indices(indices, len(names))]
 
 
 def get_latent_representation(
@@ -148,9 +215,12 @@ def get_latent_representation(
     --------
     >>> import scvae
     >>> model = scvae.SCVAE(scvae.data.simulate(100, 30, seed=0), n_latent=4)
+    >>> model.train(max_epochs=1, progress_bar=False)
     >>> model.get_latent_representation().shape
     (100, 4)
     """
+    _warn_if_untrained(model, "get_latent_representation")
+    mc_samples = _count("mc_samples", mc_samples)
     return inference.latent(
         model.module,
         model._chunks(adata, indices, batch_size),
@@ -226,6 +296,7 @@ def get_marginal_ll(
     >>> model.get_marginal_ll(n_mc_samples=20) < 0
     True
     """
+    n_mc_samples = _count("n_mc_samples", n_mc_samples)
     size = model._sampling_batch_size(batch_size, min(n_mc_samples, 100))
     values = inference.marginal_ll(model.module, model._chunks(adata, indices, size), n_mc_samples)
     return float(values.mean()) if return_mean else values
@@ -280,8 +351,11 @@ def get_normalized_expression(
     >>> expr.shape, bool(np.allclose(expr.sum(1), 1, atol=1e-4))
     ((60, 20), True)
     """
+    n_samples = _count("n_samples", n_samples)
     if library_size != "latent" and not (
-        isinstance(library_size, int | float) and library_size > 0
+        isinstance(library_size, numbers.Real)
+        and not isinstance(library_size, bool)
+        and library_size > 0
     ):
         raise ValueError(
             f"library_size must be a positive number or 'latent', got {library_size!r}."
@@ -313,9 +387,10 @@ def get_likelihood_parameters(
 ) -> dict[str, np.ndarray]:
     """Parameters of p(x | z, l) per cell and gene: ``mean``, ``dispersions``, ``dropout``.
 
-    ``dropout`` (zinb only) holds the logits of the dropout probability and
+    ``dropout`` (zinb only) holds the probability that a count is a zero-inflation zero and
     ``dispersions`` (not for poisson) the inverse dispersion theta, as in scvi-tools.
-    With ``n_samples > 1`` the arrays have a leading sample axis unless ``give_mean``.
+    With ``n_samples > 1`` the arrays have a leading sample axis unless ``give_mean`` (then
+    each is the mean over the samples, the dropout probability included).
 
     Examples
     --------
@@ -324,6 +399,7 @@ def get_likelihood_parameters(
     >>> sorted(model.get_likelihood_parameters())
     ['dispersions', 'dropout', 'mean']
     """
+    n_samples = _count("n_samples", n_samples)
     return inference.likelihood_parameters(
         model.module,
         model._chunks(adata, indices, model._sampling_batch_size(batch_size, n_samples)),
@@ -380,6 +456,7 @@ def posterior_predictive_sample(
     >>> model.posterior_predictive_sample().shape
     (40, 15)
     """
+    n_samples = _count("n_samples", n_samples)
     samples = inference.posterior_predictive(
         model.module,
         model._chunks(adata, indices, model._sampling_batch_size(batch_size, n_samples)),
@@ -418,6 +495,7 @@ def get_feature_correlation_matrix(
         raise ValueError(
             f"correlation_type must be 'spearman' or 'pearson', got {correlation_type!r}."
         )
+    n_samples = _count("n_samples", n_samples)
     codes = model._batch_codes(transform_batch) or [None]
     size = model._sampling_batch_size(batch_size, n_samples)
     data = np.concatenate(

@@ -176,3 +176,35 @@ def test_queries_honour_batch_size_and_the_setting(h5ad_path):
     assert model.posterior_predictive_sample(batch_size=50).shape == (1200, 80)
     with pytest.raises(ValueError, match="batch_size"):
         model.get_latent_representation(batch_size=0)
+
+
+def test_views_of_backed_data_are_queried_and_refused_for_training(h5ad_path):
+    backed = ad.read_h5ad(h5ad_path, backed="r")
+    memory = ad.read_h5ad(h5ad_path)
+    model = scvae.SCVAE(backed, n_latent=4)
+    model.train(max_epochs=1)
+    view = backed[backed.obs["cell_type"] == "type1"]
+    np.testing.assert_allclose(
+        model.get_latent_representation(view),
+        model.get_latent_representation(memory[memory.obs["cell_type"] == "type1"]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    table = model.differential_expression(groupby="cell_type", n_samples_overall=40)
+    assert set(table["comparison"]) == {"type0 vs Rest", "type1 vs Rest", "type2 vs Rest"}
+    with pytest.raises(ValueError, match=r"view\) of a backed AnnData.*to_memory"):
+        scvae.SCVAE(backed[:100])
+
+
+def test_two_processes_each_get_cells_of_a_file_smaller_than_a_buffer(h5ad_path):
+    backed = ad.read_h5ad(h5ad_path, backed="r")
+    src = BackedCSR(backed.X, "cpu")  # defaults: 1,024-row blocks, 16 per buffer
+    cells = []
+    for rank in (0, 1):
+        gen = torch.Generator().manual_seed(0)  # every rank draws the same plan
+        batches = list(
+            src.batches(torch.arange(600), 64, shuffle=True, generator=gen, rank=rank, world_size=2)
+        )
+        assert batches  # each process trains
+        cells.append(np.concatenate([b.idx.numpy() for b in batches]))
+    assert not set(cells[0]) & set(cells[1])  # and on its own cells

@@ -123,6 +123,8 @@ def test_x_none_without_layer(adata):
         ({"validation_size": float("nan")}, r"validation_size must be a number in \[0, 1\)"),
         ({"train_size": 0.8, "validation_size": 0.5}, r"train_size \+ validation_size must be"),
         ({"device": "tpu"}, r"device='tpu' is not a torch device"),
+        ({"device": "meta"}, r"device='meta': scvae runs on 'cpu', 'cuda'"),
+        ({"reduce_lr_on_plateau": True, "train_size": 1.0}, r"no validation cells"),
         ({"seed": -1}, r"seed must be a whole number >= 0"),
         ({"checkpoint_every": "2"}, r"checkpoint_every must be a whole number"),
     ],

@@ -300,3 +300,24 @@ def test_transfer_labels_errors():
     del query.obsm["X_scvae"]
     with pytest.raises(KeyError, match="query_adata.obsm"):
         transfer_labels(ref, query, "cell_type")
+
+
+def test_query_training_keeps_the_library_prior_of_load_query_data(split):
+    reference, query = split
+    ref = scvae.SCVAE(reference, batch_key="batch", use_observed_lib_size=False, **ARCHES)
+    ref.train(max_epochs=2)
+    model = scvae.SCVAE.load_query_data(query, ref)
+    means = model.module.library_log_means.clone()
+    variances = model.module.library_log_vars.clone()
+    model.train(max_epochs=2, weight_decay=0.0)
+    assert torch.equal(model.module.library_log_means, means)  # reference batches: their own
+    assert torch.equal(model.module.library_log_vars, variances)
+
+
+def test_ldvae_reference_with_encoded_batches_maps_a_query(split):
+    reference, query = split
+    ref = scvae.LDVAE(reference, batch_key="batch", encode_covariates=True, n_latent=3)
+    ref.train(max_epochs=2)
+    model = scvae.LDVAE.load_query_data(query, ref)
+    model.train(max_epochs=2, weight_decay=0.0)
+    assert model.get_loadings().shape == (reference.n_vars, 3)

@@ -222,3 +222,69 @@ def test_latent_goes_into_scanpy(sim, trained):
     sc.pp.neighbors(adata, use_rep="X_scvae", n_neighbors=10)
     sc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False)
     assert adata.obs["leiden"].nunique() >= 3
+
+
+def test_boolean_mask_indices_select_those_cells(sim, trained):
+    mask = np.zeros(sim.n_obs, dtype=bool)
+    mask[[3, 7]] = True
+    np.testing.assert_array_equal(
+        trained.get_latent_representation(indices=mask),
+        trained.get_latent_representation(indices=[3, 7]),
+    )
+    expr = trained.get_normalized_expression(indices=mask, n_samples=2)
+    assert expr.index.tolist() == sim.obs_names[[3, 7]].tolist()
+    with pytest.raises(IndexError, match="boolean mask of 5 entries"):
+        trained.get_latent_representation(indices=mask[:5])
+    with pytest.raises(IndexError, match="integer positions or a boolean mask"):
+        trained.get_latent_representation(indices=[0.5, 1.0])
+
+
+def test_another_train_call_numbers_its_epochs_on(sim):
+    model = scvae.SCVAE(sim[:200].copy(), n_hidden=16)
+    model.train(max_epochs=2)
+    model.train(max_epochs=3)
+    assert model.history.index.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_early_stopping_without_validation_cells_is_refused(sim):
+    model = scvae.SCVAE(sim[:200].copy(), n_hidden=16)
+    with pytest.raises(ValueError, match="early_stopping watches .* no validation cells of 200"):
+        model.train(max_epochs=2, early_stopping=True, train_size=1.0)
+    assert not model.is_trained
+
+
+def test_untrained_latent_warns(sim):
+    with pytest.warns(UserWarning, match="not been trained: its encoder is random"):
+        scvae.SCVAE(sim[:50].copy(), n_hidden=16).get_latent_representation()
+
+
+def test_sample_counts_numbers_and_single_genes_are_checked(trained):
+    for call in (
+        lambda: trained.get_marginal_ll(indices=[0], n_mc_samples=0),
+        lambda: trained.get_latent_representation(indices=[0], mc_samples=0),
+        lambda: trained.get_normalized_expression(indices=[0], n_samples=1.5),
+    ):
+        with pytest.raises(ValueError, match="must be a whole number >= 1"):
+            call()
+    a = trained.get_normalized_expression(indices=[0, 1], library_size=np.int64(10_000))
+    np.testing.assert_allclose(a.sum(1), 10_000, rtol=1e-4)
+    one = trained.get_normalized_expression(indices=[0, 1], gene_list="gene3")
+    assert one.columns.tolist() == ["gene3"]
+
+
+def test_transform_batch_takes_integer_categories_and_none(sim):
+    adata = sim[:300].copy()
+    adata.obs["b"] = adata.obs["batch"].cat.codes.astype(int)
+    model = scvae.SCVAE(adata, batch_key="b", n_hidden=16)
+    model.train(max_epochs=1)
+    torch.manual_seed(0)
+    by_int = model.get_normalized_expression(indices=[0, 1], transform_batch=1)
+    torch.manual_seed(0)
+    by_name = model.get_normalized_expression(indices=[0, 1], transform_batch="1")
+    pd.testing.assert_frame_equal(by_int, by_name)
+    torch.manual_seed(0)
+    own = model.get_normalized_expression(indices=[0, 1], transform_batch=[None])
+    torch.manual_seed(0)
+    pd.testing.assert_frame_equal(own, model.get_normalized_expression(indices=[0, 1]))
+    with pytest.raises(ValueError, match="cannot mix None"):
+        model.get_normalized_expression(transform_batch=[None, 0])

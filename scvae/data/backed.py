@@ -163,29 +163,44 @@ class BackedCSR:
         return int(self.shape[0])
 
     def _plan(
-        self, idx: np.ndarray, shuffle: bool, generator: torch.Generator | None
+        self,
+        idx: np.ndarray,
+        shuffle: bool,
+        generator: torch.Generator | None,
+        min_buffers: int = 1,
     ) -> tuple[list[list[tuple[int, int, int, int]]], np.ndarray | None]:
-        """Buffers of blocks ``(row start, row stop, first cell, end cell)`` in visiting order."""
-        starts = np.arange(0, self.n_rows, self.block_rows)
-        stops = np.minimum(starts + self.block_rows, self.n_rows)
-        lo, hi = np.searchsorted(idx, starts), np.searchsorted(idx, stops)
-        blocks = [
-            (int(s), int(e), int(a), int(b))
-            for s, e, a, b in zip(starts, stops, lo, hi, strict=True)
-            if b > a
-        ]
+        """Buffers of blocks ``(row start, row stop, first cell, end cell)`` in visiting order.
+
+        With fewer than ``min_buffers`` buffers (the processes, each of which needs one), the
+        blocks are made smaller (one per buffer) until there are enough or a block is one row.
+        """
+        block_rows, buffer_blocks = self.block_rows, self.buffer_blocks
+        while True:
+            blocks = self._blocks(idx, block_rows)
+            if -(-len(blocks) // buffer_blocks) >= min_buffers or block_rows == 1:
+                break
+            block_rows, buffer_blocks = max(1, block_rows // 2), 1
         if shuffle:
             order = torch.randperm(len(blocks), generator=generator).tolist()
             blocks = [blocks[i] for i in order]
-        buffers = [
-            blocks[i : i + self.buffer_blocks] for i in range(0, len(blocks), self.buffer_blocks)
-        ]
+        buffers = [blocks[i : i + buffer_blocks] for i in range(0, len(blocks), buffer_blocks)]
         seeds = (
             torch.randint(0, 2**62, (len(buffers),), generator=generator).numpy()
             if shuffle
             else None
         )
         return buffers, seeds
+
+    def _blocks(self, idx: np.ndarray, block_rows: int) -> list[tuple[int, int, int, int]]:
+        """Row blocks of ``block_rows`` that hold some of the cells ``idx`` (sorted)."""
+        starts = np.arange(0, self.n_rows, block_rows)
+        stops = np.minimum(starts + block_rows, self.n_rows)
+        lo, hi = np.searchsorted(idx, starts), np.searchsorted(idx, stops)
+        return [
+            (int(s), int(e), int(a), int(b))
+            for s, e, a, b in zip(starts, stops, lo, hi, strict=True)
+            if b > a
+        ]
 
     @staticmethod
     def _n_steps(n_cells: int, batch_size: int, drop_last_below: int) -> int:
@@ -213,7 +228,7 @@ class BackedCSR:
         """
         idx = np.sort(torch.as_tensor(indices).cpu().numpy().astype(np.int64))
         per_rank_batch = max(1, batch_size // world_size)  # batch_size: cells per step, all ranks
-        buffers, seeds = self._plan(idx, shuffle, generator)
+        buffers, seeds = self._plan(idx, shuffle, generator, min_buffers=world_size)
         mine = [j for j in range(len(buffers)) if j % world_size == rank]
         per_rank = [
             sum(b - a for j in range(r, len(buffers), world_size) for *_, a, b in buffers[j])

@@ -36,7 +36,8 @@ def pad_query_genes(adata: ad.AnnData, var_names: Sequence[str]) -> ad.AnnData:
     zero in ``X`` and in every layer, genes the reference lacks are dropped.
 
     ``obs``, ``obsm`` and ``uns`` are copied; ``var`` keeps the query's columns for the genes it
-    has (missing genes get NaN). Logs how many genes were padded and dropped.
+    has (missing genes get NaN). Logs how many genes were padded and dropped. A backed query is
+    read into memory (the result is an in-memory AnnData).
 
     Examples
     --------
@@ -75,6 +76,8 @@ def pad_query_genes(adata: ad.AnnData, var_names: Sequence[str]) -> ad.AnnData:
             "Only %.0f%% of the reference's genes are in the query; the mapping may be poor.",
             100 * n_present / len(reference),
         )
+    if adata.isbacked:  # the padded copy is a new in-memory AnnData either way
+        adata = adata.to_memory()
     var = adata.var.copy()
     var.index = pd.Index(var.index.astype(str))
     var = var.reindex(reference)

@@ -122,7 +122,9 @@ class Registry:
         self.categorical_codes(adata)
         self.continuous_values(adata)
         self.size_factors(adata)
-        return get_counts(adata, self.layer, allow_non_integer=self.allow_non_integer)
+        return get_counts(
+            adata, self.layer, allow_non_integer=self.allow_non_integer, registered=True
+        )
 
     def check_blocks(self, adata: ad.AnnData, block: int = 8192) -> Iterator[sp.csr_matrix]:
         """:meth:`check` ``block`` cells at a time, yielding each block's validated counts.
@@ -283,13 +285,18 @@ def check_counts(
 
 
 def get_counts(
-    adata: ad.AnnData, layer: str | None, *, allow_non_integer: bool = False
+    adata: ad.AnnData,
+    layer: str | None,
+    *,
+    allow_non_integer: bool = False,
+    registered: bool = False,
 ) -> sp.csr_matrix:
     """Return the counts as CSR float32 after checking they are usable raw counts.
 
     Refused, each with the fix: a missing layer, non-numeric data, NaN or inf, negative values,
     non-integer values (unless ``allow_non_integer``; data that looks log-normalised gets a
-    pointer to the raw counts), and cells with zero total counts.
+    pointer to the raw counts), and cells with zero total counts. ``registered``: the AnnData
+    is checked against a model's registration (a query), whose option cannot change any more.
 
     Examples
     --------
@@ -354,6 +361,11 @@ def get_counts(
                     "counts: layer='counts' if you kept them there (adata.layers['counts'] = "
                     "adata.X.copy() before sc.pp.normalize_total), or adata.raw.to_adata()."
                 )
+            elif registered:
+                hint = (
+                    "The model was registered on integer counts (allow_non_integer=False), so "
+                    "its queries take integer counts too: pass these cells' raw counts."
+                )
             else:
                 hint = (
                     "If the fractional values are intended (ambient-corrected or EM-estimated "
@@ -394,7 +406,7 @@ def _check_not_empty(adata: ad.AnnData) -> None:
         )
 
 
-def _column(adata: ad.AnnData, key: str, what: str) -> pd.Series:
+def _column(adata: ad.AnnData, key: str, what: str, fill: str = "e.g. with 'unknown'") -> pd.Series:
     if key not in adata.obs.columns:
         have = ", ".join(map(repr, list(adata.obs.columns)[:20])) or "none"
         raise RegistryError(f"{what}={key!r} is not a column of adata.obs (columns: {have}).")
@@ -402,13 +414,13 @@ def _column(adata: ad.AnnData, key: str, what: str) -> pd.Series:
     if column.isna().any():
         raise RegistryError(
             f"adata.obs[{key!r}] ({what}) has {int(column.isna().sum())} missing values (NaN). "
-            "Fill them (e.g. with 'unknown') or remove those cells."
+            f"Fill them ({fill}) or remove those cells."
         )
     return column
 
 
 def _numeric(adata: ad.AnnData, key: str, what: str) -> np.ndarray:
-    column = _column(adata, key, what)
+    column = _column(adata, key, what, fill="with a number")
     try:
         values = column.to_numpy(dtype=np.float64)
     except (TypeError, ValueError):

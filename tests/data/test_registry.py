@@ -141,3 +141,20 @@ def test_registry_roundtrip(counts):
     assert type(reg).from_dict(reg.to_dict()) == reg
     with pytest.raises(RegistryError, match="malformed"):
         type(reg).from_dict({**reg.to_dict(), "surprise": 1})
+
+
+def test_query_errors_count_every_bad_cell_and_give_a_fix_that_applies(counts):
+    counts = counts.copy()
+    counts.obs["score"] = np.linspace(0.0, 1.0, counts.n_obs)
+    model = build(counts, continuous_covariate_keys=["score"])
+    other = counts.copy()
+    other.obs.iloc[:20, other.obs.columns.get_loc("score")] = np.nan
+    with pytest.raises(
+        RegistryError, match=r"20 missing values \(NaN\). Fill them \(with a number"
+    ):
+        model.get_elbo(other)
+    fractional = counts.copy()
+    fractional.X = fractional.X * 0.5
+    with pytest.raises(RegistryError, match="registered on integer counts") as err:
+        model.get_elbo(fractional)
+    assert "allow_non_integer=True" not in str(err.value)  # not an option of a query
