@@ -38,6 +38,7 @@ Examples
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -143,12 +144,30 @@ def define_comparisons(
         else:
             cells2 = as_indices(idx2, n_obs, "idx2")
             name2 = "group2"
+            shared = np.intersect1d(cells1, cells2).size
+            if shared == cells1.size == cells2.size and shared:
+                raise ValueError(
+                    "idx1 and idx2 are the same cells: a group cannot be compared with itself."
+                )
+            if shared:
+                warnings.warn(
+                    f"idx1 and idx2 share {shared} cells; they count in both groups.",
+                    UserWarning,
+                    stacklevel=4,
+                )
         comps = [Comparison("group1", name2, cells1, cells2)]
     else:
         if labels is None:
             raise ValueError("Pass groupby= (a column of adata.obs) or idx1= (the cells).")
         series = pd.Series(np.asarray(labels)) if not isinstance(labels, pd.Series) else labels
         series = series.reset_index(drop=True)
+        if series.dtype.kind == "f":
+            raise ValueError(
+                f"{groupby!r} holds continuous numbers (dtype {series.dtype}), not groups. Pass "
+                "a column of groups (e.g. clusters); to use these values as groups, make them "
+                f"categorical first: adata.obs[{groupby!r}] = adata.obs[{groupby!r}]"
+                ".astype('category')."
+            )
         if isinstance(series.dtype, pd.CategoricalDtype):
             present = set(series.dropna().astype(str))
             known = [str(c) for c in series.cat.categories if str(c) in present]
@@ -156,18 +175,24 @@ def define_comparisons(
             known = sorted(set(series.dropna().astype(str)))
         values = series.astype(str).to_numpy()
         if group1 is None:
-            if group2 is not None:
-                raise ValueError("group2 needs group1; pass the group(s) to compare with it.")
             if len(known) < 2:
                 raise ValueError(
                     f"{groupby!r} has {len(known)} group(s); one-vs-rest needs at least two."
                 )
-            groups = known
+            # every group, against the rest or against group2 (group2 itself left out)
+            groups = [g for g in known if group2 is None or g != str(group2)]
+        elif isinstance(group1, str) or not isinstance(group1, Iterable):
+            groups = [str(group1)]  # one group, by name or by an integer label
         else:
-            groups = [group1] if isinstance(group1, str) else [str(g) for g in group1]
+            groups = [str(g) for g in group1]
         for g in [*groups, *([] if group2 is None else [group2])]:
             if str(g) not in known:
                 raise ValueError(f"Group {g!r} is not in {groupby!r} (groups: {known}).")
+        if group2 is not None and str(group2) in groups:
+            raise ValueError(
+                f"group1 and group2 are both {str(group2)!r}: a group cannot be compared with "
+                "itself. Pass two different groups, or group2=None for the rest of the cells."
+            )
         comps = []
         for g in groups:
             cells1 = np.flatnonzero(values == str(g))

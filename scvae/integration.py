@@ -318,6 +318,12 @@ def integration_scores(
     for key in (batch_key, labels_key):
         if key is not None and key not in adata.obs:
             raise KeyError(f"{key!r} is not a column of adata.obs.")
+        if key is not None and adata.obs[key].isna().any():
+            raise ValueError(
+                f"adata.obs[{key!r}] has {int(adata.obs[key].isna().sum())} missing values "
+                "(NaN); every cell needs one. Fill them or score the cells that have one: "
+                f"integration_scores(adata[adata.obs[{key!r}].notna()], ...)."
+            )
     latent = np.asarray(adata.obsm[use_rep], dtype=np.float64)
     batch = adata.obs[batch_key].astype(str).to_numpy()
     if len(np.unique(batch)) < 2:

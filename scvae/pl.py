@@ -80,7 +80,7 @@ def history(
 def volcano(
     de: pd.DataFrame,
     *,
-    x: str = "lfc_mean",
+    x: str | None = None,
     y: str | None = None,
     comparison: str | None = None,
     n_labels: int = 10,
@@ -94,7 +94,8 @@ def volcano(
     de
         The DE DataFrame (genes as index).
     x
-        Column for the horizontal axis (default the posterior mean log2 fold change).
+        Column for the horizontal axis; None: the posterior mean log2 fold change
+        ``lfc_mean`` (change and group modes), else (vanilla) ``log2(scale1 / scale2)``.
     y
         Column for the vertical axis; None: ``proba_de`` in change mode, else the absolute
         ``bayes_factor``. Neither is a p-value; no -log10 transform is applied.
@@ -133,6 +134,10 @@ def volcano(
             raise ValueError(f"No rows with comparison == {comparison!r}.")
     if y is None:
         y = "proba_de" if "proba_de" in table else "bayes_factor"
+    if x is None and "lfc_mean" not in table and {"scale1", "scale2"} <= set(table):
+        x = "log2(scale1 / scale2)"  # vanilla mode has no LFC column
+        table = table.assign(**{x: np.log2(table["scale1"]) - np.log2(table["scale2"])})
+    x = "lfc_mean" if x is None else x
     for col in (x, y):
         if col not in table:
             raise ValueError(f"Column {col!r} is not in the DE table ({list(table.columns)}).")

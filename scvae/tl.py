@@ -280,7 +280,7 @@ def differential_expression(
     reference: str = "rest",
     mode: Literal["vanilla", "change", "group"] = "vanilla",
     delta: float = 0.25,
-    fdr_target: float = 0.05,
+    fdr_target: float | Sequence[float] = 0.05,
     batch_correction: bool = False,
     n_samples_overall: int = 5000,
     pseudocounts: float | None = None,
@@ -348,14 +348,27 @@ def differential_expression(
     """
     if groupby not in adata.obs:
         raise ValueError(f"groupby {groupby!r} is not a column of adata.obs.")
-    labels = adata.obs[groupby].astype("category")
+    column = adata.obs[groupby]
+    if not isinstance(column.dtype, pd.CategoricalDtype) and column.dtype.kind in "iuf":
+        raise ValueError(
+            f"adata.obs[{groupby!r}] is numeric (dtype {column.dtype}); scanpy's plots of "
+            "rank_genes_groups need a categorical column of groups, as sc.tl.rank_genes_groups "
+            f"does. Make it one first: adata.obs[{groupby!r}] = adata.obs[{groupby!r}]"
+            ".astype(str).astype('category')."
+        )
+    labels = column.astype("category")
     present = [str(c) for c in labels.cat.categories if (labels == c).any()]
+    reference = str(reference)
     if reference != "rest" and reference not in present:
         raise ValueError(f"reference {reference!r} is not a group of {groupby!r} ({present}).")
     if groups is None:
-        chosen = [g for g in present if g != reference]
+        chosen = present
     else:
         chosen = [groups] if isinstance(groups, str) else [str(g) for g in groups]
+    chosen = [g for g in chosen if g != reference]  # as scanpy: the reference is not tested
+    if not chosen:
+        raise ValueError(f"No group to test against the reference {reference!r}.")
+    targets = [float(t) for t in np.atleast_1d(fdr_target)]
     table = model.differential_expression(
         adata,
         groupby=groupby,
@@ -370,8 +383,8 @@ def differential_expression(
         test_mode=test_mode,
         seed=seed,
     )
-    adata.uns[key_added] = _rank_genes_groups_uns(table, chosen, adata.var_names, mode)
-    adata.uns[key_added]["params"] = {
+    result = _rank_genes_groups_uns(table, chosen, adata.var_names, mode)
+    result["params"] = {
         "groupby": groupby,
         "reference": reference,
         "method": f"scvae_{mode}",
@@ -379,12 +392,13 @@ def differential_expression(
         "corr_method": "none",
         "mode": mode,
         "delta": float(delta),
-        "fdr_target": float(fdr_target),
+        "fdr_target": targets[0] if len(targets) == 1 else targets,
         "batch_correction": bool(batch_correction),
         "n_samples_overall": int(n_samples_overall),
     }
     if reference != "rest":
-        del adata.uns[key_added]["pts_rest"]
+        del result["pts_rest"]
+    adata.uns[key_added] = result  # only a complete result replaces a previous one
     return table
 
 

@@ -159,6 +159,23 @@ def test_define_comparisons_and_errors():
         de.define_comparisons(4, idx1=[0, 9])
 
 
+def test_comparisons_as_scvi_tools_names_them():
+    labels = pd.Series(pd.Categorical([0, 1, 0, 2]))  # integer groups, as Leiden's
+    assert de.define_comparisons(4, labels=labels, group1=0)[0].label == "0 vs Rest"
+    assert de.define_comparisons(4, labels=labels, group1=0, group2=2)[0].label == "0 vs 2"
+    # group1=None with group2: every other group against it
+    against = de.define_comparisons(4, labels=labels, group2=1)
+    assert [c.label for c in against] == ["0 vs 1", "2 vs 1"]
+    with pytest.raises(ValueError, match="cannot be compared with itself"):
+        de.define_comparisons(4, labels=labels, group1=1, group2=1)
+    with pytest.raises(ValueError, match="same cells"):
+        de.define_comparisons(4, idx1=[0, 1], idx2=[1, 0])
+    with pytest.warns(UserWarning, match="share 1 cells"):
+        de.define_comparisons(4, idx1=[0, 1], idx2=[1, 2])
+    with pytest.raises(ValueError, match="continuous numbers"):
+        de.define_comparisons(4, labels=pd.Series([0.1, 0.2, 0.1, 0.3]), groupby="library")
+
+
 def test_sorting_and_tie_breaks():
     names = ["a", "b", "c", "d"]
     # change: a and b both have proba_de 1; b has the larger |lfc| and comes first

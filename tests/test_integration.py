@@ -127,3 +127,13 @@ def test_clear_errors(mixed):
         integration_scores(a, batch_key="one")
     with pytest.raises(ValueError, match="one label"):
         integration_scores(a, batch_key="batch", labels_key="one")
+
+
+def test_missing_batch_values_are_an_error_not_a_batch():
+    rng = np.random.default_rng(0)
+    adata = ad.AnnData(np.zeros((200, 1), dtype=np.float32))
+    adata.obs["batch"] = rng.integers(0, 2, 200).astype(str).astype(object)
+    adata.obs.iloc[:5, 0] = np.nan
+    adata.obsm["X_scvae"] = rng.normal(size=(200, 5))
+    with pytest.raises(ValueError, match=r"adata.obs\['batch'\] has 5 missing values"):
+        integration.integration_scores(adata, batch_key="batch")

@@ -40,3 +40,17 @@ def test_volcano_labels_top_genes_and_needs_a_comparison():
     assert [t.get_text() for t in ax.texts] == ["g1"]
     with pytest.raises(ValueError, match="'lfc_max' is not in"):
         scvae.pl.volcano(table, x="lfc_max", comparison="A vs Rest", show=False)
+
+
+def test_volcano_of_a_vanilla_table_uses_the_scale_ratio():
+    table = pd.DataFrame(
+        {
+            "bayes_factor": [3.0, -2.0, 0.1],
+            "scale1": [4e-3, 1e-4, 1e-3],
+            "scale2": [1e-3, 4e-4, 1e-3],
+        },
+        index=["g1", "g2", "g3"],
+    )
+    ax = scvae.pl.volcano(table, show=False)
+    assert ax.get_xlabel() == "log2(scale1 / scale2)" and ax.get_ylabel() == "|bayes_factor|"
+    np.testing.assert_allclose(ax.collections[0].get_offsets()[:, 0], [2.0, -2.0, 0.0])

@@ -121,6 +121,26 @@ def test_reference_group_and_errors(adata_model):
         scvae.tl.differential_expression(adata, model, groupby="nope")
 
 
+def test_reference_is_not_tested_and_failures_keep_the_previous_result(adata_model):
+    adata, model = adata_model
+    adata = adata.copy()
+    adata.obs["code"] = adata.obs["cell_type"].cat.codes.astype(str).astype("category")
+    table = scvae.tl.differential_expression(
+        adata, model, groupby="code", groups=["0", "1"], reference=1, n_samples_overall=50
+    )
+    assert set(table["comparison"]) == {"0 vs 1"}  # as scanpy: the reference is left out
+    assert list(adata.uns["rank_genes_groups"]["names"].dtype.names) == ["0"]
+    scvae.tl.differential_expression(
+        adata, model, groupby="code", mode="change", fdr_target=[0.05, 0.1], n_samples_overall=50
+    )
+    assert adata.uns["rank_genes_groups"]["params"]["fdr_target"] == [0.05, 0.1]
+    before = adata.uns["rank_genes_groups"]
+    adata.obs["number"] = adata.obs["cell_type"].cat.codes.astype(int)
+    with pytest.raises(ValueError, match=r"is numeric .*\.astype\(str\)"):
+        scvae.tl.differential_expression(adata, model, groupby="number")
+    assert adata.uns["rank_genes_groups"] is before
+
+
 # ---------------------------------------------------------------------------- tl.fit
 @pytest.fixture(scope="module")
 def small():
