@@ -214,6 +214,8 @@ def _fit(args: argparse.Namespace) -> None:
 def _de(args: argparse.Namespace) -> None:
     out = Path(args.output)
     _check_output_file(out, "-o", None, args.overwrite)
+    if not args.delta > 0:  # vanilla mode does not use it, but a bad value is still a mistake
+        raise CLIError(f"--delta must be a positive log2 fold change, got {args.delta}")
     model_dir = Path(args.model_dir)
     if not model_dir.is_dir():
         what = "is a file" if model_dir.exists() else "does not exist"

@@ -354,6 +354,11 @@ def test_write_atomically_never_leaves_half_a_file(tmp_path):
 
 # --------------------------------------------------------------------- scvae de
 DE_ERRORS = {
+    "delta": (
+        ["de", "{d}/model", "{d}/counts.h5ad", "--groupby", "cell_type", "-o", "{t}/de.csv"]
+        + ["--delta", "-1"],
+        r"--delta must be a positive log2 fold change, got -1",
+    ),
     "missing model dir": (
         ["de", "{t}/nomodel", "{d}/counts.h5ad", "--groupby", "cell_type", "-o", "{t}/de.csv"],
         r"no model directory at .*nomodel: the path does not exist",
