@@ -398,7 +398,9 @@ class SCVAE:
 
         If the loss becomes NaN or infinite, :class:`~scvae.train.TrainingDiverged` is raised
         at that step, naming the likely cause; the model keeps the weights of the last good
-        step (and the history of the finished epochs), so it can still be saved or queried.
+        step (and the history of the finished epochs), so it can still be saved or queried,
+        unless those weights give non-finite values in evaluation (then, as for any other
+        failure, the weights from before the call are restored; the message says so).
         Any other failure (an error or Ctrl-C) restores the weights from before the call, so
         no half-trained model is left behind; with ``checkpoint_dir`` the same call resumes.
 
@@ -541,6 +543,13 @@ class SCVAE:
                 not torch.equal(p.detach().cpu(), before[name].cpu())
                 for name, p in self.module.named_parameters()
             )
+            if moved and not self._finite_in_evaluation(train_idx):
+                moved = False
+                err.args = (
+                    f"{err.args[0]} The last good step's weights give non-finite values in "
+                    "evaluation (e.g. exploded batch-norm statistics), so the weights from "
+                    "before this train() call were restored.",
+                )
             if moved:
                 self._record_training(err.history, train_idx, val_idx, train_config)
             else:
@@ -563,6 +572,12 @@ class SCVAE:
             self.module.eval()
             raise
         self._record_training(history, train_idx, val_idx, train_config)
+
+    def _finite_in_evaluation(self, train_idx: np.ndarray, n_cells: int = 256) -> bool:
+        """Whether the module, in evaluation mode, gives a finite ELBO on some training cells."""
+        with torch.no_grad():
+            elbo = self.get_elbo(indices=train_idx[:n_cells], return_mean=False)
+        return bool(np.isfinite(elbo).all())
 
     def _record_training(
         self,

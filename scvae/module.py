@@ -96,6 +96,11 @@ class ModuleConfig:
         for name in ("n_input", "n_batch", "n_labels", "n_hidden", "n_latent", "n_layers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.latent_distribution == "ln" and int(self.n_latent) < 2:
+            raise ValueError(
+                'latent_distribution="ln" needs n_latent >= 2: its latent is a softmax over '
+                "the dimensions, which is constant (1) in one dimension."
+            )
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}.")
         object.__setattr__(self, "n_cats_per_cov", tuple(int(n) for n in self.n_cats_per_cov))

@@ -56,14 +56,19 @@ def cell_indices(indices: Sequence[int] | np.ndarray | None, n_obs: int) -> np.n
     if indices is None:
         return np.arange(n_obs)
     idx = np.asarray(indices).ravel()
+    empty = IndexError("indices selects no cells; pass at least one cell (or None for all).")
     if idx.dtype == bool:
         if idx.size != n_obs:
             raise IndexError(
                 f"indices is a boolean mask of {idx.size} entries but the AnnData has {n_obs} "
                 "cells; give one entry per cell, or integer positions."
             )
+        if not idx.any():
+            raise empty
         return np.flatnonzero(idx)
-    if idx.size and idx.dtype.kind not in "iu":
+    if idx.size == 0:
+        raise empty
+    if idx.dtype.kind not in "iu":
         raise IndexError(
             f"indices must be integer positions or a boolean mask, got {idx.dtype} values; for "
             "cell names use adata.obs_names.get_indexer(names)."
@@ -102,27 +107,32 @@ def _chunks(
     adata = model.registry_adata() if adata is None else adata
     if adata.isbacked and adata.is_view:  # anndata cannot take a view of this view
         adata = adata.to_memory()  # the view's cells only
-    # the per-cell annotations of all cells first (so an error counts every bad cell), then
-    # the genes and layer; the counts are checked chunk by chunk
-    batch = torch.as_tensor(model.registry.batch_codes(adata))
-    covariates = model._covariates(adata)
-    model.registry.check(adata[:1])
     idx = cell_indices(indices, adata.n_obs)
     size = settings.inference_batch_size if batch_size is None else batch_size
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
         raise ValueError(f"batch_size must be a whole number >= 1 or None, got {size!r}.")
+    # the per-cell annotations of all cells first (so an error counts every bad cell), then the
+    # genes, layer and counts of the first chunk (before any work); later chunks as they come
+    batch = torch.as_tensor(model.registry.batch_codes(adata))
+    covariates = model._covariates(adata)
+
+    def read(part: np.ndarray) -> sp.csr_matrix:
+        lo, hi = int(part[0]), int(part[-1]) + 1
+        if hi - lo == len(part) and np.array_equal(part, np.arange(lo, hi)):
+            return model.registry.check(adata[lo:hi])
+        # read each cell once, in file order, then put them in the asked order
+        unique, inverse = np.unique(part, return_inverse=True)
+        return model.registry.check(adata[unique])[inverse]
+
+    first = read(idx[:size])
     dev = model.device
     model.module.eval()
 
     def chunks() -> Iterator[inference.Chunk]:
+        nonlocal first
         for start in range(0, len(idx), size):
             part = idx[start : start + size]
-            lo, hi = int(part[0]), int(part[-1]) + 1
-            if hi - lo == len(part) and np.array_equal(part, np.arange(lo, hi)):
-                counts = model.registry.check(adata[lo:hi])
-            else:  # read each cell once, in file order, then put them in the asked order
-                unique, inverse = np.unique(part, return_inverse=True)
-                counts = model.registry.check(adata[unique])[inverse]
+            counts, first = (first, None) if start == 0 else (read(part), None)
             x = torch.as_tensor(counts.toarray(), device=dev)
             part_t = torch.as_tensor(part)
             yield x, batch[part_t].to(dev), covariates.take(part_t).to(dev)

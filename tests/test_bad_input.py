@@ -69,6 +69,11 @@ def assert_unchanged(model: scvae.SCVAE, before: dict[str, torch.Tensor]) -> Non
         ({"gene_likelihood": "zinbb"}, ValueError, r"gene_likelihood='zinbb' is not one of 'zinb'"),
         ({"dispersion": "per-gene"}, ValueError, r"dispersion='per-gene' is not one of 'gene'"),
         ({"latent_distribution": "lognormal"}, ValueError, r"latent_distribution='lognormal'"),
+        (
+            {"latent_distribution": "ln", "n_latent": 1},
+            ValueError,
+            r'latent_distribution="ln" needs n_latent >= 2',
+        ),
         ({"batch_key": ["batch"]}, TypeError, r"batch_key must be a column/layer name \(str\)"),
         (
             {"categorical_covariate_keys": "batch"},
@@ -195,6 +200,37 @@ def test_bad_query_inputs(adata, saved_dir):
         model.get_normalized_expression(transform_batch="b9")
     with pytest.raises(RegistryError, match=r"genes differ.*another order"):
         model.get_elbo(adata[:, ::-1].copy())
+    for empty in ([], np.zeros(adata.n_obs, dtype=bool)):
+        with pytest.raises(IndexError, match="indices selects no cells"):
+            model.get_elbo(indices=empty)
+
+
+def test_queries_check_the_cells_asked_for_and_count_every_bad_one(adata, saved_dir):
+    model = scvae.SCVAE.load(saved_dir, adata)
+    some = adata[:6].copy()
+    x = some.X.toarray()
+    x[0] = 0  # a cell without counts that is not asked for
+    some.X = sp.csr_matrix(x)
+    assert model.get_latent_representation(some, indices=[1, 2, 3]).shape[0] == 3
+    none = adata[:5].copy()
+    none.X = sp.csr_matrix(none.shape, dtype=np.float32)
+    with pytest.raises(RegistryError, match="5 cells have zero total counts"):
+        model.get_elbo(none)
+
+
+def test_float16_counts_train(adata):
+    half = adata.copy()
+    half.X = half.X.toarray().astype(np.float16)
+    model = scvae.SCVAE(half, n_hidden=16)
+    model.train(max_epochs=1)
+    assert model.is_trained
+
+
+def test_size_factors_beyond_the_count_scale_are_refused(adata):
+    huge = adata.copy()
+    huge.obs["sf"] = 1e300
+    with pytest.raises(RegistryError, match=r"size_factor_key\) has 80 values above"):
+        scvae.SCVAE(huge, size_factor_key="sf")
 
 
 # ------------------------------------------------------------------------ saving

@@ -77,13 +77,18 @@ def test_divergence_from_a_high_learning_rate_names_it(sim):
     import scvae
 
     model = scvae.SCVAE(sim[:300].copy())
-    with pytest.raises(TrainingDiverged, match=r"learning rate too high.*lr=1e\+06.*try lr=100000"):
+    with pytest.raises(
+        TrainingDiverged, match=r"learning rate too high.*lr=1e\+06.*try lr=100000"
+    ) as err:
         model.train(max_epochs=20, lr=1e6, n_epochs_kl_warmup=None, device="cpu")
-    # the model keeps the last good step: finite weights, trained, history of finished epochs
-    assert model.is_trained
+    # the model keeps the last good step (finite weights, trained, history of finished
+    # epochs), or, when those give non-finite values in evaluation, the weights before the call
+    restored = "weights from before this train() call were restored" in str(err.value)
+    assert model.is_trained != restored
     for k, v in model.module.state_dict().items():
         assert torch.isfinite(v.float()).all(), k
     assert list(model.history.index) == list(range(len(model.history)))
+    assert np.isfinite(model.get_elbo())
 
 
 def test_divergence_before_any_step_leaves_model_untouched():
@@ -98,3 +103,14 @@ def test_divergence_before_any_step_leaves_model_untouched():
     assert not model.is_trained and model.history.empty
     for k, v in model.module.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("lr", [10.0, 0.3])
+def test_the_model_left_by_a_divergence_gives_finite_answers(lr):
+    import scvae
+
+    model = scvae.SCVAE(scvae.data.simulate(300, 50, seed=1))
+    with pytest.raises(TrainingDiverged):
+        model.train(max_epochs=10, lr=lr, device="cpu")
+    assert np.isfinite(model.get_elbo())
+    assert np.isfinite(model.get_normalized_expression(n_samples=2).to_numpy()).all()

@@ -80,6 +80,8 @@ class DeviceCSR:
     """
 
     def __init__(self, matrix: sp.spmatrix | sp.sparray | np.ndarray, device: str | torch.device):
+        if isinstance(matrix, np.ndarray) and matrix.dtype == np.float16:
+            matrix = matrix.astype(np.float32)  # scipy.sparse has no float16
         csr = matrix if isinstance(matrix, sp.csr_matrix | sp.csr_array) else sp.csr_matrix(matrix)
         if csr.dtype != np.float32:
             csr = csr.astype(np.float32)

@@ -179,6 +179,15 @@ class Registry:
                 f"adata.obs[{self.size_factor_key!r}] (size_factor_key) has "
                 f"{int((values <= 0).sum())} values <= 0; size factors must be positive."
             )
+        # the library is a float32 count scale: e.g. 1e300 would overflow it
+        limit = np.finfo(np.float32).max / 1e6
+        if (values > limit).any():
+            raise RegistryError(
+                f"adata.obs[{self.size_factor_key!r}] (size_factor_key) has "
+                f"{int((values > limit).sum())} values above {limit:.0e} (largest "
+                f"{values.max():.3g}); size factors are library sizes on the count scale "
+                "(e.g. total counts per cell), far below that."
+            )
         return values.astype(np.float32)[:, None]
 
 
