@@ -9,9 +9,10 @@ A checkpoint directory holds two model directories (:mod:`scvae.io` format, so
 
 Each holds ``model.safetensors`` (weights), ``train_state.safetensors`` (the optimizer's
 tensors and the random generators' states) and ``model.json`` (the model description plus a
-``checkpoint`` entry: epoch, history, loop state, scheduler state, optimizer options and the
-identity of the run). Nothing is pickled. Each directory is replaced atomically, so a process
-killed at any moment leaves the previous checkpoint readable.
+``checkpoint`` entry: epoch, loop state, scheduler state, optimizer options and the identity
+of the run; the history is the description's own, as in any model directory). Nothing is
+pickled. Each directory is replaced atomically, so a process killed at any moment leaves the
+previous checkpoint readable.
 
 A checkpoint restores everything the loop depends on (weights, optimizer and scheduler state,
 the minibatch-order generator, torch's global generator, the epoch counter and the

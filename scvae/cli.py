@@ -382,8 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=("vanilla", "change", "group"),
         default="vanilla",
-        help="vanilla: P(rho1 > rho2); change: P(|log2 fold change| >= delta) over pairs of "
-        "cells; group: the same for the groups' mean expression (default: vanilla)",
+        help="vanilla: P(rho1 > rho2); change: max(P(lfc >= delta), P(lfc <= -delta)) of the "
+        "log2 fold change over pairs of cells; group: the same for the groups' mean expression "
+        "(default: vanilla)",
     )
     de.add_argument(
         "--delta", type=float, default=0.25, help="change, group: log2 FC threshold (0.25)"
