@@ -277,7 +277,7 @@ def differential_expression(
     *,
     groupby: str,
     groups: str | Sequence[str] | None = None,
-    reference: str = "rest",
+    reference: str | int = "rest",
     mode: Literal["vanilla", "change", "group"] = "vanilla",
     delta: float = 0.25,
     fdr_target: float | Sequence[float] = 0.05,
@@ -307,7 +307,8 @@ def differential_expression(
     groups
         Groups to test (None: all but the reference).
     reference
-        "rest" (all other cells) or a group to compare every group with.
+        "rest" (all other cells) or a group (its name, or an integer label) to compare every
+        other group with; as in scanpy, the reference itself is not tested.
     mode, delta, fdr_target, batch_correction, n_samples_overall, pseudocounts, test_mode, seed
         As in :meth:`scvae.SCVAE.differential_expression`.
     key_added
