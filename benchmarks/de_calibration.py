@@ -28,7 +28,7 @@ curve (proba_de; Wilcoxon's |z|).
 
 Run from the repository root (scvi-tools' environment from benchmarks/setup_scvi_env.sh)::
 
-    python benchmarks/de_calibration.py --scvi-python /tmp/scvienv/bin/python
+    python benchmarks/de_calibration.py --scvi-python benchmarks/.scvi-venv/bin/python
 """
 
 from __future__ import annotations
@@ -299,7 +299,9 @@ def plot(rows: pd.DataFrame, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--scvi-python", default="/tmp/scvienv/bin/python")
+    p.add_argument(
+        "--scvi-python", type=os.path.abspath, default=str(HERE / ".scvi-venv" / "bin" / "python")
+    )
     p.add_argument("--data-dir", type=Path, default=HERE.parent.parent / "shared" / "data")
     p.add_argument("--work", type=Path, default=Path("/tmp/scvae_de_calibration"))
     p.add_argument("--out", type=Path, default=HERE / "results")

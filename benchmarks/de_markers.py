@@ -11,13 +11,14 @@ proba_de`` to 6 decimals, ties ``lfc_mean``: confidently up genes first). Writes
 
 Run from the repository root (each tool in its own environment, one after the other)::
 
-    python benchmarks/de_markers.py --scvi-python /tmp/scvienv/bin/python
+    python benchmarks/de_markers.py --scvi-python benchmarks/.scvi-venv/bin/python
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,7 +92,9 @@ def work(tool: str, data: Path, out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--scvi-python", default="/tmp/scvienv/bin/python")
+    p.add_argument(
+        "--scvi-python", type=os.path.abspath, default=str(HERE / ".scvi-venv" / "bin" / "python")
+    )
     p.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--tool", choices=["scvae", "scvi-tools"], help="(internal) run one tool")

@@ -11,7 +11,7 @@ and all cells loaded (``de_common.PeakMemory``).
 
 Run from the repository root::
 
-    python benchmarks/de_scale.py --scvi-python /tmp/scvienv/bin/python
+    python benchmarks/de_scale.py --scvi-python benchmarks/.scvi-venv/bin/python
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ def simulate_blocks(n_cells: int, n_genes: int, n_groups: int, seed: int) -> ad.
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--scvi-python", default="/tmp/scvienv/bin/python")
+    p.add_argument(
+        "--scvi-python", type=os.path.abspath, default=str(HERE / ".scvi-venv" / "bin" / "python")
+    )
     p.add_argument("--cells", type=int, default=200_000)
     p.add_argument("--genes", type=int, default=2000)
     p.add_argument("--groups", type=int, default=10)

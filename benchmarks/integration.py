@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -139,7 +140,9 @@ def main() -> None:
     p.add_argument("--n-hvg", type=int, default=2000)
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--scvi-python", default=str(HERE / ".scvi-venv" / "bin" / "python"))
+    p.add_argument(
+        "--scvi-python", type=os.path.abspath, default=str(HERE / ".scvi-venv" / "bin" / "python")
+    )
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -187,7 +188,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--query-epochs", type=int, default=200)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--scvi-python", default=str(HERE / ".scvi-venv" / "bin" / "python"))
+    p.add_argument(
+        "--scvi-python", type=os.path.abspath, default=str(HERE / ".scvi-venv" / "bin" / "python")
+    )
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
     if not args.data.exists():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -244,7 +245,9 @@ def main() -> None:
         choices=list(TOOLS),
         help="which tools to run (scvae alone for rows that are reported, not compared)",
     )
-    p.add_argument("--scvi-python", default=str(HERE / ".scvi-venv" / "bin" / "python"))
+    p.add_argument(
+        "--scvi-python", type=os.path.abspath, default=str(HERE / ".scvi-venv" / "bin" / "python")
+    )
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
 

@@ -123,7 +123,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch threads of every tool")
     p.add_argument("--tools", nargs="+", default=["scvi-tools", "scvae"])
-    p.add_argument("--scvi-python", default=str(HERE / ".scvi-venv" / "bin" / "python"))
+    p.add_argument(
+        "--scvi-python", type=os.path.abspath, default=str(HERE / ".scvi-venv" / "bin" / "python")
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=HERE / "results" / "throughput.json")

@@ -74,7 +74,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--scvae-epochs", type=int, nargs="+", default=[5, 10, 15, 20, 30, 40, 60])
     p.add_argument("--scvae-options", default="{}", help="JSON of scvae train() options")
-    p.add_argument("--scvi-python", default=str(HERE / ".scvi-venv" / "bin" / "python"))
+    p.add_argument(
+        "--scvi-python", type=os.path.abspath, default=str(HERE / ".scvi-venv" / "bin" / "python")
+    )
     p.add_argument("--out", type=Path, default=HERE / "results")
     a = p.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
