@@ -274,6 +274,7 @@ class VAE(nn.Module):
         batch_index: torch.Tensor,
         covariates: Covariates | None = None,
         n_samples: int = 1,
+        nonzero: Nonzero | None = None,
     ) -> dict[str, Any]:
         """q(z | x) and q(l | x) (or the observed l), with reparameterized samples.
 
@@ -287,6 +288,9 @@ class VAE(nn.Module):
             Other per-cell inputs (:class:`Covariates`).
         n_samples
             Samples per cell; with more than one, ``z`` and ``library`` get a leading axis.
+        nonzero
+            ``(row, gene, value)`` of the stored counts of ``x`` where the caller has them:
+            ``log1p(x)`` is then computed at them alone and placed in zeros (the same values).
 
         Returns
         -------
@@ -296,7 +300,13 @@ class VAE(nn.Module):
         """
         c = self.config
         cov = covariates or Covariates()
-        x_in = torch.log1p(x) if c.log_variational else x
+        if not c.log_variational:
+            x_in = x
+        elif nonzero is not None:
+            row, gene, value = nonzero
+            x_in = torch.zeros_like(x).index_put_((row, gene), torch.log1p(value))
+        else:
+            x_in = torch.log1p(x)
         cats: list[torch.Tensor] = []
         if c.encode_covariates:
             if cov.continuous is not None:
@@ -444,7 +454,7 @@ class VAE(nn.Module):
         nonzero: Nonzero | None = None,
     ) -> LossOutput:
         """inference -> generative -> loss on one minibatch (``nonzero``: see :meth:`loss`)."""
-        inf = self.inference(x, batch_index, covariates)
+        inf = self.inference(x, batch_index, covariates, nonzero=nonzero)
         gen = self.generative(inf["z"], inf["library"], batch_index, covariates)
         return self.loss(x, inf, gen, kl_weight=kl_weight, batch_index=batch_index, nonzero=nonzero)
 

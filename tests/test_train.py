@@ -114,3 +114,18 @@ def test_the_model_left_by_a_divergence_gives_finite_answers(lr):
         model.train(max_epochs=10, lr=lr, device="cpu")
     assert np.isfinite(model.get_elbo())
     assert np.isfinite(model.get_normalized_expression(n_samples=2).to_numpy()).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_finite_check_finds_a_bad_gradient_and_leaves_the_gradients_alone(bad):
+    from scvae.train import _all_finite
+
+    params = [torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.ones(4))]
+    for i, p in enumerate(params):
+        p.grad = torch.full_like(p, 0.5 + i)
+    before = [p.grad.clone() for p in params]
+    assert _all_finite(torch.tensor(1.0), params)
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before, strict=True))
+    assert not _all_finite(torch.tensor(bad), params)
+    params[1].grad[2] = bad
+    assert not _all_finite(torch.tensor(1.0), params)

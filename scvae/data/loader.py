@@ -100,6 +100,9 @@ class DeviceCSR:
         self.indptr = torch.as_tensor(csr.indptr.astype(np.int64, copy=False), device=self.device)
         self.indices = index(csr.indices)
         self.values = torch.as_tensor(csr.data, device=self.device)
+        # on the CPU, minibatches come from scipy's compiled row gather and densification
+        # (the same rows, non-zeros and order, in half the time of a dozen tensor operations)
+        self._host = csr if self.device.type == "cpu" else None
 
     @property
     def n_rows(self) -> int:
@@ -127,8 +130,18 @@ class DeviceCSR:
 
     def minibatch(self, idx: torch.Tensor, cells: torch.Tensor | None = None) -> Minibatch:
         """Rows ``idx`` as a :class:`Minibatch` (``cells``: the indices it reports, else idx)."""
-        nonzero = self.gather(idx)
-        x = densify(*nonzero, (len(idx), self.shape[1]))
+        if self._host is not None:
+            sub = self._host[idx.cpu().numpy()]
+            row_of = np.repeat(np.arange(len(idx), dtype=np.int64), np.diff(sub.indptr))
+            nonzero = (
+                torch.from_numpy(row_of),
+                torch.from_numpy(sub.indices.astype(np.int64)),
+                torch.from_numpy(sub.data),
+            )
+            x = torch.from_numpy(sub.toarray())
+        else:
+            nonzero = self.gather(idx)
+            x = densify(*nonzero, (len(idx), self.shape[1]))
         return Minibatch(idx.to(self.device) if cells is None else cells, x, nonzero)
 
     def row_sums(self) -> torch.Tensor:
