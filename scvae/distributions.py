@@ -228,9 +228,8 @@ class _DenseRows(torch.autograd.Function):
     Every entry pays ``log NB(0) = -theta * log1p(mu / theta)`` and, with zero-inflation logits
     ``zi``, ``-softplus(zi)`` (the log of 1 - pi); entries where ``at_zero`` is 1 add
     ``softplus(zi - log NB(0))``, which makes them ``log(pi + (1 - pi) NB(0))``. Autograd
-    through these operations makes about twice as many passes over the ``cells x genes``
-    arrays as the derivatives need; here the backward pass is two sigmoids and a few
-    products::
+    through these operations makes a pass over the ``cells x genes`` arrays per operation;
+    here the backward pass is two sigmoids and a few products::
 
         d/d zi    = at_zero * sigmoid(zi - log NB(0)) - sigmoid(zi)
         d/d mu    = -(1 - at_zero * sigmoid(zi - log NB(0))) / (1 + mu / theta)

@@ -103,3 +103,16 @@ def test_counts_larger_than_the_gpu_budget_stay_in_host_memory(monkeypatch, capl
     assert "stay in host memory" in caplog.text
     assert model.is_trained and model.device.type == "cuda"
     assert np.isfinite(model.get_latent_representation()).all()
+
+
+def test_scipy_row_gather_on_the_cpu_equals_the_tensor_gather():
+    """On the CPU rows are cut by scipy; the tensor gather (used on GPUs) gives the same."""
+    counts = _counts()
+    counts.data[::5] = 0  # stored zeros are listed by both
+    fast, tensor = DeviceCSR(counts, "cpu"), DeviceCSR(counts, "cpu")
+    tensor._host = None
+    idx = torch.randperm(300, generator=torch.Generator().manual_seed(3))[:70]
+    a, b = fast.minibatch(idx), tensor.minibatch(idx)
+    assert torch.equal(a.x, b.x)
+    assert all(torch.equal(u, v) for u, v in zip(a.nonzero, b.nonzero, strict=True))
+    assert all(torch.equal(u, v) for u, v in zip(fast.gather(idx), tensor.gather(idx), strict=True))

@@ -100,8 +100,9 @@ class DeviceCSR:
         self.indptr = torch.as_tensor(csr.indptr.astype(np.int64, copy=False), device=self.device)
         self.indices = index(csr.indices)
         self.values = torch.as_tensor(csr.data, device=self.device)
-        # on the CPU, minibatches come from scipy's compiled row gather and densification
-        # (the same rows, non-zeros and order, in half the time of a dozen tensor operations)
+        # on the CPU, rows are cut by scipy's compiled row gather and densification (the same
+        # rows, non-zeros and order, in half the time of a dozen tensor operations); HostCSR's
+        # worker gathers through it too
         self._host = csr if self.device.type == "cpu" else None
 
     @property
@@ -111,6 +112,8 @@ class DeviceCSR:
 
     def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The non-zeros of rows ``idx``: ``(row within idx, gene, value)``, one entry each."""
+        if self._host is not None:
+            return self._host_rows(idx)[1]
         idx = idx.to(self.device)
         starts = self.indptr[idx]
         counts = self.indptr[idx + 1] - starts
@@ -124,6 +127,20 @@ class DeviceCSR:
         pos += torch.arange(total, device=self.device)
         return row_of, self.indices[pos].long(), self.values[pos]
 
+    def _host_rows(
+        self, idx: torch.Tensor
+    ) -> tuple[sp.csr_matrix | sp.csr_array, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Rows ``idx`` cut by scipy (CPU only) and their non-zeros, as :meth:`gather` has them."""
+        assert self._host is not None
+        sub = self._host[idx.cpu().numpy()]
+        row_of = np.repeat(np.arange(len(idx), dtype=np.int64), np.diff(sub.indptr))
+        nonzero = (
+            torch.from_numpy(row_of),
+            torch.from_numpy(sub.indices.astype(np.int64)),
+            torch.from_numpy(sub.data),
+        )
+        return sub, nonzero
+
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dense float32 rows ``idx`` (int64 on the device): ``(len(idx), n_genes)``."""
         return self.minibatch(idx).x
@@ -131,13 +148,7 @@ class DeviceCSR:
     def minibatch(self, idx: torch.Tensor, cells: torch.Tensor | None = None) -> Minibatch:
         """Rows ``idx`` as a :class:`Minibatch` (``cells``: the indices it reports, else idx)."""
         if self._host is not None:
-            sub = self._host[idx.cpu().numpy()]
-            row_of = np.repeat(np.arange(len(idx), dtype=np.int64), np.diff(sub.indptr))
-            nonzero = (
-                torch.from_numpy(row_of),
-                torch.from_numpy(sub.indices.astype(np.int64)),
-                torch.from_numpy(sub.data),
-            )
+            sub, nonzero = self._host_rows(idx)
             x = torch.from_numpy(sub.toarray())
         else:
             nonzero = self.gather(idx)
