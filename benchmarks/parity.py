@@ -39,6 +39,7 @@ sys.path.insert(0, str(HERE.parent))
 from scvae.metrics import knn_accuracy, leiden_nmi_ari  # noqa: E402
 
 TOOLS = {"scvae": "_run_scvae.py", "scvi-tools": "_run_scvi.py"}
+DEFAULT_SEEDS = [0, 1, 2, 3, 4]
 
 
 def prepare(path: Path, n_hvg: int, held_out: float, out: Path, split_seed: int = 12345) -> None:
@@ -223,7 +224,7 @@ def main() -> None:
     p.add_argument("--held-out", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS)
     p.add_argument("--n-mc-samples", type=int, default=1000)
     p.add_argument("--gene-likelihood", default="zinb", choices=["zinb", "nb", "poisson"])
     p.add_argument("--latent-distribution", default="normal", choices=["normal", "ln"])
@@ -267,6 +268,13 @@ def main() -> None:
             sys.exit("--precision other than 32 is scvae's option: add --tools scvae")
         name += "_bf16"
         variant += ", bf16 matmuls"
+    if args.seeds != DEFAULT_SEEDS:  # more or other seeds: a file beside the 5-seed one
+        contiguous = args.seeds == list(range(args.seeds[0], args.seeds[-1] + 1))
+        name += (
+            f"_seeds{args.seeds[0]}-{args.seeds[-1]}"
+            if contiguous
+            else "_seeds" + "-".join(map(str, args.seeds))
+        )
     pythons = {"scvae": sys.executable, "scvi-tools": args.scvi_python}
     runs: dict[str, list[dict]] = {tool: [] for tool in args.tools}
     with tempfile.TemporaryDirectory() as tmp:
