@@ -594,8 +594,8 @@ class SCVAE:
     def _training_counts(self, adata: ad.AnnData) -> Any:
         """The registered counts, checked block by block: the AnnData's own matrix (no copy of
         a CSR float32 matrix) or, for a backed AnnData, its on-disk dataset."""
-        for _ in self.registry.check_blocks(adata):
-            pass
+        for block in self.registry.check_blocks(adata):
+            del block  # not held while the next block is checked
         layer = self.registry.layer
         return adata.X if layer is None else adata.layers[layer]
 
