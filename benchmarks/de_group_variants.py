@@ -7,7 +7,7 @@ sum by an empirical-Bayes normal-means prior. With 50-200 cells per group ``v_be
 and group mode ranks simulated genes below change mode. This script reruns group mode on the
 calibration benchmark's data (``de_calibration.py``'s simulated and thinned sets, same seeds,
 epochs and KL warm-up) and scores, from the same fitted parts, alternatives that shrink
-``d_beta`` before the sum:
+``d_beta`` before the sum or rescale its variance:
 
 - ``sum`` (what group mode does): ``d_rho + d_beta``, variance ``v_rho + v_beta``;
 - ``rho only``: ``d_rho``, variance ``v_rho`` (no count factor);
@@ -16,6 +16,9 @@ epochs and KL warm-up) and scores, from the same fitted parts, alternatives that
 - ``normal prior on beta``: ``d_beta``'s prior N(0, tau^2), tau^2 by moments over genes;
 - ``regression on d_rho``: ``d_beta ~ N(lambda d_rho, tau^2 + v_beta)``, lambda and tau^2 by
   maximum likelihood over genes (an attenuation of the model's fold changes).
+- ``empirical-null v_beta``: the sum, with ``v_beta`` scaled by the squared robust standard
+  deviation (MAD) of the z-scores ``d_beta / sqrt(v_beta)`` (Efron's empirical null), since
+  the Fisher variance overstates the factor's noise.
 
 Each then goes through the same final normal-means step. Reported: AUPRC of ``proba_de`` and
 the observed FDP and power of the posterior expected FDR calls at 0.05, mean over data sets.
@@ -78,6 +81,9 @@ def variants(f1: dict, f2: dict) -> dict[str, np.ndarray]:
     d_beta = (f1["beta"] - f2["beta"]) / dg.LOG2
     v_beta = (f1["v_beta"] + f2["v_beta"]) / dg.LOG2**2
     out = {"sum": proba(d_rho + d_beta, v_rho + v_beta), "rho only": proba(d_rho, v_rho)}
+    z = d_beta / np.sqrt(v_beta)
+    s0 = float(np.median(np.abs(z - np.median(z))) / 0.6745)
+    out["empirical-null v_beta"] = proba(d_rho + d_beta, v_rho + s0**2 * v_beta)
     post = dg.normal_means_posterior(d_beta, np.sqrt(v_beta), DELTA)
     out["ash on beta"] = proba(d_rho + post["mean"], v_rho + post["std"] ** 2)
     tau2 = max(float(np.mean(d_beta**2 - v_beta)), 1e-4)
