@@ -53,20 +53,15 @@ DELTA = 0.25
 
 
 class Parts:
-    """Records each group's fitted parts while ``differential_expression`` runs."""
+    """Records each group's parts (``scvae.de_group.group_parts``) as group mode fits them."""
 
     def __init__(self) -> None:
-        self.fits: list[dict[str, np.ndarray]] = []
-        self._fit_group = dg.fit_group
+        self.fits: list[dg.GroupParts] = []
 
     def fit_group(self, inputs: dg.GroupInputs) -> dg.GroupFit:
-        rho = np.asarray(inputs.rho, dtype=np.float64)
-        n = rho.shape[0]
-        rho_bar = np.maximum(rho.mean(axis=0), 1e-30)
-        v_rho = rho.var(axis=0) / (n * rho_bar**2) if n > 1 else np.zeros_like(rho_bar)
-        beta, info = dg.group_factor(inputs.counts, inputs.mean, inputs.theta, inputs.zero_weight)
-        self.fits.append({"rho": np.log(rho_bar), "v_rho": v_rho, "beta": beta, "v_beta": 1 / info})
-        return self._fit_group(inputs)
+        parts = dg.group_parts(inputs)
+        self.fits.append(parts)
+        return parts.fit()
 
 
 def proba(estimate: np.ndarray, variance: np.ndarray) -> np.ndarray:
@@ -74,12 +69,12 @@ def proba(estimate: np.ndarray, variance: np.ndarray) -> np.ndarray:
     return np.maximum(post["up"], post["down"])
 
 
-def variants(f1: dict, f2: dict) -> dict[str, np.ndarray]:
+def variants(f1: dg.GroupParts, f2: dg.GroupParts) -> dict[str, np.ndarray]:
     """``proba_de`` of every variant from two groups' parts (log2 scale)."""
-    d_rho = (f1["rho"] - f2["rho"]) / dg.LOG2
-    v_rho = (f1["v_rho"] + f2["v_rho"]) / dg.LOG2**2
-    d_beta = (f1["beta"] - f2["beta"]) / dg.LOG2
-    v_beta = (f1["v_beta"] + f2["v_beta"]) / dg.LOG2**2
+    d_rho = (f1.log_rho - f2.log_rho) / dg.LOG2
+    v_rho = (f1.var_rho + f2.var_rho) / dg.LOG2**2
+    d_beta = (f1.beta - f2.beta) / dg.LOG2
+    v_beta = (f1.var_beta + f2.var_beta) / dg.LOG2**2
     out = {"sum": proba(d_rho + d_beta, v_rho + v_beta), "rho only": proba(d_rho, v_rho)}
     z = d_beta / np.sqrt(v_beta)
     s0 = float(np.median(np.abs(z - np.median(z))) / 0.6745)

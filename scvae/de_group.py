@@ -79,6 +79,23 @@ class GroupFit(NamedTuple):
     variance: np.ndarray
 
 
+class GroupParts(NamedTuple):
+    """The two parts of a group's log mean expression per gene (natural log).
+
+    ``log_rho`` = log(rho_bar), the model's part, with its variance over cells ``var_rho``;
+    ``beta``, the count factor, with its Fisher variance ``var_beta``.
+    """
+
+    log_rho: np.ndarray
+    var_rho: np.ndarray
+    beta: np.ndarray
+    var_beta: np.ndarray
+
+    def fit(self) -> GroupFit:
+        """The group's log mean expression (the sum of the parts) and its variance."""
+        return GroupFit(self.log_rho + self.beta, self.var_rho + self.var_beta)
+
+
 def group_factor(
     counts: np.ndarray,
     mean: np.ndarray,
@@ -138,6 +155,26 @@ def group_factor(
     return beta, info
 
 
+def group_parts(inputs: GroupInputs) -> GroupParts:
+    """The model's part and the count factor of a group, each with its variance.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> rho = rng.dirichlet(np.ones(4), size=50); lib = np.full((50, 1), 100.0)
+    >>> x = rng.poisson(rho * lib).astype(float)
+    >>> parts = group_parts(GroupInputs(rho, x, rho * lib, None, None))
+    >>> bool(np.all(parts.var_rho > 0)), bool(np.all(parts.var_beta > 0))
+    (True, True)
+    """
+    rho = np.asarray(inputs.rho, dtype=np.float64)
+    n = rho.shape[0]
+    rho_bar = np.maximum(rho.mean(axis=0), 1e-30)
+    var_rho = rho.var(axis=0) / (n * rho_bar**2) if n > 1 else np.zeros_like(rho_bar)
+    beta, info = group_factor(inputs.counts, inputs.mean, inputs.theta, inputs.zero_weight)
+    return GroupParts(np.log(rho_bar), var_rho, beta, 1.0 / info)
+
+
 def fit_group(inputs: GroupInputs) -> GroupFit:
     """A group's log mean expression and its variance from the model's view of its cells.
 
@@ -150,12 +187,7 @@ def fit_group(inputs: GroupInputs) -> GroupFit:
     >>> fit.log_mean.shape, bool(np.all(fit.variance > 0))
     ((4,), True)
     """
-    rho = np.asarray(inputs.rho, dtype=np.float64)
-    n = rho.shape[0]
-    rho_bar = np.maximum(rho.mean(axis=0), 1e-30)
-    var_rho = rho.var(axis=0) / (n * rho_bar**2) if n > 1 else np.zeros_like(rho_bar)
-    beta, info = group_factor(inputs.counts, inputs.mean, inputs.theta, inputs.zero_weight)
-    return GroupFit(np.log(rho_bar) + beta, var_rho + 1.0 / info)
+    return group_parts(inputs).fit()
 
 
 def _grid(estimate: np.ndarray, se: np.ndarray) -> np.ndarray:
