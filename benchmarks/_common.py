@@ -74,6 +74,11 @@ def integration_worker_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+# scvi-tools' KL warm-up (its default; scvae's default is 10 epochs): the workers that compare
+# the two tools' models under the same settings pass it to scvae.
+SCVI_KL_WARMUP = 400
+
+
 # The scArches-style architecture both mapping workers train (the same options in both tools).
 ARCHES = {
     "encode_covariates": True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import anndata as ad
-from _common import integration_worker_args, write_result
+from _common import SCVI_KL_WARMUP, integration_worker_args, write_result
 
 import scvae
 
@@ -24,6 +24,7 @@ def main() -> None:
         seed=a.seed,
         device="cpu",
         progress_bar=False,
+        n_epochs_kl_warmup=SCVI_KL_WARMUP,
     )
     result = {
         "tool": "scvae",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
-from _common import ARCHES, mapping_worker_args
+from _common import ARCHES, SCVI_KL_WARMUP, mapping_worker_args
 
 import scvae
 
@@ -33,7 +33,12 @@ def main() -> None:
     query = ad.read_h5ad(a.query)
     scvae.settings.seed = a.seed
     scvae.settings.progress_bar = False
-    common = {"train_size": 1.0, "seed": a.seed, "device": "cpu"}
+    common = {
+        "train_size": 1.0,
+        "seed": a.seed,
+        "device": "cpu",
+        "n_epochs_kl_warmup": SCVI_KL_WARMUP,
+    }
     seconds = {}
     start = time.perf_counter()
     model = scvae.SCVAE(ref, batch_key="batch", **ARCHES)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from _common import peak_rss_mib, read_split, rss_mib, worker_args, write_result
+from _common import SCVI_KL_WARMUP, peak_rss_mib, read_split, rss_mib, worker_args, write_result
 
 import scvae
 
@@ -29,6 +29,7 @@ def main() -> None:
         device="cpu",
         progress_bar=False,
         precision=a.precision,
+        n_epochs_kl_warmup=SCVI_KL_WARMUP,
     )
     train_seconds = time.perf_counter() - start
     peak = peak_rss_mib()

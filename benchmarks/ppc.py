@@ -20,6 +20,7 @@ import anndata as ad
 import numpy as np
 import scanpy as sc
 import torch
+from _common import SCVI_KL_WARMUP
 
 import scvae
 
@@ -45,7 +46,13 @@ def check(path: Path, likelihood: str, epochs: int, n_samples: int, seed: int) -
     train, test = adata[~held].copy(), adata[held].copy()
     scvae.settings.seed = seed
     model = scvae.SCVAE(train, gene_likelihood=likelihood)
-    model.train(max_epochs=epochs, train_size=1.0, seed=seed, progress_bar=False)
+    model.train(
+        max_epochs=epochs,
+        train_size=1.0,
+        seed=seed,
+        progress_bar=False,
+        n_epochs_kl_warmup=SCVI_KL_WARMUP,  # as recorded (results/ppc.*)
+    )
     torch.manual_seed(seed)
     samples = model.posterior_predictive_sample(test, n_samples=n_samples)
     predicted = np.concatenate([s.toarray() for s in samples])

@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import scvi  # noqa: E402
-from _common import read_split  # noqa: E402
+from _common import SCVI_KL_WARMUP, read_split  # noqa: E402
 from parity import prepare  # noqa: E402
 from scvi.train import TrainingPlan  # noqa: E402
 from scvi.train._trainingplans import _compute_kl_weight  # noqa: E402
@@ -69,7 +69,7 @@ def compare(train, test, likelihood: str, epochs: int, batch_size: int, n_mc: in
     }
     ours.module.load_state_dict(copied)
 
-    cfg = TrainConfig(max_epochs=epochs, batch_size=batch_size)
+    cfg = TrainConfig(max_epochs=epochs, batch_size=batch_size, n_epochs_kl_warmup=SCVI_KL_WARMUP)
     plan = TrainingPlan(theirs.module)
     opt_theirs = plan.configure_optimizers()["optimizer"]
     opt_ours = make_optimizer(

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from scvae.train import KL_WARMUP_EPOCHS
+
 if TYPE_CHECKING:
     import anndata as ad
 
@@ -58,7 +60,7 @@ def fit(
     train_size: float = 0.9,
     early_stopping: bool = False,
     lr: float = 1e-3,
-    n_epochs_kl_warmup: int | None = 400,
+    n_epochs_kl_warmup: int | None = KL_WARMUP_EPOCHS,
     seed: int | None = None,
     device: str = "auto",
     progress_bar: bool | None = None,
