@@ -71,6 +71,12 @@ def integration_worker_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--batch-key", default="batch")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument(
+        "--n-epochs-kl-warmup",
+        type=int,
+        default=None,
+        help="scvae only: its KL warm-up (default: scvi-tools' 400, the same settings)",
+    )
     return p.parse_args()
 
 
@@ -98,4 +104,10 @@ def mapping_worker_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--query-epochs", type=int, required=True)
+    p.add_argument(
+        "--n-epochs-kl-warmup",
+        type=int,
+        default=None,
+        help="scvae only: its KL warm-up (default: scvi-tools' 400, the same settings)",
+    )
     return p.parse_args()

@@ -16,6 +16,7 @@ def main() -> None:
     adata = ad.read_h5ad(a.h5ad)
     scvae.settings.seed = a.seed
     model = scvae.SCVAE(adata, batch_key=a.batch_key)
+    warmup = SCVI_KL_WARMUP if a.n_epochs_kl_warmup is None else a.n_epochs_kl_warmup
     start = time.perf_counter()
     model.train(
         max_epochs=a.epochs,
@@ -24,12 +25,13 @@ def main() -> None:
         seed=a.seed,
         device="cpu",
         progress_bar=False,
-        n_epochs_kl_warmup=SCVI_KL_WARMUP,
+        n_epochs_kl_warmup=warmup,
     )
     result = {
         "tool": "scvae",
         "version": scvae.__version__,
         "seed": a.seed,
+        "n_epochs_kl_warmup": warmup,
         "train_seconds": time.perf_counter() - start,
         "epoch_seconds": model.history["seconds"].tolist(),
     }

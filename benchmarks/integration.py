@@ -33,7 +33,10 @@ import scanpy as sc
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from _common import SCVI_KL_WARMUP  # noqa: E402
+
 from scvae.integration import BATCH_MEASURES, BIO_MEASURES, integration_scores  # noqa: E402
+from scvae.train import KL_WARMUP_EPOCHS  # noqa: E402
 
 WORKERS = {"scvae": "_run_integration_scvae.py", "scvi-tools": "_run_integration_scvi.py"}
 # dataset -> labels key (None: no cell types, batch-mixing scores only)
@@ -73,6 +76,8 @@ def pca_latent(adata: ad.AnnData, n_comps: int = 50) -> np.ndarray:
 def run_worker(tool: str, python: str, h5ad: Path, out: Path, args, seed: int) -> dict:
     cmd = [python, str(HERE / WORKERS[tool]), str(h5ad), str(out), "--seed", str(seed)]
     cmd += ["--epochs", str(args.epochs), "--batch-key", args.batch_key]
+    if tool == "scvae":
+        cmd += ["--n-epochs-kl-warmup", str(args.scvae_kl_warmup)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
     if proc.returncode != 0:
         raise RuntimeError(f"{tool} seed {seed} failed:\n{proc.stderr[-4000:]}")
@@ -86,6 +91,21 @@ def score(adata: ad.AnnData, latent: np.ndarray, labels_key: str | None, args, s
     return integration_scores(
         adata, batch_key=args.batch_key, labels_key=labels_key, use_rep="X_eval", seed=seed
     )
+
+
+def recorded_scores(path: Path, args) -> tuple[list[dict], list[float]]:
+    """scvi-tools' per-seed scores and seconds from an earlier run with the same settings."""
+    rec = json.loads(path.read_text())
+    setup = rec["setup"]
+    for key in ("seeds", "epochs", "n_hvg", "batch_key"):
+        if setup[key] != str(getattr(args, key)):
+            raise SystemExit(
+                f"{path} was run with {key}={setup[key]}, this run has {getattr(args, key)}: "
+                "its scvi-tools scores do not compare; run scvi-tools again (drop --scvi-scores)."
+            )
+    theirs = rec["scvi-tools"]
+    per_seed = [{k: v["values"][i] for k, v in theirs.items()} for i in range(len(args.seeds))]
+    return per_seed, rec["train_seconds"]["scvi-tools"]
 
 
 def summarise(scores: dict[str, list[dict]]) -> dict:
@@ -143,6 +163,21 @@ def main() -> None:
     p.add_argument(
         "--scvi-python", type=os.path.abspath, default=str(HERE / ".scvi-venv" / "bin" / "python")
     )
+    p.add_argument(
+        "--scvae-kl-warmup",
+        type=int,
+        default=SCVI_KL_WARMUP,
+        help="scvae's KL warm-up in epochs (default: scvi-tools' 400, the same settings; "
+        f"scvae's own default is {KL_WARMUP_EPOCHS})",
+    )
+    p.add_argument(
+        "--scvi-scores",
+        default=None,
+        help="take scvi-tools' scores from this recorded result instead of training it again "
+        "(the same data, epochs and seeds; '{dataset}' in the path is replaced by the name), "
+        "e.g. benchmarks/results/integration_{dataset}.json",
+    )
+    p.add_argument("--tag", default="", help="suffix of the result files' names")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -162,13 +197,24 @@ def main() -> None:
                 f"{adata.obs[args.batch_key].nunique()} batches"
                 + (f", {adata.obs[labels_key].nunique()} cell types" if labels_key else "")
                 + f"; {args.epochs} epochs, seeds {args.seeds}"
+                + (
+                    f"; scvae's KL warm-up {args.scvae_kl_warmup} epochs"
+                    if args.scvae_kl_warmup != SCVI_KL_WARMUP
+                    else ""
+                )
             )
             print(f"{name}: {info}", flush=True)
             scores: dict[str, list[dict]] = {"scvae": [], "scvi-tools": [], "pca": []}
             seconds: dict[str, list[float]] = {"scvae": [], "scvi-tools": []}
             scores["pca"].append(score(adata, pca_latent(adata), labels_key, args, 0))
+            tools = ["scvae", "scvi-tools"]
+            if args.scvi_scores:
+                recorded = Path(args.scvi_scores.replace("{dataset}", name))
+                scores["scvi-tools"], seconds["scvi-tools"] = recorded_scores(recorded, args)
+                tools = ["scvae"]
+                info += f"; scvi-tools' scores from {recorded.name}"
             for i, seed in enumerate(args.seeds):
-                order = ["scvae", "scvi-tools"] if i % 2 == 0 else ["scvi-tools", "scvae"]
+                order = tools if i % 2 == 0 else tools[::-1]
                 for tool in order:
                     out = Path(tmp) / f"{tool}_{seed}.json"
                     res = run_worker(tool, pythons[tool], h5ad, out, args, seed)
@@ -192,9 +238,10 @@ def main() -> None:
             "machine": f"{platform.machine()}, {platform.python_version()}",
             "date": time.strftime("%Y-%m-%d"),
         }
-        (args.out / f"integration_{name}.json").write_text(json.dumps(summary, indent=1))
+        stem = f"integration_{name}{args.tag}"
+        (args.out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
         table = markdown(name, summary, labels_key is not None, info)
-        (args.out / f"integration_{name}.md").write_text(table + "\n")
+        (args.out / f"{stem}.md").write_text(table + "\n")
         print(table, flush=True)
 
 
