@@ -37,7 +37,9 @@ def main() -> None:
         "train_size": 1.0,
         "seed": a.seed,
         "device": "cpu",
-        "n_epochs_kl_warmup": SCVI_KL_WARMUP,
+        "n_epochs_kl_warmup": (
+            SCVI_KL_WARMUP if a.n_epochs_kl_warmup is None else a.n_epochs_kl_warmup
+        ),
     }
     seconds = {}
     start = time.perf_counter()

@@ -54,6 +54,8 @@ from sklearn.metrics import roc_auc_score
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from _common import SCVI_KL_WARMUP  # noqa: E402
+
 from scvae.integration import ilisi, integration_scores  # noqa: E402
 from scvae.label_transfer import transfer_labels  # noqa: E402
 
@@ -97,6 +99,8 @@ def run_worker(tool: str, python: str, files: tuple[Path, Path], out: Path, args
     cmd = [python, str(HERE / WORKERS[tool]), str(files[0]), str(files[1]), str(out)]
     cmd += ["--seed", str(seed), "--epochs", str(args.epochs)]
     cmd += ["--query-epochs", str(args.query_epochs)]
+    if tool == "scvae":
+        cmd += ["--n-epochs-kl-warmup", str(args.scvae_kl_warmup)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
     if proc.returncode != 0:
         raise RuntimeError(f"{tool} seed {seed} failed:\n{proc.stderr[-4000:]}")
@@ -191,6 +195,14 @@ def main() -> None:
     p.add_argument(
         "--scvi-python", type=os.path.abspath, default=str(HERE / ".scvi-venv" / "bin" / "python")
     )
+    p.add_argument(
+        "--scvae-kl-warmup",
+        type=int,
+        default=SCVI_KL_WARMUP,
+        help="scvae's KL warm-up in epochs, for all three of its models (default: scvi-tools' "
+        "400, the same settings)",
+    )
+    p.add_argument("--tag", default="", help="suffix of the result files' names")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
     if not args.data.exists():
@@ -208,6 +220,11 @@ def main() -> None:
             f"cells ({', '.join(sorted(query.obs['batch'].unique()))}), {ref.n_vars} HVGs; "
             f"reference and de novo {args.epochs} epochs, query {args.query_epochs} epochs; "
             f"seeds {args.seeds}"
+            + (
+                f"; scvae's KL warm-up {args.scvae_kl_warmup} epochs"
+                if args.scvae_kl_warmup != SCVI_KL_WARMUP
+                else ""
+            )
         )
         print(info, flush=True)
         for i, seed in enumerate(args.seeds):
@@ -244,6 +261,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }
     name = "mapping_cellbench_lung" + ("" if args.split == "issue" else f"_{args.split}")
+    name += args.tag
     (args.out / f"{name}.json").write_text(json.dumps(summary, indent=1))
     table = markdown(summary, info, args.split)
     (args.out / f"{name}.md").write_text(table + "\n")
