@@ -62,6 +62,40 @@ def read_split(path: str) -> tuple[ad.AnnData, ad.AnnData, ad.AnnData]:
     return adata, adata[~held].copy(), adata[held].copy()
 
 
+# scvi-tools' KL warm-up (its default; scvae's default is 10 epochs): the workers that compare
+# the two tools' models under the same settings pass it to scvae.
+SCVI_KL_WARMUP = 400
+
+
+def add_worker_kl_warmup(p: argparse.ArgumentParser) -> None:
+    """A worker's ``--n-epochs-kl-warmup`` (read by the scvae workers only)."""
+    p.add_argument(
+        "--n-epochs-kl-warmup",
+        type=int,
+        default=SCVI_KL_WARMUP,
+        help="scvae only: its KL warm-up (default: scvi-tools' 400, the same settings)",
+    )
+
+
+def add_scvae_kl_warmup(p: argparse.ArgumentParser) -> None:
+    """A driver's options to train scvae with another KL warm-up and keep those results apart."""
+    p.add_argument(
+        "--scvae-kl-warmup",
+        type=int,
+        default=SCVI_KL_WARMUP,
+        help="scvae's KL warm-up in epochs, for every scvae model (default: scvi-tools' 400, "
+        "the same settings; scvae's own default is scvae.train.KL_WARMUP_EPOCHS)",
+    )
+    p.add_argument("--tag", default="", help="suffix of the result files' names")
+
+
+def scvae_kl_warmup_note(args: argparse.Namespace) -> str:
+    """The run description's note of a KL warm-up other than scvi-tools'."""
+    if args.scvae_kl_warmup == SCVI_KL_WARMUP:
+        return ""
+    return f"; scvae's KL warm-up {args.scvae_kl_warmup} epochs"
+
+
 def integration_worker_args() -> argparse.Namespace:
     """The command line both integration workers take."""
     p = argparse.ArgumentParser()
@@ -71,18 +105,8 @@ def integration_worker_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--batch-key", default="batch")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument(
-        "--n-epochs-kl-warmup",
-        type=int,
-        default=None,
-        help="scvae only: its KL warm-up (default: scvi-tools' 400, the same settings)",
-    )
+    add_worker_kl_warmup(p)
     return p.parse_args()
-
-
-# scvi-tools' KL warm-up (its default; scvae's default is 10 epochs): the workers that compare
-# the two tools' models under the same settings pass it to scvae.
-SCVI_KL_WARMUP = 400
 
 
 # The scArches-style architecture both mapping workers train (the same options in both tools).
@@ -104,10 +128,5 @@ def mapping_worker_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--query-epochs", type=int, required=True)
-    p.add_argument(
-        "--n-epochs-kl-warmup",
-        type=int,
-        default=None,
-        help="scvae only: its KL warm-up (default: scvi-tools' 400, the same settings)",
-    )
+    add_worker_kl_warmup(p)
     return p.parse_args()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import anndata as ad
-from _common import SCVI_KL_WARMUP, integration_worker_args, write_result
+from _common import integration_worker_args, write_result
 
 import scvae
 
@@ -16,7 +16,6 @@ def main() -> None:
     adata = ad.read_h5ad(a.h5ad)
     scvae.settings.seed = a.seed
     model = scvae.SCVAE(adata, batch_key=a.batch_key)
-    warmup = SCVI_KL_WARMUP if a.n_epochs_kl_warmup is None else a.n_epochs_kl_warmup
     start = time.perf_counter()
     model.train(
         max_epochs=a.epochs,
@@ -25,13 +24,13 @@ def main() -> None:
         seed=a.seed,
         device="cpu",
         progress_bar=False,
-        n_epochs_kl_warmup=warmup,
+        n_epochs_kl_warmup=a.n_epochs_kl_warmup,
     )
     result = {
         "tool": "scvae",
         "version": scvae.__version__,
         "seed": a.seed,
-        "n_epochs_kl_warmup": warmup,
+        "n_epochs_kl_warmup": a.n_epochs_kl_warmup,
         "train_seconds": time.perf_counter() - start,
         "epoch_seconds": model.history["seconds"].tolist(),
     }

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
-from _common import ARCHES, SCVI_KL_WARMUP, mapping_worker_args
+from _common import ARCHES, mapping_worker_args
 
 import scvae
 
@@ -37,9 +37,7 @@ def main() -> None:
         "train_size": 1.0,
         "seed": a.seed,
         "device": "cpu",
-        "n_epochs_kl_warmup": (
-            SCVI_KL_WARMUP if a.n_epochs_kl_warmup is None else a.n_epochs_kl_warmup
-        ),
+        "n_epochs_kl_warmup": a.n_epochs_kl_warmup,
     }
     seconds = {}
     start = time.perf_counter()

@@ -33,10 +33,9 @@ import scanpy as sc
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from _common import SCVI_KL_WARMUP  # noqa: E402
+from _common import add_scvae_kl_warmup, scvae_kl_warmup_note  # noqa: E402
 
 from scvae.integration import BATCH_MEASURES, BIO_MEASURES, integration_scores  # noqa: E402
-from scvae.train import KL_WARMUP_EPOCHS  # noqa: E402
 
 WORKERS = {"scvae": "_run_integration_scvae.py", "scvi-tools": "_run_integration_scvi.py"}
 # dataset -> labels key (None: no cell types, batch-mixing scores only)
@@ -164,20 +163,13 @@ def main() -> None:
         "--scvi-python", type=os.path.abspath, default=str(HERE / ".scvi-venv" / "bin" / "python")
     )
     p.add_argument(
-        "--scvae-kl-warmup",
-        type=int,
-        default=SCVI_KL_WARMUP,
-        help="scvae's KL warm-up in epochs (default: scvi-tools' 400, the same settings; "
-        f"scvae's own default is {KL_WARMUP_EPOCHS})",
-    )
-    p.add_argument(
         "--scvi-scores",
         default=None,
         help="take scvi-tools' scores from this recorded result instead of training it again "
         "(the same data, epochs and seeds; '{dataset}' in the path is replaced by the name), "
         "e.g. benchmarks/results/integration_{dataset}.json",
     )
-    p.add_argument("--tag", default="", help="suffix of the result files' names")
+    add_scvae_kl_warmup(p)
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -197,11 +189,7 @@ def main() -> None:
                 f"{adata.obs[args.batch_key].nunique()} batches"
                 + (f", {adata.obs[labels_key].nunique()} cell types" if labels_key else "")
                 + f"; {args.epochs} epochs, seeds {args.seeds}"
-                + (
-                    f"; scvae's KL warm-up {args.scvae_kl_warmup} epochs"
-                    if args.scvae_kl_warmup != SCVI_KL_WARMUP
-                    else ""
-                )
+                + scvae_kl_warmup_note(args)
             )
             print(f"{name}: {info}", flush=True)
             scores: dict[str, list[dict]] = {"scvae": [], "scvi-tools": [], "pca": []}

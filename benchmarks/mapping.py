@@ -54,7 +54,7 @@ from sklearn.metrics import roc_auc_score
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from _common import SCVI_KL_WARMUP  # noqa: E402
+from _common import add_scvae_kl_warmup, scvae_kl_warmup_note  # noqa: E402
 
 from scvae.integration import ilisi, integration_scores  # noqa: E402
 from scvae.label_transfer import transfer_labels  # noqa: E402
@@ -195,14 +195,7 @@ def main() -> None:
     p.add_argument(
         "--scvi-python", type=os.path.abspath, default=str(HERE / ".scvi-venv" / "bin" / "python")
     )
-    p.add_argument(
-        "--scvae-kl-warmup",
-        type=int,
-        default=SCVI_KL_WARMUP,
-        help="scvae's KL warm-up in epochs, for all three of its models (default: scvi-tools' "
-        "400, the same settings)",
-    )
-    p.add_argument("--tag", default="", help="suffix of the result files' names")
+    add_scvae_kl_warmup(p)
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
     if not args.data.exists():
@@ -219,12 +212,7 @@ def main() -> None:
             f"reference {ref.n_obs} cells ({', '.join(reference_batches)}), query {query.n_obs} "
             f"cells ({', '.join(sorted(query.obs['batch'].unique()))}), {ref.n_vars} HVGs; "
             f"reference and de novo {args.epochs} epochs, query {args.query_epochs} epochs; "
-            f"seeds {args.seeds}"
-            + (
-                f"; scvae's KL warm-up {args.scvae_kl_warmup} epochs"
-                if args.scvae_kl_warmup != SCVI_KL_WARMUP
-                else ""
-            )
+            f"seeds {args.seeds}" + scvae_kl_warmup_note(args)
         )
         print(info, flush=True)
         for i, seed in enumerate(args.seeds):
