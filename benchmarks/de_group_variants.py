@@ -7,7 +7,7 @@ sum by an empirical-Bayes normal-means prior. With 50-200 cells per group ``v_be
 and group mode ranks simulated genes below change mode. This script reruns group mode on the
 calibration benchmark's data (``de_calibration.py``'s simulated and thinned sets, same seeds,
 epochs and KL warm-up) and scores, from the same fitted parts, alternatives that shrink
-``d_beta`` before the sum or rescale its variance:
+``d_beta`` before the sum or rescale the parts' variances:
 
 - ``sum`` (what group mode does): ``d_rho + d_beta``, variance ``v_rho + v_beta``;
 - ``rho only``: ``d_rho``, variance ``v_rho`` (no count factor);
