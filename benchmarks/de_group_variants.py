@@ -11,6 +11,8 @@ epochs and KL warm-up) and scores, from the same fitted parts, alternatives that
 
 - ``sum`` (what group mode does): ``d_rho + d_beta``, variance ``v_rho + v_beta``;
 - ``rho only``: ``d_rho``, variance ``v_rho`` (no count factor);
+- ``sum, zeros unweighted``: the sum, with the count factor fitted without the zero weights
+  (every zero counted as a negative binomial zero, none discounted as zero-inflation);
 - ``ash on beta``: ``d_beta`` first shrunk by its own normal-means prior (the same fit as the
   final step), then added to ``d_rho`` with its posterior variance;
 - ``normal prior on beta``: ``d_beta``'s prior N(0, tau^2), tau^2 by moments over genes;
@@ -65,10 +67,12 @@ class Parts:
 
     def __init__(self) -> None:
         self.fits: list[dg.GroupParts] = []
+        self.unweighted: list[dg.GroupParts] = []  # the factor fitted without zero weights
 
     def fit_group(self, inputs: dg.GroupInputs) -> dg.GroupFit:
         parts = dg.group_parts(inputs)
         self.fits.append(parts)
+        self.unweighted.append(dg.group_parts(inputs._replace(zero_weight=None)))
         return parts.fit()
 
 
@@ -83,13 +87,19 @@ def null_spread(estimate: np.ndarray, variance: np.ndarray) -> float:
     return float(np.median(np.abs(z - np.median(z))) / 0.6745)
 
 
-def variants(f1: dg.GroupParts, f2: dg.GroupParts) -> dict[str, np.ndarray]:
-    """``proba_de`` of every variant from two groups' parts (log2 scale)."""
+def variants(
+    f1: dg.GroupParts, f2: dg.GroupParts, u1: dg.GroupParts, u2: dg.GroupParts
+) -> dict[str, np.ndarray]:
+    """``proba_de`` of every variant from two groups' parts (log2 scale); ``u1``, ``u2``: the
+    same with the count factor fitted without zero weights."""
     d_rho = (f1.log_rho - f2.log_rho) / dg.LOG2
     v_rho = (f1.var_rho + f2.var_rho) / dg.LOG2**2
     d_beta = (f1.beta - f2.beta) / dg.LOG2
     v_beta = (f1.var_beta + f2.var_beta) / dg.LOG2**2
     out = {"sum": proba(d_rho + d_beta, v_rho + v_beta), "rho only": proba(d_rho, v_rho)}
+    out["sum, zeros unweighted"] = proba(
+        d_rho + (u1.beta - u2.beta) / dg.LOG2, v_rho + (u1.var_beta + u2.var_beta) / dg.LOG2**2
+    )
     s0 = null_spread(d_beta, v_beta)
     out["empirical-null v_beta"] = proba(d_rho + d_beta, v_rho + s0**2 * v_beta)
     s_rho = max(null_spread(d_rho, v_rho), 1.0)
@@ -134,10 +144,11 @@ def run(name: str, kind: str, adata, truth: dict, epochs: int, parts: Parts) -> 
     for col in [c for c in adata.obs.columns if c.startswith("cmp_")]:
         side = adata.obs[col].astype(str).to_numpy()
         parts.fits.clear()
+        parts.unweighted.clear()
         res = model.differential_expression(
             adata, idx1=side == "A", idx2=side == "B", mode="group", seed=seed
         ).loc[adata.var_names]
-        scores = variants(*parts.fits)
+        scores = variants(*parts.fits, *parts.unweighted)
         if not np.allclose(scores["sum"], res["proba_de"], atol=1e-9):
             raise RuntimeError("the 'sum' variant does not reproduce group mode's proba_de")
         for variant, p in scores.items():
