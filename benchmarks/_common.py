@@ -89,6 +89,11 @@ def add_scvae_kl_warmup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag", default="", help="suffix of the result files' names")
 
 
+def worker_kl_warmup(tool: str, args: argparse.Namespace) -> list[str]:
+    """The worker command line's KL warm-up option: scvae's workers take the driver's."""
+    return ["--n-epochs-kl-warmup", str(args.scvae_kl_warmup)] if tool == "scvae" else []
+
+
 def scvae_kl_warmup_note(args: argparse.Namespace) -> str:
     """The run description's note of a KL warm-up other than scvi-tools'."""
     if args.scvae_kl_warmup == SCVI_KL_WARMUP:

@@ -72,7 +72,8 @@ class Parts:
     def fit_group(self, inputs: dg.GroupInputs) -> dg.GroupFit:
         parts = dg.group_parts(inputs)
         self.fits.append(parts)
-        self.unweighted.append(dg.group_parts(inputs._replace(zero_weight=None)))
+        beta, info = dg.group_factor(inputs.counts, inputs.mean, inputs.theta)  # no zero weights
+        self.unweighted.append(parts._replace(beta=beta, var_beta=1.0 / info))
         return parts.fit()
 
 
@@ -87,19 +88,27 @@ def null_spread(estimate: np.ndarray, variance: np.ndarray) -> float:
     return float(np.median(np.abs(z - np.median(z))) / 0.6745)
 
 
+def differences(
+    f1: dg.GroupParts, f2: dg.GroupParts
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``d_rho``, ``v_rho``, ``d_beta``, ``v_beta`` of two groups' parts (log2 scale)."""
+    return (
+        (f1.log_rho - f2.log_rho) / dg.LOG2,
+        (f1.var_rho + f2.var_rho) / dg.LOG2**2,
+        (f1.beta - f2.beta) / dg.LOG2,
+        (f1.var_beta + f2.var_beta) / dg.LOG2**2,
+    )
+
+
 def variants(
     f1: dg.GroupParts, f2: dg.GroupParts, u1: dg.GroupParts, u2: dg.GroupParts
 ) -> dict[str, np.ndarray]:
     """``proba_de`` of every variant from two groups' parts (log2 scale); ``u1``, ``u2``: the
     same with the count factor fitted without zero weights."""
-    d_rho = (f1.log_rho - f2.log_rho) / dg.LOG2
-    v_rho = (f1.var_rho + f2.var_rho) / dg.LOG2**2
-    d_beta = (f1.beta - f2.beta) / dg.LOG2
-    v_beta = (f1.var_beta + f2.var_beta) / dg.LOG2**2
+    d_rho, v_rho, d_beta, v_beta = differences(f1, f2)
     out = {"sum": proba(d_rho + d_beta, v_rho + v_beta), "rho only": proba(d_rho, v_rho)}
-    out["sum, zeros unweighted"] = proba(
-        d_rho + (u1.beta - u2.beta) / dg.LOG2, v_rho + (u1.var_beta + u2.var_beta) / dg.LOG2**2
-    )
+    _, _, d_beta_u, v_beta_u = differences(u1, u2)
+    out["sum, zeros unweighted"] = proba(d_rho + d_beta_u, v_rho + v_beta_u)
     s0 = null_spread(d_beta, v_beta)
     out["empirical-null v_beta"] = proba(d_rho + d_beta, v_rho + s0**2 * v_beta)
     s_rho = max(null_spread(d_rho, v_rho), 1.0)

@@ -33,7 +33,11 @@ import scanpy as sc
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from _common import add_scvae_kl_warmup, scvae_kl_warmup_note  # noqa: E402
+from _common import (  # noqa: E402
+    add_scvae_kl_warmup,
+    scvae_kl_warmup_note,
+    worker_kl_warmup,
+)
 
 from scvae.integration import BATCH_MEASURES, BIO_MEASURES, integration_scores  # noqa: E402
 
@@ -75,8 +79,7 @@ def pca_latent(adata: ad.AnnData, n_comps: int = 50) -> np.ndarray:
 def run_worker(tool: str, python: str, h5ad: Path, out: Path, args, seed: int) -> dict:
     cmd = [python, str(HERE / WORKERS[tool]), str(h5ad), str(out), "--seed", str(seed)]
     cmd += ["--epochs", str(args.epochs), "--batch-key", args.batch_key]
-    if tool == "scvae":
-        cmd += ["--n-epochs-kl-warmup", str(args.scvae_kl_warmup)]
+    cmd += worker_kl_warmup(tool, args)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
     if proc.returncode != 0:
         raise RuntimeError(f"{tool} seed {seed} failed:\n{proc.stderr[-4000:]}")

@@ -54,7 +54,11 @@ from sklearn.metrics import roc_auc_score
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from _common import add_scvae_kl_warmup, scvae_kl_warmup_note  # noqa: E402
+from _common import (  # noqa: E402
+    add_scvae_kl_warmup,
+    scvae_kl_warmup_note,
+    worker_kl_warmup,
+)
 
 from scvae.integration import ilisi, integration_scores  # noqa: E402
 from scvae.label_transfer import transfer_labels  # noqa: E402
@@ -99,8 +103,7 @@ def run_worker(tool: str, python: str, files: tuple[Path, Path], out: Path, args
     cmd = [python, str(HERE / WORKERS[tool]), str(files[0]), str(files[1]), str(out)]
     cmd += ["--seed", str(seed), "--epochs", str(args.epochs)]
     cmd += ["--query-epochs", str(args.query_epochs)]
-    if tool == "scvae":
-        cmd += ["--n-epochs-kl-warmup", str(args.scvae_kl_warmup)]
+    cmd += worker_kl_warmup(tool, args)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
     if proc.returncode != 0:
         raise RuntimeError(f"{tool} seed {seed} failed:\n{proc.stderr[-4000:]}")
