@@ -127,6 +127,24 @@ def _ensure_writable_dir(path: Path, what: str) -> None:
         raise CLIError(f"cannot write {what}: {err.strerror or err}") from None
 
 
+def _check_writable_dir(path: Path, what: str) -> None:
+    """Refuse a folder that cannot be written or created, creating nothing (checked before
+    any work; the folder is made when there is something to put in it)."""
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"cannot write {what}: {path} is a file; give a folder name")
+    existing = path
+    while not existing.exists():  # the nearest folder that exists must take new entries
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"cannot write {what}: {existing} is a file")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".scvae-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise CLIError(f"cannot write {what}: {err.strerror or err}") from None
+
+
 def _write_plots(adata, model, out: Path, colors: dict[str, str]) -> dict[str, Path]:
     """UMAP PNGs (one per obs key in ``colors``, titled by its value) and the history PNG."""
     import matplotlib
@@ -169,7 +187,7 @@ def _fit(args: argparse.Namespace) -> None:
         _check_model_dir(model_dir, args.overwrite)
     plot_dir = None if args.plots is None else Path(args.plots)
     if plot_dir is not None:
-        _ensure_writable_dir(plot_dir, f"plots to {plot_dir}")
+        _check_writable_dir(plot_dir, f"plots to {plot_dir}")
     adata = _read(args.input)
     start = time.perf_counter()
     model = scvae.tl.fit(
@@ -177,6 +195,7 @@ def _fit(args: argparse.Namespace) -> None:
         layer=args.layer,
         batch_key=args.batch_key,
         labels_key=args.labels_key,
+        allow_non_integer=args.allow_non_integer,
         n_latent=args.n_latent,
         max_epochs=args.max_epochs,
         seed=args.seed,
@@ -207,6 +226,7 @@ def _fit(args: argparse.Namespace) -> None:
         colors = {"leiden": "Leiden clusters"}
         if args.labels_key:
             colors[args.labels_key] = args.labels_key
+        _ensure_writable_dir(plot_dir, f"plots to {plot_dir}")
         for what, where in _write_plots(adata, model, plot_dir, colors).items():
             print(f"wrote {what}: {where}")
 
@@ -342,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("input", help="counts: .h5ad, 10x .h5 or 10x matrix folder")
     fit.add_argument("-o", "--output", required=True, metavar="OUT.h5ad", help="output file")
     fit.add_argument("--layer", metavar="LAYER", help="layer with the raw counts (default: X)")
+    fit.add_argument(
+        "--allow-non-integer",
+        action="store_true",
+        help="accept fractional counts (ambient-corrected or EM-estimated); default: refused",
+    )
     fit.add_argument("--batch-key", metavar="KEY", help="obs column with the batch")
     fit.add_argument("--labels-key", metavar="KEY", help="obs column with cell labels")
     fit.add_argument(

@@ -284,6 +284,10 @@ FIT_ERRORS = {
         ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--device", "tpu9"],
         r"device='tpu9' is not a torch device",
     ),
+    "not counts, plots asked": (  # the plots folder is made only once there are plots
+        ["fit", "{d}/lognorm.h5ad", "-o", "{t}/out.h5ad", "--plots", "{t}/plots"],
+        r"It looks log-normalised",
+    ),
     "unwritable plots dir": (
         ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--plots", "{d}/a_file/plots"],
         r"cannot write plots to .*a_file/plots",
@@ -308,6 +312,18 @@ def test_fit_bad_input_is_one_line_exit_2_and_writes_nothing(files, tmp_path, ca
     check_one_line_error(code, err, "fit", match)
     assert list(tmp_path.iterdir()) == []  # no output, no temporary file
     assert sorted(p.name for p in files.iterdir()) == before
+
+
+def test_fit_takes_fractional_counts_only_when_allowed(counts, tmp_path, capsys):
+    fractional = counts.copy()
+    fractional.X = fractional.X * 1.5
+    fractional.write_h5ad(tmp_path / "fractional.h5ad")
+    argv = ["fit", tmp_path / "fractional.h5ad", "-o", tmp_path / "out.h5ad", "--max-epochs", "1"]
+    code, _, err = run(argv, capsys)
+    check_one_line_error(code, err, "fit", r"pass allow_non_integer=True \(scvae fit: --allow-non")
+    code, _, err = run([*argv, "--allow-non-integer"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "out.h5ad").exists()
 
 
 def test_fit_into_an_empty_model_folder_writes_readable_files(files, tmp_path, capsys):

@@ -328,9 +328,14 @@ def get_counts(
     else:
         if layer not in adata.layers:
             have = ", ".join(map(repr, adata.layers.keys())) or "none"
+            fix = (
+                f"The model was registered with layer={layer!r} and reads every AnnData's "
+                f"counts there: put these cells' raw counts in adata.layers[{layer!r}]."
+                if registered
+                else "Pass the layer that holds the raw counts, or layer=None for adata.X."
+            )
             raise RegistryError(
-                f"Layer {layer!r} is not in adata.layers (layers present: {have}). Pass the "
-                "layer that holds the raw counts, or layer=None for adata.X."
+                f"Layer {layer!r} is not in adata.layers (layers present: {have}). {fix}"
             )
         matrix = adata.layers[layer]
     if isinstance(matrix, ad.abc.CSRDataset | ad.abc.CSCDataset):
@@ -371,22 +376,31 @@ def get_counts(
         frac = values != np.round(values)
         if frac.any():
             example = values[frac][0]
+            total = _common_total(csr if csr is not None else np.asarray(matrix))
             if values.max() < _LOG_DATA_MAX:
-                hint = (
-                    f"It looks log-normalised (largest value {values.max():.3g}). Pass the raw "
-                    "counts: layer='counts' if you kept them there (adata.layers['counts'] = "
-                    "adata.X.copy() before sc.pp.normalize_total), or adata.raw.to_adata()."
+                looks = f"It looks log-normalised (largest value {values.max():.3g})."
+            elif total is not None:
+                looks = (
+                    f"It looks normalised to the same total in every cell (each sums to about "
+                    f"{total:.6g}, as sc.pp.normalize_total makes)."
                 )
-            elif registered:
+            else:
+                looks = ""
+            if registered:
                 hint = (
-                    "The model was registered on integer counts (allow_non_integer=False), so "
-                    "its queries take integer counts too: pass these cells' raw counts."
+                    f"The model was registered on integer counts (allow_non_integer=False) "
+                    f"and reads every AnnData's counts in {where}: put these cells' raw counts "
+                    "there."
                 )
+            elif looks:
+                hint = f"Pass the raw counts: {_where_raw_counts(adata)}"
             else:
                 hint = (
                     "If the fractional values are intended (ambient-corrected or EM-estimated "
-                    "counts), pass allow_non_integer=True."
+                    "counts), pass allow_non_integer=True (scvae fit: --allow-non-integer); "
+                    f"if not, pass the raw counts: {_where_raw_counts(adata)}"
                 )
+            hint = f"{looks} {hint}".strip()
             raise RegistryError(
                 f"{where} holds {int(frac.sum())} non-integer values (e.g. {example:g}); scvae "
                 f"expects raw integer counts. {hint}"
@@ -404,6 +418,32 @@ def get_counts(
             "sc.pp.filter_cells(adata, min_counts=1)."
         )
     return csr
+
+
+def _common_total(matrix: sp.csr_matrix | np.ndarray) -> float | None:
+    """The total every cell sums to, if the cells' totals agree to 0.1 % (normalised data)."""
+    totals = np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
+    if totals.size < 2:
+        return None
+    middle = float(np.median(totals))
+    if middle <= 0 or np.ptp(totals) > 1e-3 * middle:
+        return None
+    return middle
+
+
+def _where_raw_counts(adata: ad.AnnData) -> str:
+    """Where a user's raw counts usually are, naming the layers this AnnData has."""
+    layers = list(adata.layers.keys())
+    where = (
+        f"layer={layers[0]!r} if that layer holds them (layers present: "
+        f"{', '.join(map(repr, layers))})"
+        if layers
+        else "keep them in a layer before normalising (adata.layers['counts'] = adata.X.copy() "
+        "before sc.pp.normalize_total) and pass layer='counts'"
+    )
+    if adata.raw is not None:
+        where += ", or adata.raw.to_adata() if adata.raw holds them"
+    return where + "."
 
 
 def _check_compressed(matrix: Any) -> None:
