@@ -51,6 +51,7 @@ from scvae.de_group import (
     EPS,
     GroupInputs,
     check_test_options,
+    estimate_delta,
     fit_group,
     group_statistics,
     proba_columns,
@@ -185,6 +186,11 @@ def define_comparisons(
             groups = [str(group1)]  # one group, by name or by an integer label
         else:
             groups = [str(g) for g in group1]
+            if not groups:
+                raise ValueError(
+                    "group1 is an empty list: pass a group, a list of groups, or None for "
+                    "every group against the rest."
+                )
         for g in [*groups, *([] if group2 is None else [group2])]:
             if str(g) not in known:
                 raise ValueError(f"Group {g!r} is not in {groupby!r} (groups: {known}).")
@@ -368,11 +374,14 @@ def change_statistics(
     s1: np.ndarray,
     s2: np.ndarray,
     *,
-    delta: float,
+    delta: float | None,
     pseudocounts: float,
     test_mode: Literal["three", "two"] = "three",
 ) -> dict[str, np.ndarray | float]:
     """Posterior probability that ``|LFC| >= delta`` and summaries of the LFC samples.
+
+    ``delta=None``: estimated from the genes' mean LFC, as scvi-tools does
+    (:func:`scvae.de_group.estimate_delta`).
 
     ``lfc = log2(s1 + c) - log2(s2 + c)`` per pair with ``c = pseudocounts``; ``proba_de`` is
     ``max(P(lfc >= delta), P(lfc <= -delta))`` for ``test_mode="three"`` and their sum for
@@ -390,6 +399,12 @@ def change_statistics(
     check_test_options(delta, test_mode)
     n_genes = s1.shape[1]
     out = {k: np.empty(n_genes) for k in ("up", "down", "mean", "median", "std", "min", "max")}
+    if delta is None:  # one more pass over the genes, for the mean LFC of each
+        means = np.empty(n_genes)
+        for b in _blocks(n_genes):
+            a, c = s1[:, b].astype(np.float64), s2[:, b].astype(np.float64)
+            means[b] = (np.log2(a + pseudocounts) - np.log2(c + pseudocounts)).mean(axis=0)
+        delta = estimate_delta(means)
     small = 1e-3 * pseudocounts
     for b in _blocks(n_genes):
         a, c = s1[:, b].astype(np.float64), s2[:, b].astype(np.float64)
@@ -441,6 +456,29 @@ def fdr_column(fdr_target: float) -> str:
     return f"is_de_fdr_{fdr_target}"
 
 
+def fdr_target_values(fdr_target: float | Sequence[float]) -> tuple[float, ...]:
+    """The FDR targets as floats; numpy floats by their shortest repr (``np.float32(0.1)`` is
+    0.1, as written, and names the column ``is_de_fdr_0.1``).
+
+    Examples
+    --------
+    >>> fdr_target_values([np.float32(0.1), 0.05])
+    (0.1, 0.05)
+    """
+    if _is_real(fdr_target):
+        values = [fdr_target]
+    else:
+        values = (
+            list(fdr_target) if isinstance(fdr_target, list | tuple) else list(np.ravel(fdr_target))
+        )
+    return tuple(float(str(x)) if isinstance(x, np.floating) else float(x) for x in values)
+
+
+def _is_real(x: object) -> bool:
+    """A real number (Python or numpy), not a bool or a string."""
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
+
+
 @dataclass(frozen=True)
 class DEOptions:
     """Options of :func:`run` (see :meth:`scvae.SCVAE.differential_expression`).
@@ -452,7 +490,7 @@ class DEOptions:
     """
 
     mode: Literal["vanilla", "change", "group"] = "vanilla"
-    delta: float = 0.25
+    delta: float | None = 0.25
     fdr_target: float | tuple[float, ...] = 0.05
     n_samples: int = 5000
     pseudocounts: float | None = None
@@ -462,16 +500,35 @@ class DEOptions:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
-        for t in self.fdr_targets:
-            if not 0 < t < 1:
-                raise ValueError(f"fdr_target must lie in (0, 1), got {t}.")
-        if self.pseudocounts is not None and not self.pseudocounts >= 0:
-            raise ValueError(f"pseudocounts must be non-negative, got {self.pseudocounts}.")
+        if self.delta is not None and (not _is_real(self.delta) or not 0 < self.delta < np.inf):
+            raise ValueError(
+                f"delta must be a positive, finite number (log2) or None (estimated from the "
+                f"genes' LFCs, as scvi-tools), got {self.delta!r}."
+            )
+        t = self.fdr_target
+        if _is_real(t):
+            targets: list = [t]
+        elif isinstance(t, str) or not isinstance(t, Iterable) or not list(t):
+            raise ValueError(
+                f"fdr_target must be a number in (0, 1) or a non-empty list of them, got {t!r}."
+            )
+        else:
+            targets = list(t)
+        for x in targets:
+            if not _is_real(x) or not 0 < x < 1:
+                raise ValueError(f"fdr_target must lie in (0, 1), got {x!r}.")
+        n = self.n_samples
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+            raise ValueError(f"n_samples_overall must be a positive integer, got {n!r}.")
+        c = self.pseudocounts
+        if c is not None and (not _is_real(c) or not 0 <= c < np.inf):
+            raise ValueError(
+                f"pseudocounts must be None (estimated) or a non-negative number, got {c!r}."
+            )
 
     @property
     def fdr_targets(self) -> tuple[float, ...]:
-        t = self.fdr_target
-        return (float(t),) if isinstance(t, int | float) else tuple(float(x) for x in t)
+        return fdr_target_values(self.fdr_target)
 
 
 def compare(

@@ -35,7 +35,7 @@ def differential_expression(
     idx1: Sequence[int] | Sequence[bool] | np.ndarray | str | None = None,
     idx2: Sequence[int] | Sequence[bool] | np.ndarray | str | None = None,
     mode: str = "vanilla",
-    delta: float = 0.25,
+    delta: float | None = 0.25,
     fdr_target: float | Sequence[float] = 0.05,
     batch_correction: bool = False,
     n_samples_overall: int = 5000,
@@ -71,9 +71,10 @@ def differential_expression(
         "vanilla" (P(rho1 > rho2)), "change" (P(|LFC| >= delta) over pairs of cells) or
         "group" (P(|LFC| >= delta) of the groups' mean expression).
     delta, test_mode, pseudocounts
-        Change and group modes: the LFC (log2) threshold; "three" (up or down, the larger)
-        or "two" (either). Change mode: the pseudocount (None: estimated from lowly
-        expressed genes).
+        Change and group modes: the LFC (log2) threshold (None: estimated per comparison
+        from the genes' mean LFC, as scvi-tools does; the ``delta`` column holds the value
+        used); "three" (up or down, the larger) or "two" (either). Change mode: the
+        pseudocount (None: estimated from lowly expressed genes).
     fdr_target
         Change and group modes: a column ``is_de_fdr_<t>`` per target (posterior expected
         FDR).
@@ -129,7 +130,18 @@ def differential_expression(
         idx1=masks[0],
         idx2=masks[1],
     )
-    targets = fdr_target if isinstance(fdr_target, int | float) else tuple(fdr_target)
+    if isinstance(fdr_target, list | tuple):
+        targets = tuple(fdr_target)
+    elif isinstance(fdr_target, np.ndarray):
+        targets = tuple(np.ravel(fdr_target))
+    else:
+        targets = fdr_target  # one target (DEOptions checks what it is)
+    if not isinstance(batch_correction, bool | np.bool_):
+        raise ValueError(f"batch_correction must be True or False, got {batch_correction!r}.")
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0
+    ):
+        raise ValueError(f"seed must be None or a non-negative integer, got {seed!r}.")
     options = de.DEOptions(mode, delta, targets, n_samples_overall, pseudocounts, test_mode)
     batches = model.registry.batch_categories
     codes = list(range(len(batches))) if batch_correction else [None]

@@ -264,8 +264,9 @@ def normal_means_posterior(
     }
 
 
-def check_test_options(delta: float, test_mode: str) -> None:
-    """The options change and group modes share: ``delta > 0``, ``test_mode`` three or two.
+def check_test_options(delta: float | None, test_mode: str) -> None:
+    """The options change and group modes share: ``delta > 0`` (or None: estimated),
+    ``test_mode`` three or two.
 
     Examples
     --------
@@ -273,8 +274,41 @@ def check_test_options(delta: float, test_mode: str) -> None:
     """
     if test_mode not in ("three", "two"):
         raise ValueError(f"test_mode must be 'three' or 'two', got {test_mode!r}.")
-    if not delta > 0:
+    if delta is not None and not delta > 0:
         raise ValueError(f"delta must be positive, got {delta}.")
+
+
+# delta=None, as scvi-tools' estimate_delta: 0.6 x the mean size of the outer two of three
+# Gaussian components fitted to the genes' LFC means, and at least 0.1.
+DELTA_FACTOR = 0.6
+DELTA_MIN = 0.1
+
+
+def estimate_delta(lfc_means: np.ndarray) -> float:
+    """The LFC threshold (log2) that scvi-tools uses for ``delta=None``.
+
+    A three-component Gaussian mixture is fitted to the genes' LFC means (most genes in the
+    middle component, the up- and down-regulated ones in the outer two); ``delta`` is
+    ``DELTA_FACTOR`` times the mean absolute value of the outer components' means, at least
+    ``DELTA_MIN``. The mixture starts from a fixed seed, so the result is reproducible.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> lfc = np.r_[rng.normal(0, 0.1, 900), rng.normal(2, 0.2, 50), rng.normal(-2, 0.2, 50)]
+    >>> round(estimate_delta(lfc), 1)
+    1.2
+    """
+    from sklearn.mixture import GaussianMixture
+
+    x = np.asarray(lfc_means, dtype=np.float64).ravel()
+    x = x[np.isfinite(x)]
+    if np.unique(x).size < 3:  # too few genes for three components: the values themselves
+        outer = np.sort(x)[[0, -1]] if x.size else np.zeros(2)
+    else:
+        mixture = GaussianMixture(n_components=3, random_state=0).fit(x[:, None])
+        outer = np.sort(mixture.means_.ravel())[[0, -1]]
+    return float(max(DELTA_MIN, DELTA_FACTOR * np.abs(outer).mean()))
 
 
 def proba_columns(
@@ -305,10 +339,12 @@ def group_statistics(
     fit1: GroupFit,
     fit2: GroupFit,
     *,
-    delta: float,
+    delta: float | None,
     test_mode: Literal["three", "two"] = "three",
 ) -> dict[str, np.ndarray | float]:
     """Posterior of the LFC (log2) between two groups' mean expression, per gene.
+
+    ``delta=None``: estimated from the genes' LFC estimates (:func:`estimate_delta`).
 
     Returns the columns of ``mode="group"``: ``proba_de``, ``proba_not_de``,
     ``bayes_factor``, ``lfc_mean`` and ``lfc_std`` (posterior, shrunk by the empirical-Bayes
@@ -326,6 +362,8 @@ def group_statistics(
     check_test_options(delta, test_mode)
     estimate = (fit1.log_mean - fit2.log_mean) / LOG2
     se = np.sqrt(fit1.variance + fit2.variance) / LOG2
+    if delta is None:
+        delta = estimate_delta(estimate)
     post = normal_means_posterior(estimate, se, delta)
     return {
         **proba_columns(post["up"], post["down"], test_mode),

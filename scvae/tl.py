@@ -19,12 +19,13 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 
+from scvae.de import fdr_target_values
 from scvae.train import KL_WARMUP_EPOCHS
 
 if TYPE_CHECKING:
@@ -278,10 +279,10 @@ def differential_expression(
     model: SCVAE,
     *,
     groupby: str,
-    groups: str | Sequence[str] | None = None,
+    groups: str | int | Sequence[str | int] | None = None,
     reference: str | int = "rest",
     mode: Literal["vanilla", "change", "group"] = "vanilla",
-    delta: float = 0.25,
+    delta: float | None = 0.25,
     fdr_target: float | Sequence[float] = 0.05,
     batch_correction: bool = False,
     n_samples_overall: int = 5000,
@@ -307,7 +308,9 @@ def differential_expression(
     groupby
         Column of ``adata.obs`` with the groups.
     groups
-        Groups to test (None: all but the reference).
+        Groups to test: a name, an integer label or a list of them (None or "all", as in
+        scanpy: all but the reference; with ``reference="rest"``, every group, including one
+        named "rest").
     reference
         "rest" (all other cells) or a group (its name, or an integer label) to compare every
         other group with; as in scanpy, the reference itself is not tested.
@@ -364,14 +367,15 @@ def differential_expression(
     reference = str(reference)
     if reference != "rest" and reference not in present:
         raise ValueError(f"reference {reference!r} is not a group of {groupby!r} ({present}).")
-    if groups is None:
+    if groups is None or (isinstance(groups, str) and groups == "all"):  # scanpy's "all"
         chosen = present
     else:
-        chosen = [groups] if isinstance(groups, str) else [str(g) for g in groups]
-    chosen = [g for g in chosen if g != reference]  # as scanpy: the reference is not tested
+        one = isinstance(groups, str) or not isinstance(groups, Iterable)  # "B", or a label 1
+        chosen = [str(groups)] if one else [str(g) for g in groups]
+    if reference != "rest":  # as scanpy: the reference is not tested (a group named "rest" is)
+        chosen = [g for g in chosen if g != reference]
     if not chosen:
         raise ValueError(f"No group to test against the reference {reference!r}.")
-    targets = [float(t) for t in np.atleast_1d(fdr_target)]
     table = model.differential_expression(
         adata,
         groupby=groupby,
@@ -386,6 +390,7 @@ def differential_expression(
         test_mode=test_mode,
         seed=seed,
     )
+    targets = list(fdr_target_values(fdr_target))  # as the table's columns name them
     result = _rank_genes_groups_uns(table, chosen, adata.var_names, mode)
     result["params"] = {
         "groupby": groupby,
@@ -394,7 +399,7 @@ def differential_expression(
         "use_raw": False,
         "corr_method": "none",
         "mode": mode,
-        "delta": float(delta),
+        "delta": "estimated" if delta is None else float(delta),
         "fdr_target": targets[0] if len(targets) == 1 else targets,
         "batch_correction": bool(batch_correction),
         "n_samples_overall": int(n_samples_overall),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scanpy as sc
 import scipy.sparse as sp
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -179,6 +180,80 @@ def test_one_gene_trains_and_queries(adata):
     assert expr.shape == (one_gene.n_obs, 1)
     np.testing.assert_allclose(expr.to_numpy(), 1.0, rtol=1e-6)  # rho of the only gene
     assert np.isfinite(model.get_elbo())
+
+
+# ------------------------------------------------------------ counts: the right fix
+def test_normalised_counts_point_to_the_raw_counts_not_to_allow_non_integer(adata):
+    norm = adata.copy()
+    norm.layers["counts"] = norm.X.copy()
+    sc.pp.normalize_total(norm, target_sum=1e4)  # not logged: values well above the log range
+    with pytest.raises(RegistryError) as err:
+        scvae.SCVAE(norm)
+    message = str(err.value)
+    assert "normalised to the same total in every cell (each sums to about 10000" in message
+    assert "layer='counts' if that layer holds them" in message
+    assert "allow_non_integer" not in message
+    scaled = adata.copy()
+    scaled.X = scaled.X * 1.5  # fractional, cells' totals differ: maybe intended
+    with pytest.raises(RegistryError, match=r"pass allow_non_integer=True \(scvae fit: "):
+        scvae.SCVAE(scaled)
+
+
+def test_query_errors_say_where_the_model_reads_counts(adata, saved_dir):
+    model = scvae.SCVAE.load(saved_dir, adata)  # registered on adata.X
+    logged = adata.copy()
+    sc.pp.normalize_total(logged)
+    sc.pp.log1p(logged)
+    with pytest.raises(RegistryError) as err:
+        model.get_latent_representation(logged)
+    assert "reads every AnnData's counts in adata.X" in str(err.value)
+    assert "layer=" not in str(err.value)  # queries take no layer option
+    with_layer = adata.copy()
+    with_layer.layers["counts"] = with_layer.X.copy()
+    on_layer = scvae.SCVAE(with_layer, layer="counts", batch_key="batch")
+    with pytest.raises(RegistryError) as err:
+        on_layer.get_latent_representation(adata)
+    assert "registered with layer='counts'" in str(err.value)
+    assert "layer=None" not in str(err.value)
+
+
+# ------------------------------------------------------------- DE options
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"mode": "change", "delta": "0.5"}, r"delta must be a positive, finite number.*'0\.5'"),
+        ({"mode": "change", "delta": np.inf}, r"delta must be a positive, finite number"),
+        ({"n_samples_overall": "100"}, r"n_samples_overall must be a positive integer, got '100'"),
+        ({"n_samples_overall": 100.5}, r"n_samples_overall must be a positive integer"),
+        ({"n_samples_overall": True}, r"n_samples_overall must be a positive integer"),
+        ({"fdr_target": "0.05"}, r"fdr_target must be a number in \(0, 1\) or a non-empty list"),
+        ({"fdr_target": []}, r"fdr_target must be a number in \(0, 1\) or a non-empty list"),
+        ({"mode": "change", "pseudocounts": "1e-4"}, r"pseudocounts must be None \(estimated\)"),
+        ({"seed": "1"}, r"seed must be None or a non-negative integer, got '1'"),
+        ({"seed": -5}, r"seed must be None or a non-negative integer, got -5"),
+        ({"batch_correction": "yes"}, r"batch_correction must be True or False, got 'yes'"),
+        ({"group1": []}, r"group1 is an empty list"),
+    ],
+    ids=lambda v: "-".join(f"{k}={v[k]!r}" for k in v)[:40] if isinstance(v, dict) else "",
+)
+def test_bad_de_options_name_the_option(adata, saved_dir, options, match):
+    model = scvae.SCVAE.load(saved_dir, adata)
+    with pytest.raises(ValueError, match=match):
+        model.differential_expression(groupby="cell_type", **options)
+
+
+def test_de_takes_numpy_numbers(adata, saved_dir):
+    model = scvae.SCVAE.load(saved_dir, adata)
+    table = model.differential_expression(
+        groupby="cell_type",
+        group1="type0",
+        mode="change",
+        delta=np.float32(0.5),
+        fdr_target=np.float32(0.1),
+        n_samples_overall=np.int64(50),
+        seed=np.int64(1),
+    )
+    assert "is_de_fdr_0.1" in table and table["delta"].eq(0.5).all()
 
 
 # ---------------------------------------------------------------------- queries

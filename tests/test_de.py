@@ -201,6 +201,22 @@ def test_options_are_checked():
         de.change_statistics(np.ones((2, 2)), np.ones((2, 2)), delta=0, pseudocounts=0.1)
 
 
+def test_estimated_delta_follows_the_outer_components_as_scvi_tools():
+    rng = np.random.default_rng(1)
+    lfc = np.r_[rng.normal(0, 0.05, 800), rng.normal(3, 0.1, 100), rng.normal(-1, 0.1, 100)]
+    # 0.6 x the mean size of the outer components' means (3 and -1), at least 0.1
+    assert de_group.estimate_delta(lfc) == pytest.approx(0.6 * 2.0, abs=0.02)
+    assert de_group.estimate_delta(rng.normal(0, 0.01, 500)) == pytest.approx(0.1, abs=0.02)
+    assert de_group.estimate_delta(np.array([0.5, -0.5])) == pytest.approx(0.3)  # two genes
+    s1 = np.exp(rng.normal(0, 1, (40, 30)))
+    s2 = s1 * np.exp(np.r_[np.full(10, 2.0), np.zeros(20)] * np.log(2))
+    st_none = de.change_statistics(s1, s2, delta=None, pseudocounts=1e-6)
+    expected = de_group.estimate_delta(np.log2(s1 + 1e-6).mean(0) - np.log2(s2 + 1e-6).mean(0))
+    assert st_none["delta"] == pytest.approx(expected)
+    st_fixed = de.change_statistics(s1, s2, delta=st_none["delta"], pseudocounts=1e-6)
+    np.testing.assert_array_equal(st_none["proba_de"], st_fixed["proba_de"])
+
+
 # ---------------------------------------------------------------------- the model method
 
 VANILLA = ["proba_m1", "proba_m2", "bayes_factor", "scale1", "scale2"]
@@ -378,6 +394,24 @@ def test_bad_arguments_are_refused(sim, trained):
         trained.differential_expression()
     with pytest.raises(ValueError, match="mode"):
         trained.differential_expression(groupby="cell_type", mode="wilcoxon")
+
+
+@pytest.mark.parametrize("mode", ["change", "group"])
+def test_delta_none_is_estimated_per_comparison(sim, trained, mode):
+    res = trained.differential_expression(
+        groupby="cell_type", mode=mode, delta=None, n_samples_overall=100
+    )
+    deltas = res.groupby("comparison")["delta"].unique()
+    assert all(len(d) == 1 and d[0] >= de_group.DELTA_MIN for d in deltas)
+    fixed = trained.differential_expression(
+        groupby="cell_type",
+        group1="type0",
+        mode=mode,
+        delta=float(deltas["type0 vs Rest"][0]),
+        n_samples_overall=100,
+    )
+    estimated = res[res["comparison"] == "type0 vs Rest"]
+    pd.testing.assert_series_equal(estimated["proba_de"], fixed["proba_de"])
 
 
 def test_works_after_load_with_another_adata(sim, tmp_path):

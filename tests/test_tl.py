@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import scanpy as sc  # noqa: E402
 import torch  # noqa: E402
@@ -139,6 +140,26 @@ def test_reference_is_not_tested_and_failures_keep_the_previous_result(adata_mod
     with pytest.raises(ValueError, match=r"is numeric .*\.astype\(str\)"):
         scvae.tl.differential_expression(adata, model, groupby="number")
     assert adata.uns["rank_genes_groups"] is before
+
+
+def test_groups_as_scanpy_takes_them(adata_model):
+    adata, model = adata_model
+    adata = adata.copy()
+    adata.obs["code"] = pd.Categorical(adata.obs["cell_type"].cat.codes)  # integer labels
+    table = scvae.tl.differential_expression(
+        adata, model, groupby="code", groups=1, n_samples_overall=30
+    )
+    assert set(table["comparison"]) == {"1 vs Rest"}
+    table = scvae.tl.differential_expression(
+        adata, model, groupby="code", groups="all", n_samples_overall=30
+    )
+    assert list(adata.uns["rank_genes_groups"]["names"].dtype.names) == ["0", "1", "2"]
+    # a group named "rest" is a group; reference="rest" still means all other cells
+    named = adata.obs["cell_type"].astype(str).replace({"type0": "rest"})
+    adata.obs["named"] = named.astype("category")
+    table = scvae.tl.differential_expression(adata, model, groupby="named", n_samples_overall=30)
+    assert "rest vs Rest" in set(table["comparison"])
+    assert "rest" in adata.uns["rank_genes_groups"]["names"].dtype.names
 
 
 # ---------------------------------------------------------------------------- tl.fit
