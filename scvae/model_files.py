@@ -7,7 +7,9 @@ bound in :class:`scvae.SCVAE`'s class body (``load`` as a classmethod).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import anndata as ad
@@ -23,6 +25,22 @@ from scvae.module import VAE, ModuleConfig
 
 if TYPE_CHECKING:
     from scvae.model import SCVAE
+
+
+def cells_fingerprint(adata: ad.AnnData) -> dict[str, Any]:
+    """The cells of an AnnData, in order: their number and a SHA-256 of their names.
+
+    Saved with a model, so that ``train_indices`` and ``validation_indices`` (positions in the
+    AnnData the model was trained on) are not applied to other cells after a load.
+
+    Examples
+    --------
+    >>> import scvae
+    >>> cells_fingerprint(scvae.data.simulate(5, 3, seed=0))["n_obs"]
+    5
+    """
+    names = "\n".join(map(str, adata.obs_names)).encode()
+    return {"n_obs": int(adata.n_obs), "obs_names_sha256": hashlib.sha256(names).hexdigest()}
 
 
 def _description(
@@ -43,6 +61,10 @@ def _description(
         "history": history.reset_index().to_dict(orient="list"),
         "train_indices": np.asarray(train_indices).tolist(),
         "validation_indices": np.asarray(validation_indices).tolist(),
+        # the cells those indices point into (None: not known, a model loaded without them)
+        "cells": cells_fingerprint(model.adata)
+        if model.adata is not None
+        else getattr(model, "_cells", None),
     }
 
 
@@ -158,8 +180,29 @@ def load(
         )
     module = VAE(config)
     module.load_state_dict(weights, strict=True)
+    cells = description.get("cells")
     if adata is not None:
         registry.check(adata)
+        attached = cells_fingerprint(adata)
+        if (
+            isinstance(cells, dict)
+            and cells != attached
+            and (train_indices.size or val_indices.size)
+        ):
+            how = (
+                f"{adata.n_obs} cells, not {cells.get('n_obs')}"
+                if cells.get("n_obs") != adata.n_obs
+                else "other cell names, or another order"
+            )
+            warnings.warn(
+                f"This AnnData's cells are not those the model was trained on ({how}), and "
+                "model.train_indices / validation_indices are positions among those cells: "
+                "they are left empty. Load with the training AnnData to keep them.",
+                UserWarning,
+                stacklevel=2,
+            )
+            train_indices = val_indices = np.array([], dtype=np.int64)
+        cells = attached
     model = cls.__new__(cls)
     model._decoder_bias = config.decoder_bias
     model._setup(adata, registry, module.to(resolve_device(device)))
@@ -168,5 +211,6 @@ def load(
     model.history = history
     model.train_indices = train_indices
     model.validation_indices = val_indices
+    model._cells = cells if isinstance(cells, dict) else None
     logger.debug("Loaded %r from %s", model, dir_path)
     return model

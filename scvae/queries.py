@@ -179,11 +179,12 @@ def _gene_index(model: SCVAE, gene_list: Sequence[str] | None) -> np.ndarray | N
         return None
     if isinstance(gene_list, str):  # one gene
         gene_list = [gene_list]
-    lookup = {g: i for i, g in enumerate(model.registry.var_names)}
-    missing = [g for g in gene_list if g not in lookup]
+    names = pd.Index(model.registry.var_names)
+    missing = [g for g in gene_list if g not in names]
     if missing:
         raise ValueError(f"gene_list has genes the model does not know: {missing[:5]}.")
-    return np.array([lookup[g] for g in gene_list], dtype=np.int64)
+    # in the model's gene order, each gene once, as scvi-tools (a mask of var_names)
+    return np.flatnonzero(names.isin(list(gene_list))).astype(np.int64)
 
 
 def _obs_names(model: SCVAE, adata: ad.AnnData | None, indices: Sequence[int] | None) -> pd.Index:
@@ -335,7 +336,8 @@ def get_normalized_expression(
         Decode every cell as if it came from this batch (a list: averaged over those
         batches), for batch-corrected expression; None: each cell's own batch.
     gene_list
-        Genes to return (default: all).
+        Genes to return (default: all), in the model's gene order as in scvi-tools, not in
+        the order of the list.
     library_size
         1: rho, the normalised expression (rows sum to 1 over all genes); a number: rho
         times it (e.g. 1e4 for counts per 10,000); "latent": mu, the expected counts at the
@@ -457,7 +459,8 @@ def posterior_predictive_sample(
     """Counts drawn from the posterior predictive, as sparse CSR cells x genes.
 
     One matrix for ``n_samples=1``; a list of ``n_samples`` matrices otherwise (scvi-tools
-    returns a 3-D sparse array there; scipy has none).
+    returns a 3-D sparse array there; scipy has none). ``gene_list``: these genes' columns
+    only, in the model's gene order (as scvi-tools), not in the order of the list.
 
     Examples
     --------

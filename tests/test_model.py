@@ -120,6 +120,27 @@ def test_load_without_adata_then_query_other_adata(trained, sim, tmp_path):
     )
 
 
+def test_load_with_other_cells_drops_the_split_they_do_not_share(trained, sim, tmp_path):
+    trained.save(str(tmp_path / "m"))
+    assert trained.validation_indices.size
+    order = np.random.default_rng(0).permutation(sim.n_obs)
+    for other, how in (
+        (sim[order].copy(), "other cell names, or another order"),
+        (sim[:500].copy(), "500 cells, not 1200"),
+    ):
+        with pytest.warns(UserWarning, match=rf"not those the model was trained on \({how}\)"):
+            loaded = scvae.SCVAE.load(str(tmp_path / "m"), other)
+        assert loaded.train_indices.size == loaded.validation_indices.size == 0
+    # without cells, the split is kept, with the fingerprint of the cells it points into
+    bare = scvae.SCVAE.load(str(tmp_path / "m"))
+    np.testing.assert_array_equal(bare.validation_indices, trained.validation_indices)
+    bare.save(str(tmp_path / "again"))
+    again = scvae.SCVAE.load(str(tmp_path / "again"), sim.copy())
+    np.testing.assert_array_equal(again.validation_indices, trained.validation_indices)
+    with pytest.warns(UserWarning, match="not those the model was trained on"):
+        scvae.SCVAE.load(str(tmp_path / "again"), sim[order].copy())
+
+
 def test_load_refuses_other_genes(trained, sim, tmp_path):
     trained.save(str(tmp_path / "m"))
     with pytest.raises(ValueError, match="genes are missing"):
@@ -270,6 +291,15 @@ def test_sample_counts_numbers_and_single_genes_are_checked(trained):
     np.testing.assert_allclose(a.sum(1), 10_000, rtol=1e-4)
     one = trained.get_normalized_expression(indices=[0, 1], gene_list="gene3")
     assert one.columns.tolist() == ["gene3"]
+    # as scvi-tools: the model's gene order, not the list's, each gene once
+    torch.manual_seed(0)
+    two = trained.get_normalized_expression(indices=[0, 1], gene_list=["gene7", "gene3", "gene7"])
+    assert two.columns.tolist() == ["gene3", "gene7"]
+    torch.manual_seed(0)
+    full = trained.get_normalized_expression(indices=[0, 1])
+    np.testing.assert_allclose(two.to_numpy(), full[["gene3", "gene7"]].to_numpy(), rtol=1e-6)
+    drawn = trained.posterior_predictive_sample(indices=[0, 1], gene_list=["gene7", "gene3"])
+    assert drawn.shape == (2, 2)
 
 
 def test_transform_batch_takes_integer_categories_and_none(sim):
