@@ -7,6 +7,7 @@ bound in :class:`scvae.SCVAE`'s class body (``load`` as a classmethod).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import warnings
@@ -159,6 +160,15 @@ def load(
         )
     except (KeyError, TypeError, AttributeError):
         consistent = False
+    flags = [f.name for f in dataclasses.fields(ModuleConfig) if isinstance(f.default, bool)]
+    not_bool = [name for name in flags if not isinstance(getattr(config, name), bool)]
+    if not isinstance(description.get("is_trained", False), bool):
+        not_bool.append("is_trained")
+    if not_bool:  # "false" would read as True
+        raise ModelFileError(
+            f"{malformed}: {', '.join(not_bool)} must be true or false. Restore it from the "
+            "original save."
+        )
     if not consistent:
         raise ModelFileError(
             f"{malformed}: its registry (genes, batches, labels) does not match its module "

@@ -411,6 +411,14 @@ def test_load_missing_or_wrong_paths(tmp_path):
             lambda p: edit_json(p, lambda m: m.update(model_class="LDVAE")),
             r"holds a LDVAE model; load it with scvae\.LDVAE\.load",
         ),
+        (
+            lambda p: edit_json(p, lambda m: m.update(is_trained="false")),
+            r"model\.json is malformed: is_trained must be true or false",
+        ),
+        (
+            lambda p: edit_json(p, lambda m: m["module_config"].update(log_variational="no")),
+            r"model\.json is malformed: log_variational must be true or false",
+        ),
     ],
     ids=[
         "truncated-json",
@@ -427,6 +435,8 @@ def test_load_missing_or_wrong_paths(tmp_path):
         "registry-mismatch",
         "history-ragged",
         "other-class",
+        "is-trained-str",
+        "flag-str",
     ],
 )
 def test_damaged_model_directory(model_dir, adata, damage, match):
