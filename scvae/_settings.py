@@ -33,6 +33,9 @@ class Settings:
     >>> import scvae
     >>> scvae.settings.seed = 1
     >>> scvae.settings.verbosity = "warning"
+    >>> scvae.settings.seed, scvae.settings.verbosity
+    (1, 'warning')
+    >>> scvae.settings.seed, scvae.settings.verbosity = 0, "info"  # the defaults again
     """
 
     seed: int = 0

@@ -160,7 +160,7 @@ def _write_plots(adata, model, out: Path, colors: dict[str, str]) -> dict[str, P
         )
         fig.set_size_inches(8, 5.5)
         path = out / f"umap_{key}.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        _write_atomically(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
         plt.close(fig)
         written[f"UMAP by {title}"] = path
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -168,7 +168,7 @@ def _write_plots(adata, model, out: Path, colors: dict[str, str]) -> dict[str, P
     model.history[columns].plot(ax=ax)
     ax.set(xlabel="epoch", ylabel="negative ELBO per cell", title="training history")
     path = out / "history.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
     plt.close(fig)
     written["training history"] = path
     return written
@@ -303,7 +303,7 @@ def _demo(args: argparse.Namespace) -> None:
     colors = {"leiden": "Leiden clusters", "cell_type": "known cell types"}
     written = _write_plots(adata, model, out, colors)
     h5ad = out / "pbmc68k_scvae.h5ad"
-    adata.write_h5ad(h5ad)
+    _write_atomically(h5ad, adata.write_h5ad)
     written["AnnData (latent in obsm['X_scvae'], UMAP, Leiden)"] = h5ad
     model_dir = out / "model"
     model.save(str(model_dir), overwrite=True)

@@ -97,8 +97,9 @@ def volcano(
         Column for the horizontal axis; None: the posterior mean log2 fold change
         ``lfc_mean`` (change and group modes), else (vanilla) ``log2(scale1 / scale2)``.
     y
-        Column for the vertical axis; None: ``proba_de`` in change mode, else the absolute
-        ``bayes_factor``. Neither is a p-value; no -log10 transform is applied.
+        Column for the vertical axis; None: ``proba_de`` (change and group modes), else
+        (vanilla) the absolute ``bayes_factor``. Neither is a p-value; no -log10 transform is
+        applied.
     comparison
         Restrict to one value of the ``comparison`` column (needed when the table holds
         several, as one-vs-rest tables do).
