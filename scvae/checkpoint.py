@@ -111,11 +111,19 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> 
     return {"state": state, "param_groups": info["param_groups"]}
 
 
-def _rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
+def _rng_tensors(
+    generator: torch.Generator, ranks: list[dict[str, torch.Tensor]] | None = None
+) -> dict[str, torch.Tensor]:
+    """The random states a resume needs: the minibatch generator, this process's torch (and
+    CUDA) states, and with several processes each other rank's own (``ranks``, in rank order,
+    from :func:`scvae.distributed.gather_rng_states`): every rank draws its own sampling noise."""
     out = {"rng.generator": generator.get_state(), "rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             out[f"rng.cuda.{i}"] = state
+    for rank, states in enumerate(ranks or []):
+        if rank:  # rank 0 is this process, above
+            out.update({f"rng.rank{rank}.{k}": v for k, v in states.items()})
     return out
 
 
@@ -216,10 +224,14 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
         generator: torch.Generator,
+        *,
+        rank: int = 0,
+        device: torch.device | None = None,
     ) -> LoopState | None:
         """Load ``latest/`` into the live objects and return the loop state (None: no
         checkpoint yet). Raises :class:`CheckpointError` for an unreadable checkpoint or one
-        of another run."""
+        of another run. ``rank``: this process's rank, whose own random states are restored
+        (the CUDA one on ``device``)."""
         path = self.latest_path
         if not path.exists():
             return None
@@ -238,6 +250,19 @@ class Checkpointer:
                 "start afresh, or pass another checkpoint_dir."
             ) from None
         diffs = _differences(info["identity"], self.identity)
+        if diffs and all(d.startswith("initial_weights_sha256") for d in diffs):
+            state = module.state_dict()
+            if state.keys() == weights.keys() and all(
+                torch.equal(state[k].detach().cpu(), weights[k]) for k in weights
+            ):  # this model is where that run ended: it trained in this process already
+                raise CheckpointError(
+                    f"This model already holds the weights of the latest checkpoint in "
+                    f"{self.root} (epoch {info.get('epoch')}): that run ended in this model. "
+                    "To train it further, call train() again without checkpoint_dir or with a "
+                    "new one; to extend that run from its checkpoint, repeat the original call "
+                    "with a larger max_epochs on a model built as it was (e.g. the same script "
+                    "in a new process)."
+                )
         if diffs:
             raise CheckpointError(
                 f"checkpoint_dir {self.root} holds a checkpoint of another training run; it "
@@ -250,10 +275,17 @@ class Checkpointer:
             if scheduler is not None and info.get("scheduler") is not None:
                 scheduler.load_state_dict(info["scheduler"])
             generator.set_state(tensors["rng.generator"])
-            torch.set_rng_state(tensors["rng.torch"])
-            cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
-            if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+            if rank:
+                # a checkpoint from before per-rank states: rank 0's, as it was then
+                torch.set_rng_state(tensors.get(f"rng.rank{rank}.torch", tensors["rng.torch"]))
+                own_cuda = tensors.get(f"rng.rank{rank}.cuda")
+                if own_cuda is not None and device is not None and device.type == "cuda":
+                    torch.cuda.set_rng_state(own_cuda, device)
+            else:
+                torch.set_rng_state(tensors["rng.torch"])
+                cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+                if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+                    torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
             loop = LoopState(**info["loop"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(
@@ -270,6 +302,7 @@ class Checkpointer:
         scheduler: Any,
         generator: torch.Generator,
         loop: LoopState,
+        ranks: list[dict[str, torch.Tensor]] | None = None,
     ) -> _Snapshot:
         weights = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
         opt_tensors, opt_info = _optimizer_parts(optimizer)
@@ -280,7 +313,7 @@ class Checkpointer:
             "optimizer": copy.deepcopy(opt_info),
             "scheduler": None if scheduler is None else copy.deepcopy(scheduler.state_dict()),
         }
-        return _Snapshot(weights, {**opt_tensors, **_rng_tensors(generator)}, info)
+        return _Snapshot(weights, {**opt_tensors, **_rng_tensors(generator, ranks)}, info)
 
     def _write(self, snapshot: _Snapshot, path: Path) -> None:
         loop = LoopState(**snapshot.info["loop"])
@@ -303,14 +336,20 @@ class Checkpointer:
         *,
         improved: bool,
         final: bool,
+        ranks: list[dict[str, torch.Tensor]] | None = None,
     ) -> None:
-        """Called after each finished epoch (``loop.next_epoch`` already advanced)."""
+        """Called after each finished epoch (``loop.next_epoch`` already advanced); ``ranks``:
+        every rank's random states when several processes train."""
         write_now = final or loop.next_epoch % self.every == 0
         if improved and not write_now:
-            self._pending_best = self._snapshot(module, optimizer, scheduler, generator, loop)
+            self._pending_best = self._snapshot(
+                module, optimizer, scheduler, generator, loop, ranks
+            )
         if not write_now:
             return
-        self._write(self._snapshot(module, optimizer, scheduler, generator, loop), self.latest_path)
+        self._write(
+            self._snapshot(module, optimizer, scheduler, generator, loop, ranks), self.latest_path
+        )
         if improved:
             link_model(self.latest_path, self.best_path)
             self._pending_best = None

@@ -168,6 +168,26 @@ def all_true(flag: bool, device: torch.device, world: World) -> bool:
     return bool(value.item())
 
 
+def gather_rng_states(device: torch.device, world: World) -> list[dict[str, torch.Tensor]]:
+    """Every rank's own torch random state (and its CUDA device's), in rank order; a
+    collective, called by all ranks. Checkpoints keep them, so that each rank resumes its
+    own stream of sampling noise.
+
+    Examples
+    --------
+    >>> [sorted(s) for s in gather_rng_states(torch.device("cpu"), World())]
+    [['torch']]
+    """
+    own = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        own["cuda"] = torch.cuda.get_rng_state(device)
+    if not world.distributed:
+        return [own]
+    states: list[Any] = [None] * world.size
+    dist.all_gather_object(states, own)
+    return [{k: v.cpu() for k, v in s.items()} for s in states]
+
+
 def sync_buffers(module: torch.nn.Module, world: World) -> None:
     """Copy rank 0's buffers (batch-norm statistics) to every rank."""
     if world.distributed:

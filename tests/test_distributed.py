@@ -141,3 +141,19 @@ def test_backed_shards_are_disjoint_and_take_equal_steps(tmp_path):
     assert steps[0] == steps[1]
     assert not set(shards[0]) & set(shards[1])
     assert len(shards[0]) + len(shards[1]) > 0.9 * 900
+
+
+def test_two_processes_resume_from_a_checkpoint_as_if_never_stopped(tmp_path):
+    # each rank draws its own sampling noise; the checkpoint keeps every rank's random state
+    adata = scvae.data.simulate(200, 30, n_batches=2, seed=0)
+    options = dict(batch_size=64, n_processes=2, progress_bar=False, seed=0)
+    whole = scvae.SCVAE(adata, batch_key="batch", n_hidden=16)
+    whole.train(max_epochs=4, **options)
+    first = scvae.SCVAE(adata, batch_key="batch", n_hidden=16)
+    first.train(max_epochs=2, checkpoint_dir=tmp_path / "ckpt", **options)
+    resumed = scvae.SCVAE(adata, batch_key="batch", n_hidden=16)
+    resumed.train(max_epochs=4, checkpoint_dir=tmp_path / "ckpt", **options)
+    for key, value in whole.module.state_dict().items():
+        assert torch.equal(value, resumed.module.state_dict()[key]), key
+    cols = ["elbo_train", "elbo_validation"]
+    pd.testing.assert_frame_equal(whole.history[cols], resumed.history[cols])
