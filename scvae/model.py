@@ -317,6 +317,10 @@ class SCVAE:
         validation_size: float | None = None,
         early_stopping: bool = False,
         early_stopping_patience: int = 45,
+        early_stopping_monitor: str = "elbo_validation",
+        early_stopping_min_delta: float = 0.0,
+        early_stopping_mode: str = "min",
+        early_stopping_warmup_epochs: int = 0,
         lr: float = 1e-3,
         weight_decay: float = 1e-6,
         eps: float = 0.01,
@@ -346,8 +350,14 @@ class SCVAE:
         train_size, validation_size
             Fractions of cells for training and validation (the rest of the cells are held
             out; ``train_size=1.0`` trains on every cell with no validation pass).
-        early_stopping, early_stopping_patience
-            Stop when the validation ELBO has not improved for this many epochs.
+        early_stopping, early_stopping_patience, early_stopping_monitor
+            Stop when ``early_stopping_monitor`` (a validation column of the history:
+            "elbo_validation", "reconstruction_loss_validation" or "kl_local_validation") has
+            not improved for ``early_stopping_patience`` epochs. scvi-tools' options and
+            defaults (its trainer keywords), as are the next three.
+        early_stopping_min_delta, early_stopping_mode, early_stopping_warmup_epochs
+            The least change that counts as improvement; "min" (lower is better) or "max";
+            epochs before early stopping starts watching.
         lr, weight_decay, eps
             Adam's options.
         n_epochs_kl_warmup
@@ -370,7 +380,9 @@ class SCVAE:
             weights, the optimizer state and the epoch, written atomically. When the directory
             already holds a checkpoint of this same run (same data registration, model options,
             training options, seed and starting weights), training resumes from it; a
-            checkpoint of another run is an error. ``max_epochs`` may differ, to train longer.
+            checkpoint of another run is an error. ``max_epochs`` may differ, to train longer:
+            repeat the call on a model built as the first one was (a model that already
+            trained to the checkpoint is told to train on without it).
         checkpoint_every
             Write ``latest/`` every this many epochs (and after the last one).
         precision
@@ -432,6 +444,10 @@ class SCVAE:
             n_epochs_kl_warmup=n_epochs_kl_warmup,
             early_stopping=early_stopping,
             early_stopping_patience=early_stopping_patience,
+            early_stopping_monitor=early_stopping_monitor,
+            early_stopping_min_delta=early_stopping_min_delta,
+            early_stopping_mode=early_stopping_mode,
+            early_stopping_warmup_epochs=early_stopping_warmup_epochs,
             reduce_lr_on_plateau=reduce_lr_on_plateau,
             seed=seed,
             progress_bar=settings.progress_bar if progress_bar is None else progress_bar,
@@ -484,7 +500,12 @@ class SCVAE:
             "train_size": train_size,
             "validation_size": validation_size,
             "device": str(dev),
+            # how minibatches are read is part of the run (another order, another result)
+            "counts_on_disk": is_on_disk(counts),
         }
+        if train_config["counts_on_disk"]:
+            train_config["backed_block_rows"] = backed_block_rows
+            train_config["backed_buffer_blocks"] = backed_buffer_blocks
         if world.distributed:
             train_config["n_processes"] = world.size
         checkpoint = None
@@ -528,17 +549,20 @@ class SCVAE:
                 )
             else:
                 source = count_source(counts, dev)
-            history = fit(
-                self.module,
-                source,
-                batch,
-                covariates,
-                train_idx,
-                val_idx,
-                config,
-                checkpoint,
-                world,
-            )
+            # training seeds torch's generator; the caller's random state is put back after
+            cuda = [dev.index or 0] if dev.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                history = fit(
+                    self.module,
+                    source,
+                    batch,
+                    covariates,
+                    train_idx,
+                    val_idx,
+                    config,
+                    checkpoint,
+                    world,
+                )
         except TrainingDiverged as err:
             # Keep the last good step's weights when any training happened in this call (or
             # came from a checkpoint); otherwise leave the model exactly as it was.

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from scvae._settings import logger
 from scvae.checkpoint import Checkpointer, LoopState
 from scvae.data.loader import CountSource, DeviceCSR  # noqa: F401 (DeviceCSR: the examples)
-from scvae.distributed import World, all_sum, all_true, sync_buffers, wrap
+from scvae.distributed import World, all_sum, all_true, gather_rng_states, sync_buffers, wrap
 from scvae.module import VAE, Covariates
 from scvae.train_step import PRECISIONS, StepRunner, make_optimizer
 
@@ -31,6 +31,14 @@ _EXTREME_COUNT = 1e6
 #: under 1 where scvi-tools' held-out marginal LL peaks; a 10-epoch warm-up reaches scvi-tools'
 #: best held-out marginal LL and NMI in about a tenth of the time (benchmarks/README.md, Speed).
 KL_WARMUP_EPOCHS = 10
+
+
+# Validation columns of the history that early stopping can watch (scvi-tools' choices).
+EARLY_STOPPING_MONITORS = (
+    "elbo_validation",
+    "reconstruction_loss_validation",
+    "kl_local_validation",
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,9 @@ class TrainConfig:
     early_stopping: bool = False
     early_stopping_patience: int = 45
     early_stopping_min_delta: float = 0.0
+    early_stopping_monitor: str = "elbo_validation"
+    early_stopping_mode: str = "min"
+    early_stopping_warmup_epochs: int = 0
     reduce_lr_on_plateau: bool = False
     lr_patience: int = 30
     lr_factor: float = 0.6
@@ -93,6 +104,17 @@ class TrainConfig:
             whole("n_epochs_kl_warmup", 0, " (or None)")
         whole("early_stopping_patience", 1)
         real("early_stopping_min_delta", 0.0, strict=False)
+        whole("early_stopping_warmup_epochs", 0)
+        if self.early_stopping_monitor not in EARLY_STOPPING_MONITORS:
+            raise ValueError(
+                "early_stopping_monitor must be one of "
+                f"{', '.join(map(repr, EARLY_STOPPING_MONITORS))}, got "
+                f"{self.early_stopping_monitor!r}."
+            )
+        if self.early_stopping_mode not in ("min", "max"):
+            raise ValueError(
+                f"early_stopping_mode must be 'min' or 'max', got {self.early_stopping_mode!r}."
+            )
         whole("lr_patience", 0)
         real("lr_factor", 0.0, strict=True, high=1.0)
         whole("seed", 0)
@@ -129,7 +151,8 @@ def split_indices(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random train / validation split as in scvi-tools' DataSplitter.
 
-    ``n_train = ceil(train_size * n)``; ``n_val = floor(validation_size * n)`` or the rest.
+    ``n_train = ceil(train_size * n)``; ``n_val = floor(validation_size * n)``, or without
+    ``validation_size`` all the other cells.
 
     Examples
     --------
@@ -142,17 +165,18 @@ def split_indices(
             raise ValueError(f"{name} must be a number, got {value!r}.")
     if not 0.0 < train_size <= 1.0:
         raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
-    if validation_size is None:
-        validation_size = 1.0 - train_size
-    if not math.isfinite(validation_size):
-        raise ValueError(f"validation_size must be a number in [0, 1), got {validation_size}.")
-    if validation_size < 0 or train_size + validation_size > 1.0 + 1e-9:
-        raise ValueError(
-            f"train_size + validation_size must be at most 1, got {train_size} + {validation_size}."
-        )
     n_train = math.ceil(train_size * n_cells)
-    n_val = math.floor(validation_size * n_cells + 1e-9)
-    n_val = min(n_val, n_cells - n_train)
+    if validation_size is None:  # the rest, counted (not 1 - train_size: float rounding)
+        n_val = n_cells - n_train
+    else:
+        if not (math.isfinite(validation_size) and 0.0 <= validation_size < 1.0):
+            raise ValueError(f"validation_size must be a number in [0, 1), got {validation_size}.")
+        if train_size + validation_size > 1.0 + 1e-9:
+            raise ValueError(
+                "train_size + validation_size must be at most 1, got "
+                f"{train_size} + {validation_size}."
+            )
+        n_val = min(math.floor(validation_size * n_cells + 1e-9), n_cells - n_train)
     order = np.random.default_rng(seed).permutation(n_cells)
     return np.sort(order[:n_train]), np.sort(order[n_train : n_train + n_val])
 
@@ -322,7 +346,9 @@ def fit(
     )
     loop = LoopState()
     if checkpoint is not None:
-        resumed = checkpoint.restore(module, optimizer, scheduler, generator)
+        resumed = checkpoint.restore(
+            module, optimizer, scheduler, generator, rank=world.rank, device=device
+        )
         if resumed is not None:
             loop = resumed
             logger.info(
@@ -420,27 +446,40 @@ def fit(
         monitor = row.get("elbo_validation", row["elbo_train"])
         if scheduler is not None:
             scheduler.step(monitor)
-        if config.early_stopping and has_val:
-            if monitor < loop.early_stopping_best - config.early_stopping_min_delta:
-                loop.early_stopping_best, loop.since_best = monitor, 0
+        if config.early_stopping and has_val and epoch >= config.early_stopping_warmup_epochs:
+            # as Lightning's EarlyStopping: kept as "lower is better" (mode "max": negated)
+            watched = row[config.early_stopping_monitor]
+            watched = watched if config.early_stopping_mode == "min" else -watched
+            if watched < loop.early_stopping_best - config.early_stopping_min_delta:
+                loop.early_stopping_best, loop.since_best = watched, 0
             else:
                 loop.since_best += 1
                 if loop.since_best >= config.early_stopping_patience:
                     loop.stopped_early = True
                     logger.info(
-                        "Early stopping after epoch %d: the validation ELBO did not improve for "
-                        "%d epochs.",
+                        "Early stopping after epoch %d: %s did not improve for %d epochs.",
                         epoch,
+                        config.early_stopping_monitor,
                         config.early_stopping_patience,
                     )
         improved = monitor < loop.best_monitor
         if improved:
             loop.best_monitor, loop.best_epoch = monitor, epoch
-        if checkpoint is not None and world.is_main:
-            final = loop.next_epoch >= config.max_epochs or loop.stopped_early
-            checkpoint.epoch_end(
-                module, optimizer, scheduler, generator, loop, improved=improved, final=final
-            )
+        if checkpoint is not None:
+            # every rank's own random state (a collective: all ranks take part); rank 0 writes
+            ranks = gather_rng_states(device, world) if world.distributed else None
+            if world.is_main:
+                final = loop.next_epoch >= config.max_epochs or loop.stopped_early
+                checkpoint.epoch_end(
+                    module,
+                    optimizer,
+                    scheduler,
+                    generator,
+                    loop,
+                    improved=improved,
+                    final=final,
+                    ranks=ranks,
+                )
     bar.close()
     module.eval()
     return loop.history()

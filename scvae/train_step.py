@@ -9,7 +9,8 @@ optionally through ``torch.compile``; if compiling fails (no C++ compiler, an un
 operation), it says so once and goes on eagerly with the same results. Compiled steps compute
 the same function as eager ones (tested step by step), but inductor draws its own random numbers
 for the reparameterisation and dropout, so a compiled run is a different random draw from an
-eager run with the same seed (reproducible between compiled runs on the same machine).
+eager run with the same seed (reproducible between compiled runs in fresh processes on the same
+machine; a second compiled run in the same process can differ in the last bits, by about 1e-7).
 """
 
 from __future__ import annotations

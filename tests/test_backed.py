@@ -208,3 +208,20 @@ def test_two_processes_each_get_cells_of_a_file_smaller_than_a_buffer(h5ad_path)
         assert batches  # each process trains
         cells.append(np.concatenate([b.idx.numpy() for b in batches]))
     assert not set(cells[0]) & set(cells[1])  # and on its own cells
+
+
+def test_how_counts_are_read_is_part_of_a_checkpointed_run(h5ad_path, tmp_path):
+    from scvae.checkpoint import CheckpointError
+
+    backed = ad.read_h5ad(h5ad_path, backed="r")
+    model = scvae.SCVAE(backed, n_hidden=16)
+    model.train(max_epochs=1, checkpoint_dir=tmp_path, backed_block_rows=64)
+    assert model.train_config["counts_on_disk"] is True
+    assert model.train_config["backed_block_rows"] == 64
+    # another block size, or the same cells in memory, read another minibatch stream
+    again = scvae.SCVAE(ad.read_h5ad(h5ad_path, backed="r"), n_hidden=16)
+    with pytest.raises(CheckpointError, match=r"backed_block_rows \(checkpoint 64, now 128\)"):
+        again.train(max_epochs=2, checkpoint_dir=tmp_path, backed_block_rows=128)
+    in_memory = scvae.SCVAE(ad.read_h5ad(h5ad_path), n_hidden=16)
+    with pytest.raises(CheckpointError, match=r"counts_on_disk \(checkpoint True, now False\)"):
+        in_memory.train(max_epochs=2, checkpoint_dir=tmp_path)

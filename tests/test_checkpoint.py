@@ -147,6 +147,21 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
         assert torch.equal(v, before[k])
 
 
+def test_training_on_from_the_model_a_run_ended_in_says_how(tmp_path):
+    with one_thread():
+        model = new_model()
+        model.train(max_epochs=2, checkpoint_dir=tmp_path, **TRAIN)
+        trained = {k: v.clone() for k, v in model.module.state_dict().items()}
+        with pytest.raises(CheckpointError, match=r"already holds the weights of the latest "):
+            model.train(max_epochs=4, checkpoint_dir=tmp_path, **TRAIN)
+        assert all(torch.equal(v, trained[k]) for k, v in model.module.state_dict().items())
+        model.train(max_epochs=2, **TRAIN)  # as the message says: on, without the checkpoint
+        assert len(model.history) == 4
+        extended = new_model()  # or the first run extended, from a model built as it was
+        extended.train(max_epochs=4, checkpoint_dir=tmp_path, **TRAIN)
+        assert len(extended.history) == 4
+
+
 def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
     with one_thread():
         new_model().train(max_epochs=2, checkpoint_dir=tmp_path, **TRAIN)

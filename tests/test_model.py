@@ -223,6 +223,35 @@ def test_early_stopping_stops(sim):
     assert len(model.history) < 200
 
 
+def test_early_stopping_options_as_scvi_tools(sim):
+    # a reconstruction loss that cannot improve by 1e9 nats: the first watched epoch (after
+    # the warm-up) sets the mark, and patience epochs later training stops
+    model = scvae.SCVAE(sim[:300].copy(), n_hidden=16)
+    model.train(
+        max_epochs=50,
+        early_stopping=True,
+        early_stopping_patience=3,
+        early_stopping_monitor="reconstruction_loss_validation",
+        early_stopping_min_delta=1e9,
+        early_stopping_warmup_epochs=5,
+    )
+    assert len(model.history) == 5 + 1 + 3
+    assert model.train_config["early_stopping_monitor"] == "reconstruction_loss_validation"
+    # mode "max" on a loss that falls: never better than its first value after the warm-up
+    falling = scvae.SCVAE(sim[:300].copy(), n_hidden=16)
+    falling.train(
+        max_epochs=50, early_stopping=True, early_stopping_patience=4, early_stopping_mode="max"
+    )
+    assert len(falling.history) < 50
+    for bad, match in (
+        ({"early_stopping_monitor": "elbo_train"}, "early_stopping_monitor must be one of"),
+        ({"early_stopping_mode": "lowest"}, "early_stopping_mode must be 'min' or 'max'"),
+        ({"early_stopping_warmup_epochs": -1}, "early_stopping_warmup_epochs must be a whole"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            falling.train(max_epochs=1, early_stopping=True, **bad)
+
+
 def test_failed_training_restores_weights(sim):
     model = scvae.SCVAE(sim[:200].copy())
     before = {k: v.clone() for k, v in model.module.state_dict().items()}

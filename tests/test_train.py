@@ -27,6 +27,24 @@ def test_split_sizes_and_disjoint():
         split_indices(10, 0.0, None, seed=0)
     with pytest.raises(ValueError, match="at most 1"):
         split_indices(10, 0.8, 0.5, seed=0)
+    with pytest.raises(ValueError, match=r"validation_size must be a number in \[0, 1\), got -0.1"):
+        split_indices(10, 0.8, -0.1, seed=0)
+    # every cell in one of the two sets, whatever the float type (scvi-tools: the rest)
+    for size in (np.float32(0.8), 0.7, 0.9, np.float64(0.85)):
+        for n in (10, 300, 2638):
+            tr, va = split_indices(n, size, None, seed=0)
+            assert len(tr) + len(va) == n and len(tr) == int(np.ceil(size * n))
+
+
+def test_training_leaves_the_callers_random_state_as_it_was():
+    import scvae
+
+    adata = scvae.data.simulate(100, 20, seed=0)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    scvae.SCVAE(adata, n_hidden=8).train(max_epochs=1, progress_bar=False, seed=5)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_divergence_is_caught_and_weights_restored():
