@@ -74,7 +74,12 @@ class LDVAE(SCVAE):
         )
 
     def _extra_module_options(self) -> dict[str, Any]:
-        return {"linear_decoder": True, "decoder_bias": self._decoder_bias}
+        # the linear decoder's rho is a softmax, with size factors too (as LinearSCVI's)
+        return {
+            "linear_decoder": True,
+            "decoder_bias": self._decoder_bias,
+            "scale_activation": "softmax",
+        }
 
     def get_loadings(self) -> pd.DataFrame:
         """Genes x latent loadings of the linear decoder, the batch norm folded in.
@@ -89,6 +94,6 @@ class LDVAE(SCVAE):
         >>> list(model.get_loadings().columns)
         ['Z_0', 'Z_1']
         """
-        weights = self.module.loadings().cpu().numpy()
+        weights = self.module.loadings().detach().cpu().numpy()
         columns = [f"Z_{i}" for i in range(weights.shape[1])]
         return pd.DataFrame(weights, index=self.var_names, columns=columns)

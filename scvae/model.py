@@ -263,7 +263,12 @@ class SCVAE:
             n_cats_per_cov=tuple(registry.n_cats_per_cov),
             n_continuous_cov=len(registry.continuous_covariate_keys),
             use_size_factor=size_factor_key is not None,
-            **self._extra_module_options(),
+            **{
+                # as scVI: with size factors rho is softplus, so mu = size factor x rho fits
+                # counts whatever the size factors' scale (mean 1, as usual, or per-cell totals)
+                "scale_activation": "softplus" if size_factor_key is not None else "softmax",
+                **self._extra_module_options(),
+            },
         )
         # Initial weights from scvae.settings.seed, so the same seeds give the same model
         # whatever else used torch's global generator before.

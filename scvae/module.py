@@ -53,6 +53,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "latent_distribution": ("normal", "ln"),
     "use_batch_norm": ("encoder", "decoder", "none", "both"),
     "use_layer_norm": ("encoder", "decoder", "none", "both"),
+    "scale_activation": ("softmax", "softplus"),
 }
 
 
@@ -87,6 +88,9 @@ class ModuleConfig:
     use_size_factor: bool = False
     linear_decoder: bool = False
     decoder_bias: bool = False
+    # rho of the (non-linear) decoder: softmax over genes, or softplus (unnormalised: scVI's
+    # choice with size factors, whose scale then need not be that of the counts)
+    scale_activation: str = "softmax"
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -255,6 +259,7 @@ class VAE(nn.Module):
                 use_batch_norm=norm_dec,
                 use_layer_norm=ln_dec,
                 cell_dispersion=c.dispersion == "gene-cell",
+                scale_activation=c.scale_activation,
                 **common,
             )
         if c.linear_decoder and c.dispersion == "gene-cell":

@@ -239,8 +239,9 @@ class LinearDecoderSCVI(nn.Module):
 class DecoderSCVI(nn.Module):
     """Decoder p(x | z, l, covariates): normalised expression rho, dispersion and dropout.
 
-    rho = softmax(Linear(h)) over genes, the count mean is ``exp(library) * rho``, the dropout
-    logits are ``Linear(h)`` and, for per-cell dispersion, ``log theta = Linear(h)``.
+    rho = softmax(Linear(h)) over genes (``scale_activation="softplus"``: softplus, not
+    normalised, as scVI with size factors), the count mean is ``exp(library) * rho``, the
+    dropout logits are ``Linear(h)`` and, for per-cell dispersion, ``log theta = Linear(h)``.
 
     Examples
     --------
@@ -262,8 +263,10 @@ class DecoderSCVI(nn.Module):
         use_batch_norm: bool = True,
         use_layer_norm: bool = False,
         cell_dispersion: bool = False,
+        scale_activation: str = "softmax",
     ) -> None:
         super().__init__()
+        self.softplus = scale_activation == "softplus"
         self.px_decoder = FCLayers(
             n_input,
             n_hidden,
@@ -289,7 +292,8 @@ class DecoderSCVI(nn.Module):
         """
         h = self.px_decoder(z, *cat_list)
         # float32 even under bf16 autocast: the likelihood is computed in full precision
-        rho = torch.softmax(self.px_scale_decoder(h).float(), dim=-1)
+        logits = self.px_scale_decoder(h).float()
+        rho = F.softplus(logits) if self.softplus else torch.softmax(logits, dim=-1)
         mu = torch.exp(library) * rho
         log_theta = self.px_r_decoder(h).float() if self.px_r_decoder is not None else None
         return rho, log_theta, mu, self.px_dropout_decoder(h).float()

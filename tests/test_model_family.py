@@ -223,6 +223,26 @@ def test_size_factors_are_the_library():
         model.get_elbo(bad)
 
 
+def test_size_factors_of_any_scale_fit_the_counts_as_in_scvi():
+    # scVI's decoder with size factors: rho = softplus (not a softmax), so mu = sf x rho can
+    # reach the counts with the usual mean-1 size factors (a softmax caps sum(mu) at sf ~ 1)
+    adata = scvae.data.simulate(300, 400, seed=1)
+    totals = np.asarray(adata.X.sum(1)).ravel()
+    adata.obs["sf"] = totals / totals.mean()
+    elbo, scale = {}, {}
+    for key in (None, "sf"):
+        model = scvae.SCVAE(adata, size_factor_key=key, n_hidden=32)
+        model.train(max_epochs=50, train_size=1.0, seed=0, batch_size=32)
+        elbo[key] = model.get_elbo()
+        scale[key] = np.median(model.get_likelihood_parameters()["mean"].sum(1) / totals)
+    assert model.module.config.scale_activation == "softplus"
+    assert scvae.SCVAE(adata).module.config.scale_activation == "softmax"
+    # softplus starts far from the counts' scale and learns it (as scvi-tools'); a softmax
+    # would stay at sum(mu) = sf, a median of 0.0007 of the totals here
+    assert scale[None] == pytest.approx(1.0) and scale["sf"] > 0.3
+    assert elbo["sf"] > 1.3 * elbo[None]  # within 30 % of the observed library's ELBO
+
+
 def test_normalized_expression_options(trained, sim):
     torch.manual_seed(1)
     rho = trained.get_normalized_expression()
