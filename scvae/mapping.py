@@ -10,6 +10,7 @@ import os
 from typing import TYPE_CHECKING
 
 import anndata as ad
+import numpy as np
 import torch
 
 from scvae import surgery
@@ -124,10 +125,14 @@ def load_query_data(
         )
     keep_labels = reference.module.config.dispersion == "gene-label"
     registry, new = query_registry(reference.registry, adata, keep_labels=keep_labels)
-    counts = registry.check(adata)
+    registry.check(adata[:1])  # genes, keys and categories, before reading any counts
+    # the counts checked and summed block by block: a backed query is never read whole
+    totals = np.concatenate(
+        [np.asarray(block.sum(axis=1)).ravel() for block in registry.check_blocks(adata)]
+    )
     n_ref = reference.registry.n_batch
     means, variances = library_prior(
-        counts, registry.batch_codes(adata), range(n_ref, registry.n_batch)
+        totals, registry.batch_codes(adata), range(n_ref, registry.n_batch)
     )
     module = surgery.add_batches(
         reference.module,

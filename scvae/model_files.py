@@ -192,7 +192,12 @@ def load(
     module.load_state_dict(weights, strict=True)
     cells = description.get("cells")
     if adata is not None:
-        registry.check(adata)
+        from scvae.model import _refuse_backed_view
+
+        _refuse_backed_view(adata)
+        registry.check(adata[:1])  # genes and keys first, then the counts block by block
+        for _ in registry.check_blocks(adata):  # never the whole matrix (a backed file)
+            pass
         attached = cells_fingerprint(adata)
         if (
             isinstance(cells, dict)

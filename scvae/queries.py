@@ -105,8 +105,13 @@ def _chunks(
     a backed AnnData on disk), so memory holds one chunk of counts, never all of them.
     """
     adata = model.registry_adata() if adata is None else adata
+    source, rows = adata, None  # where the counts are read: rows of source (None: the same)
     if adata.isbacked and adata.is_view:  # anndata cannot take a view of this view
-        adata = adata.to_memory()  # the view's cells only
+        found = _backed_parent(adata)
+        if found is None:  # genes subset too: the view's cells, in memory
+            adata = source = adata.to_memory()
+        else:  # its cells' rows of the file, read chunk by chunk
+            source, rows = found
     idx = cell_indices(indices, adata.n_obs)
     size = settings.inference_batch_size if batch_size is None else batch_size
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
@@ -117,12 +122,13 @@ def _chunks(
     covariates = model._covariates(adata)
 
     def read(part: np.ndarray) -> sp.csr_matrix:
+        part = part if rows is None else rows[part]
         lo, hi = int(part[0]), int(part[-1]) + 1
         if hi - lo == len(part) and np.array_equal(part, np.arange(lo, hi)):
-            return model.registry.check(adata[lo:hi])
+            return model.registry.check(source[lo:hi])
         # read each cell once, in file order, then put them in the asked order
         unique, inverse = np.unique(part, return_inverse=True)
-        return model.registry.check(adata[unique])[inverse]
+        return model.registry.check(source[unique])[inverse]
 
     first = read(idx[:size])
     dev = model.device
@@ -138,6 +144,19 @@ def _chunks(
             yield x, batch[part_t].to(dev), covariates.take(part_t).to(dev)
 
     return inference.Chunks(chunks(), len(idx))
+
+
+def _backed_parent(view: ad.AnnData) -> tuple[ad.AnnData, np.ndarray] | None:
+    """The backed AnnData a view of it selects cells of, and their rows (None when the view
+    also selects genes, or anndata's view internals are not there)."""
+    parent = getattr(view, "_adata_ref", None)
+    oidx, vidx = getattr(view, "_oidx", None), getattr(view, "_vidx", None)
+    if parent is None or oidx is None or vidx is None or not parent.isbacked:
+        return None
+    genes = np.arange(parent.n_vars)[vidx]
+    if genes.shape != (parent.n_vars,) or not np.array_equal(genes, np.arange(parent.n_vars)):
+        return None
+    return parent, np.arange(parent.n_obs)[oidx]
 
 
 def _count(name: str, value: object) -> int:
@@ -493,9 +512,10 @@ def get_feature_correlation_matrix(
     """Gene-gene correlation of denoised expression, genes x genes.
 
     Denoised values are Gamma draws with mean ``rna_size_factor * rho`` (and the model's
-    dispersion) for ``n_samples`` posterior samples per cell, pooled over the batches of
-    ``transform_batch`` (None: each cell's own); "spearman" or "pearson" correlation.
-    Memory grows with cells x samples x genes.
+    dispersion) for ``n_samples`` posterior samples per cell, decoded under each batch of
+    ``transform_batch`` (None: each cell's own); "spearman" or "pearson" correlation. With
+    several batches, one matrix per batch and their mean, as scvi-tools (batch differences do
+    not enter the correlation). Memory grows with cells x samples x genes.
 
     Examples
     --------
@@ -511,19 +531,16 @@ def get_feature_correlation_matrix(
     n_samples = _count("n_samples", n_samples)
     codes = model._batch_codes(transform_batch) or [None]
     size = model._sampling_batch_size(batch_size, n_samples)
-    data = np.concatenate(
-        [
-            inference.denoised_samples(
-                model.module,
-                model._chunks(adata, indices, size),
-                n_samples=n_samples,
-                rna_size_factor=rna_size_factor,
-                transform_batch=code,
-            )
-            for code in codes
-        ]
-    )
-    if correlation_type == "spearman":
-        data = np.apply_along_axis(lambda c: pd.Series(c).rank().to_numpy(), 0, data)
-    corr = np.corrcoef(data, rowvar=False)
+    corr = np.zeros((model.registry.n_vars, model.registry.n_vars))
+    for code in codes:
+        data = inference.denoised_samples(
+            model.module,
+            model._chunks(adata, indices, size),
+            n_samples=n_samples,
+            rna_size_factor=rna_size_factor,
+            transform_batch=code,
+        )
+        if correlation_type == "spearman":
+            data = np.apply_along_axis(lambda c: pd.Series(c).rank().to_numpy(), 0, data)
+        corr += np.corrcoef(data, rowvar=False) / len(codes)
     return pd.DataFrame(corr, index=model.var_names, columns=model.var_names)

@@ -129,6 +129,18 @@ def test_registration_and_queries_never_hold_the_whole_matrix(tmp_path):
         tracemalloc.reset_peak()
         latent = model.get_latent_representation(batch_size=1000)
         _, peak_query = tracemalloc.get_traced_memory()
+        model.save(tmp_path / "model")
+        scvae.SCVAE.load(tmp_path / "model")  # what a first load imports (the meta device's)
+        tracemalloc.reset_peak()
+        before, _ = tracemalloc.get_traced_memory()
+        loaded = scvae.SCVAE.load(tmp_path / "model", backed)
+        peak_load = tracemalloc.get_traced_memory()[1] - before
+        keep = np.ones(n, dtype=bool)
+        keep[::10] = False  # a view of the backed AnnData, as scanpy users subset
+        tracemalloc.reset_peak()
+        before, _ = tracemalloc.get_traced_memory()
+        part = loaded.get_latent_representation(backed[keep], batch_size=1000)
+        peak_view = tracemalloc.get_traced_memory()[1] - before
     finally:
         tracemalloc.stop()
     assert latent.shape == (n, 4)
@@ -136,6 +148,11 @@ def test_registration_and_queries_never_hold_the_whole_matrix(tmp_path):
     assert peak_register < matrix_bytes / 3, (peak_register, matrix_bytes)
     # a query holds its output, per-cell codes and one chunk: the whole matrix would be 1x
     assert peak_query - latent.nbytes < matrix_bytes / 2, (peak_query, matrix_bytes)
+    # loading with the backed AnnData checks it block by block, as registration does
+    assert peak_load < matrix_bytes / 3, (peak_load, matrix_bytes)
+    # a view of a backed AnnData is read chunk by chunk from its rows of the file
+    np.testing.assert_array_equal(part, latent[keep])
+    assert peak_view - part.nbytes < matrix_bytes / 2, (peak_view, matrix_bytes)
 
 
 def test_zarr_store_trains_from_disk(h5ad_path, tmp_path):

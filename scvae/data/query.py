@@ -142,10 +142,11 @@ def query_registry(
 
 
 def library_prior(
-    counts: sp.csr_matrix, codes: np.ndarray, batches: Sequence[int]
+    counts: sp.csr_matrix | np.ndarray, codes: np.ndarray, batches: Sequence[int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean and variance of the log library of the cells of each of ``batches`` (variance 1
-    for a batch of one cell), as float32 arrays.
+    for a batch of one cell), as float32 arrays. ``counts``: the cells' counts, or their
+    totals (one value per cell).
 
     Examples
     --------
@@ -154,7 +155,8 @@ def library_prior(
     >>> bool(np.isclose(m[0], (np.log(2) + np.log(7)) / 2))
     True
     """
-    log_totals = np.log(np.asarray(counts.sum(axis=1)).ravel())
+    totals = counts if isinstance(counts, np.ndarray) and counts.ndim == 1 else counts.sum(axis=1)
+    log_totals = np.log(np.asarray(totals, dtype=np.float64).ravel())
     means, variances = [], []
     for b in batches:
         sel = log_totals[codes == b]
