@@ -301,6 +301,17 @@ def test_feature_correlation_matrix(trained):
         indices=range(200), n_samples=3, correlation_type="pearson"
     )
     assert not np.allclose(pearson, corr)
+    # several batches: one matrix per batch, then their mean (scvi-tools), not pooled draws
+    torch.manual_seed(0)
+    both = trained.get_feature_correlation_matrix(
+        indices=range(100), n_samples=2, transform_batch=["batch0", "batch1"]
+    )
+    torch.manual_seed(0)  # the same draws, batch by batch
+    each = [
+        trained.get_feature_correlation_matrix(indices=range(100), n_samples=2, transform_batch=b)
+        for b in ("batch0", "batch1")
+    ]
+    np.testing.assert_allclose(both, (each[0] + each[1]) / 2, atol=1e-12)
 
 
 def test_ldvae_defaults_and_loadings_fold_in_batch_norm():
@@ -322,6 +333,9 @@ def test_ldvae_defaults_and_loadings_fold_in_batch_norm():
     )
     raw = dec.layers[0][0].weight[:, :3].detach().cpu().numpy()
     assert not np.allclose(raw, loadings.to_numpy())  # the batch norm was folded in
+    plain = scvae.LDVAE(adata, batch_key="batch", n_latent=3, use_batch_norm=False)
+    plain.train(max_epochs=1)
+    assert plain.get_loadings().shape == (25, 3)  # the raw weights, without batch norm
 
 
 def test_ldvae_save_load_and_class_check(tmp_path):
