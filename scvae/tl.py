@@ -259,6 +259,12 @@ def normalized_expression(
         raise ValueError(
             f"layer_added must be a non-empty string (a layers key), got {layer_added!r}."
         )
+    if layer_added == model.registry.layer:
+        raise ValueError(
+            f"layer_added={layer_added!r} is the layer the model reads its counts from: writing "
+            "denoised values there would replace the raw counts. Choose another name (default "
+            "'scvae_normalized')."
+        )
     values = model.get_normalized_expression(
         adata,
         transform_batch=transform_batch,
@@ -352,6 +358,8 @@ def differential_expression(
     >>> sc.get.rank_genes_groups_df(adata, "type0").columns.tolist()[:3]
     ['names', 'scores', 'logfoldchanges']
     """
+    if not isinstance(key_added, str) or not key_added:
+        raise ValueError(f"key_added must be a non-empty string (a uns key), got {key_added!r}.")
     if groupby not in adata.obs:
         raise ValueError(f"groupby {groupby!r} is not a column of adata.obs.")
     column = adata.obs[groupby]

@@ -283,3 +283,11 @@ def test_normalized_expression_copy_and_errors(adata_model):
     with pytest.raises(scvae.data.RegistryError):
         scvae.tl.normalized_expression(adata[:, :10].copy(), model)
     assert set(adata.layers) == before
+    on_layer = adata.copy()
+    on_layer.layers["counts"] = on_layer.X.copy()
+    counted = scvae.SCVAE(on_layer, layer="counts", batch_key="batch", n_hidden=8)
+    with pytest.raises(ValueError, match="the layer the model reads its counts from"):
+        scvae.tl.normalized_expression(on_layer, counted, layer_added="counts")
+    assert (on_layer.layers["counts"] != on_layer.X).nnz == 0  # the raw counts left alone
+    with pytest.raises(ValueError, match="key_added must be a non-empty string"):
+        scvae.tl.differential_expression(adata, model, groupby="cell_type", key_added="")
