@@ -50,8 +50,20 @@ N_NEIGHBORS_LISI = 90
 N_NEIGHBORS_GRAPH = 15
 
 
-def _codes(values: Sequence | np.ndarray) -> np.ndarray:
-    return np.asarray(pd.Categorical(np.asarray(values).astype(str)).codes, dtype=np.int64)
+def _groups(values: Sequence | np.ndarray, name: str = "labels") -> np.ndarray:
+    """Batches or labels as strings; a missing value (NaN, None) is refused, not made a
+    group of its own ("nan")."""
+    missing = int(pd.isna(pd.Series(np.asarray(values, dtype=object))).sum())
+    if missing:
+        raise ValueError(
+            f"{name} has {missing} missing values (NaN or None): drop those cells or give "
+            "them a group first."
+        )
+    return np.asarray(values).astype(str)
+
+
+def _codes(values: Sequence | np.ndarray, name: str = "labels") -> np.ndarray:
+    return np.asarray(pd.Categorical(_groups(values, name)).codes, dtype=np.int64)
 
 
 def _knn(latent: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +149,7 @@ def lisi(
     """
     dist, idx = _knn(latent, n_neighbors)
     perplexity = float(np.floor(idx.shape[1] / 3)) if perplexity is None else perplexity
-    return 1.0 / _simpson(dist, idx, _codes(groups), perplexity)
+    return 1.0 / _simpson(dist, idx, _codes(groups, "groups"), perplexity)
 
 
 def ilisi(latent: np.ndarray, batch: Sequence | np.ndarray, *, n_neighbors: int = 90) -> float:
@@ -151,7 +163,7 @@ def ilisi(latent: np.ndarray, batch: Sequence | np.ndarray, *, n_neighbors: int 
     >>> ilisi(z, np.tile(["a", "b"], 150)) > 0.8
     True
     """
-    n_batches = len(np.unique(np.asarray(batch).astype(str)))
+    n_batches = len(np.unique(_groups(batch, "batch")))
     if n_batches < 2:
         raise ValueError("iLISI needs at least two batches.")
     value = float(np.nanmedian(lisi(latent, batch, n_neighbors=n_neighbors)))
@@ -170,7 +182,7 @@ def clisi(latent: np.ndarray, labels: Sequence | np.ndarray, *, n_neighbors: int
     >>> clisi(z, ["a"] * 100 + ["b"] * 100) > 0.95
     True
     """
-    n_labels = len(np.unique(np.asarray(labels).astype(str)))
+    n_labels = len(np.unique(_groups(labels)))
     if n_labels < 2:
         raise ValueError("cLISI needs at least two labels.")
     value = float(np.nanmedian(lisi(latent, labels, n_neighbors=n_neighbors)))
@@ -187,7 +199,7 @@ def silhouette_label(latent: np.ndarray, labels: Sequence | np.ndarray) -> float
     >>> silhouette_label(z, ["a"] * 50 + ["b"] * 50) > 0.9
     True
     """
-    asw = silhouette_score(np.asarray(latent, dtype=np.float64), np.asarray(labels).astype(str))
+    asw = silhouette_score(np.asarray(latent, dtype=np.float64), _groups(labels))
     return float((asw + 1.0) / 2.0)
 
 
@@ -210,8 +222,8 @@ def silhouette_batch(
     True
     """
     x = np.asarray(latent, dtype=np.float64)
-    b = np.asarray(batch).astype(str)
-    y = np.zeros(len(b), dtype=str) if labels is None else np.asarray(labels).astype(str)
+    b = _groups(batch, "batch")
+    y = np.zeros(len(b), dtype=str) if labels is None else _groups(labels)
     means = []
     for group in np.unique(y):
         mask = y == group
@@ -241,7 +253,7 @@ def graph_connectivity(
     1.0
     """
     _, idx = _knn(latent, n_neighbors)
-    return _graph_connectivity(idx, np.asarray(labels).astype(str))
+    return _graph_connectivity(idx, _groups(labels))
 
 
 def _graph_connectivity(idx: np.ndarray, labels: np.ndarray) -> float:

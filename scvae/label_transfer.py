@@ -78,6 +78,12 @@ def transfer_labels(
             f"reference_adata.obs[{labels_key!r}] has {int(labels.isna().sum())} missing labels; "
             "drop those cells from the reference first."
         )
+    if uncertainty_threshold is not None and (labels.astype(str) == UNKNOWN).any():
+        raise ValueError(
+            f"reference_adata.obs[{labels_key!r}] has cells labelled {UNKNOWN!r}, the label "
+            "uncertainty_threshold gives uncertain cells: the two could not be told apart. "
+            "Rename that reference label first, or pass uncertainty_threshold=None."
+        )
     ref = np.asarray(reference_adata.obsm[use_rep], dtype=np.float64)
     query = np.asarray(query_adata.obsm[use_rep], dtype=np.float64)
     if ref.shape[1] != query.shape[1]:
@@ -99,7 +105,7 @@ def transfer_labels(
     names = list(categories)
     if uncertainty_threshold is not None:
         predicted[uncertainty > uncertainty_threshold] = UNKNOWN
-        names += [] if UNKNOWN in names else [UNKNOWN]
+        names.append(UNKNOWN)
     out = pd.DataFrame(
         {
             labels_key: pd.Categorical(predicted, categories=names),

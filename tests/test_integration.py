@@ -137,3 +137,14 @@ def test_missing_batch_values_are_an_error_not_a_batch():
     adata.obsm["X_scvae"] = rng.normal(size=(200, 5))
     with pytest.raises(ValueError, match=r"adata.obs\['batch'\] has 5 missing values"):
         integration.integration_scores(adata, batch_key="batch")
+    # the array-level measures refuse them too, rather than count "nan" as a batch
+    z, b = adata.obsm["X_scvae"], adata.obs["batch"].to_numpy()
+    for call in (
+        lambda: integration.ilisi(z, b),
+        lambda: integration.silhouette_batch(z, b),
+        lambda: integration.clisi(z, b),
+        lambda: integration.silhouette_label(z, b),
+        lambda: integration.graph_connectivity(z, b),
+    ):
+        with pytest.raises(ValueError, match="has 5 missing values"):
+            call()

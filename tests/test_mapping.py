@@ -297,6 +297,12 @@ def test_transfer_labels_errors():
     ref, query = _latent_pair()
     with pytest.raises(KeyError, match="labels"):
         transfer_labels(ref, query, "labels")
+    unknown = ref.copy()
+    unknown.obs["cell_type"] = unknown.obs["cell_type"].astype(str)
+    unknown.obs.iloc[0, unknown.obs.columns.get_loc("cell_type")] = "Unknown"
+    with pytest.raises(ValueError, match="labelled 'Unknown', the label uncertainty_threshold"):
+        transfer_labels(unknown, query, "cell_type", uncertainty_threshold=0.3)
+    transfer_labels(unknown, query, "cell_type")  # without a threshold, a label like any other
     del query.obsm["X_scvae"]
     with pytest.raises(KeyError, match="query_adata.obsm"):
         transfer_labels(ref, query, "cell_type")
