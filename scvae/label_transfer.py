@@ -50,8 +50,9 @@ def transfer_labels(
 
     Returns
     -------
-    DataFrame indexed by the query's cells with columns ``labels_key`` (categorical) and
-    ``uncertainty`` (float in [0, 1)).
+    DataFrame indexed by the query's cells with columns ``labels_key`` (categorical, of the
+    reference's label values: integer labels stay integers; plus "Unknown" with a threshold)
+    and ``uncertainty`` (float in [0, 1)).
 
     Examples
     --------
@@ -91,7 +92,10 @@ def transfer_labels(
             f"The latents differ in width (reference {ref.shape[1]}, query {query.shape[1]}); "
             "embed both with the same model."
         )
-    categories, codes = np.unique(labels.astype(str).to_numpy(), return_inverse=True)
+    # the reference's own label values (integers stay integers), the labels present only
+    present = pd.Categorical(labels.to_numpy()).remove_unused_categories()
+    categories = np.asarray(present.categories, dtype=object)
+    codes = np.asarray(present.codes, dtype=np.int64)
     k = min(n_neighbors, ref.shape[0])
     dist, idx = NearestNeighbors(n_neighbors=k).fit(ref).kneighbors(query)
     scale = dist.mean(axis=1, keepdims=True)

@@ -291,6 +291,9 @@ def test_transfer_labels_vote_by_hand():
     w = np.exp(-((d / d.mean()) ** 2))
     assert out["cell_type"].iloc[0] == "A"
     assert out["uncertainty"].iloc[0] == pytest.approx(w[2] / w.sum())
+    ref.obs["cell_type"] = [7, 7, 9]  # integer labels come back as the same integers
+    out = transfer_labels(ref, query, "cell_type", n_neighbors=3)
+    assert out["cell_type"].iloc[0] == 7 and out["cell_type"].cat.categories.tolist() == [7, 9]
 
 
 def test_transfer_labels_errors():
