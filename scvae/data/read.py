@@ -1,8 +1,9 @@
 """Reading count files into an AnnData, with one clear error for every file that cannot be read.
 
 ``read(path)`` takes the three formats single-cell counts usually come in: an ``.h5ad`` file
-(anndata), a 10x Genomics ``.h5`` file and a 10x matrix folder (``matrix.mtx(.gz)`` with
-``features.tsv(.gz)``/``genes.tsv`` and ``barcodes.tsv(.gz)``). A missing path, a file of
+(anndata), a 10x Genomics ``.h5`` file and a 10x matrix folder as scanpy reads them
+(CellRanger v3: ``matrix.mtx.gz``, ``features.tsv.gz``, ``barcodes.tsv.gz``; v2:
+``matrix.mtx``, ``genes.tsv``, ``barcodes.tsv``). A missing path, a file of
 another format, a truncated or corrupted file all raise :class:`DataFileError` naming the
 path, what was expected and what to do; no other exception escapes.
 """
@@ -59,6 +60,9 @@ def _probe_hdf5(path: Path, kind: str, timeout: float) -> None:
             text=True,
             timeout=timeout,
             check=False,
+            # the caller's import path (paths added at run time, as notebooks do), so the
+            # child finds the h5py this process uses
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         )
     except subprocess.TimeoutExpired:
         raise DataFileError(
@@ -78,6 +82,9 @@ def _probe_hdf5(path: Path, kind: str, timeout: float) -> None:
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         reason = lines[-1][:300] if lines else f"exit status {proc.returncode}"
+        if reason.startswith(("ModuleNotFoundError", "ImportError")):  # the check, not the file
+            logger.debug("HDF5 structure check of %s skipped (%s)", path, reason)
+            return
         raise DataFileError(
             f"Cannot read {path} as {kind}: {reason}. The file is truncated or corrupted; "
             "export or download it again."
@@ -171,12 +178,27 @@ def read(path: str | os.PathLike, *, timeout: float | None = 120.0) -> ad.AnnDat
         _probe_hdf5(p, kind, timeout)
     try:
         adata = reader(p)
-    except Exception as err:  # any failure inside h5py/anndata/scanpy means a bad file
+    except Exception as err:  # any failure inside h5py/anndata/scanpy
         reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        if p.is_dir() and isinstance(err, FileNotFoundError):
+            advice = (
+                "scanpy's 10x folder reader takes CellRanger v3's matrix.mtx.gz, "
+                "features.tsv.gz and barcodes.tsv.gz, or v2's uncompressed matrix.mtx, "
+                "genes.tsv and barcodes.tsv: gzip or gunzip the files to one of these layouts."
+            )
+        elif "genome" in reason.lower():
+            advice = (
+                "The file holds several genomes: read one with scanpy.read_10x_h5(path, "
+                "genome=...) and pass that AnnData."
+            )
+        else:
+            advice = (
+                "The file is truncated, corrupted or not what its name says; export or "
+                "download it again."
+            )
         raise DataFileError(
             f"Cannot read {p} as {kind}: {type(err).__name__}"
-            f"{': ' + reason if reason else ''}. The file is truncated, corrupted or not "
-            "what its name says; export or download it again."
+            f"{': ' + reason if reason else ''}. {advice}"
         ) from err
     if not isinstance(adata, ad.AnnData):
         raise DataFileError(f"Reading {p} as {kind} gave a {type(adata).__name__}, not AnnData.")

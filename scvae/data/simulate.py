@@ -54,7 +54,11 @@ def simulate(
     -------
     AnnData with raw counts in ``X`` (CSR float32), the truth in ``obs`` (``cell_type``,
     ``batch``, ``library_size``), ``var`` (``theta``, ``dropout``), ``varm["log_fold_change"]``
-    (genes x cell types, ln scale, against the baseline) and ``uns["simulation"]`` (parameters).
+    (genes x cell types, ln scale, of the logits against the baseline), ``varm["log_rho"]``
+    (each cell type's normalised expression, ln, without batch factors: the truth
+    of a comparison between types is the difference of two columns, which is not 0 for genes
+    without a logit shift, since rho is renormalised), ``varm["batch_log_factor"]`` (genes x
+    batches) and ``uns["simulation"]`` (every parameter).
     Cells that draw zero counts in total get one count in a random gene, so every cell is
     usable.
 
@@ -66,6 +70,21 @@ def simulate(
     """
     if n_cells < 1 or n_genes < 1 or n_cell_types < 1 or n_batches < 1:
         raise ValueError("n_cells, n_genes, n_cell_types and n_batches must all be at least 1.")
+    for name, value, ok, allowed in (
+        ("de_fraction", de_fraction, 0 <= de_fraction <= 1, "in [0, 1]"),
+        ("de_log_fold_change", de_log_fold_change, de_log_fold_change >= 0, ">= 0"),
+        ("batch_effect", batch_effect, batch_effect >= 0, ">= 0"),
+        ("mean_library_size", mean_library_size, mean_library_size > 0, "> 0"),
+        ("library_log_sd", library_log_sd, library_log_sd >= 0, ">= 0"),
+        ("zero_inflation", zero_inflation, 0 <= zero_inflation < 1, "in [0, 1)"),
+    ):
+        if not (np.isfinite(value) and ok):
+            raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}.")
+    low, high = theta_range
+    if not (np.isfinite(high) and 0 < low <= high):
+        raise ValueError(
+            f"theta_range must be (low, high) with 0 < low <= high, got {theta_range}."
+        )
     rng = np.random.default_rng(seed)
     base = rng.normal(0.0, 1.5, n_genes)
     lfc = np.zeros((n_genes, n_cell_types))
@@ -111,13 +130,21 @@ def simulate(
     )
     adata = ad.AnnData(sp.csr_matrix(counts), obs=obs, var=var)
     adata.varm["log_fold_change"] = lfc
+    type_logits = base[:, None] + lfc  # genes x types, no batch factor
+    adata.varm["log_rho"] = type_logits - np.logaddexp.reduce(type_logits, axis=0, keepdims=True)
+    adata.varm["batch_log_factor"] = batch_log.T
     adata.uns["simulation"] = {
+        "n_cells": n_cells,
+        "n_genes": n_genes,
         "n_cell_types": n_cell_types,
         "n_batches": n_batches,
         "de_fraction": de_fraction,
         "de_log_fold_change": de_log_fold_change,
         "batch_effect": batch_effect,
         "mean_library_size": mean_library_size,
+        "library_log_sd": library_log_sd,
+        "theta_range": list(theta_range),
+        "zero_inflation": zero_inflation,
         "seed": seed,
     }
     return adata

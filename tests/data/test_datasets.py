@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scanpy as sc
 
 import scvae
@@ -33,3 +34,23 @@ def test_simulate_is_reproducible_and_keeps_truth():
     # the simulated library sizes drive the observed totals
     totals = np.asarray(a.X.sum(1)).ravel()
     assert np.corrcoef(np.log(totals), np.log(a.obs["library_size"]))[0, 1] > 0.5
+
+
+def test_simulate_states_its_truth_and_refuses_bad_parameters():
+    adata = scvae.data.simulate(3000, 120, n_cell_types=2, seed=0)
+    x = adata.X.toarray() / np.asarray(adata.X.sum(1))
+    types = adata.obs["cell_type"].to_numpy()
+    observed = np.log(x[types == "type0"].mean(0)) - np.log(x[types == "type1"].mean(0))
+    truth = adata.varm["log_rho"][:, 0] - adata.varm["log_rho"][:, 1]
+    expressed = np.exp(adata.varm["log_rho"]).min(1) > 2e-3
+    assert np.corrcoef(observed[expressed], truth[expressed])[0, 1] > 0.99
+    assert np.exp(adata.varm["log_rho"]).sum(0) == pytest.approx(1.0)
+    assert adata.uns["simulation"]["n_genes"] == 120
+    for bad, match in (
+        ({"de_fraction": 1.5}, r"de_fraction must be a finite number in \[0, 1\]"),
+        ({"theta_range": (20, 2)}, r"theta_range must be \(low, high\)"),
+        ({"zero_inflation": 1.0}, r"zero_inflation must be a finite number in \[0, 1\)"),
+        ({"mean_library_size": 0}, r"mean_library_size must be a finite number > 0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            scvae.data.simulate(10, 5, **bad)

@@ -65,6 +65,26 @@ def test_reads_the_three_formats(small, tmp_path):
         scvae.SCVAE(adata)  # registers
 
 
+def test_valid_inputs_scanpy_cannot_read_are_not_called_corrupted(small, tmp_path):
+    folder = tmp_path / "plain_v3"
+    write_10x_mtx(folder, small.X, list(small.var_names))
+    for name in ("matrix.mtx", "features.tsv", "barcodes.tsv"):  # uncompressed v3 files
+        with gzip.open(folder / f"{name}.gz", "rb") as src:
+            (folder / name).write_bytes(src.read())
+        (folder / f"{name}.gz").unlink()
+    with pytest.raises(DataFileError, match="gzip or gunzip the files") as err:
+        scvae.data.read(folder)
+    assert "corrupted" not in str(err.value)
+
+
+def test_the_structure_check_runs_with_the_callers_import_path(small, tmp_path, monkeypatch):
+    # a child that cannot import h5py is the check's problem, not the file's
+    small.write_h5ad(tmp_path / "a.h5ad")
+    read_module = importlib.import_module("scvae.data.read")  # the module, not the function
+    monkeypatch.setattr(read_module, "_PROBE", "import not_a_module_here")
+    assert scvae.data.read(tmp_path / "a.h5ad").shape == small.shape
+
+
 @pytest.mark.parametrize(
     ("make", "match"),
     [
