@@ -184,6 +184,8 @@ def _fit(args: argparse.Namespace) -> None:
     _check_output_file(out, "-o", ".h5ad", args.overwrite)
     model_dir = None if args.model_dir is None else Path(args.model_dir)
     if model_dir is not None:
+        if model_dir.absolute() == out.absolute():
+            raise CLIError(f"--model-dir {model_dir} is the -o file; give the model its own folder")
         _check_model_dir(model_dir, args.overwrite)
     plot_dir = None if args.plots is None else Path(args.plots)
     if plot_dir is not None:
@@ -265,12 +267,22 @@ def _demo(args: argparse.Namespace) -> None:
 
     matplotlib.use("Agg")
     import scanpy as sc
+    import torch
 
     import scvae
     from scvae.metrics import knn_accuracy, leiden_nmi_ari
 
     out = Path(args.out)
-    _ensure_writable_dir(out, f"to --out {out}")
+    _check_writable_dir(out, f"to --out {out}")  # created once there is something to write
+    model_dir = out / "model"  # a previous demo's model is replaced, nothing else
+    if model_dir.exists():
+        from scvae.io import foreign_entries
+
+        if not model_dir.is_dir() or foreign_entries(model_dir):
+            raise CLIError(
+                f"{model_dir} is not a saved model (the demo writes its model there); give "
+                "another --out"
+            )
 
     scvae.settings.seed = args.seed
     adata = scvae.datasets.pbmc68k()
@@ -291,6 +303,7 @@ def _demo(args: argparse.Namespace) -> None:
     best = leiden_nmi_ari(adata.obsm[scvae.LATENT_KEY], labels, seed=args.seed)
     knn = knn_accuracy(adata.obsm[scvae.LATENT_KEY], labels)
     held_out = model.validation_indices
+    torch.manual_seed(args.seed)  # the ELBO's posterior sample: the same number every run
     elbo = model.get_elbo(indices=held_out)
     print(f"held-out ELBO per cell: {elbo:.1f} ({len(held_out)} cells)")
     print(
@@ -301,6 +314,7 @@ def _demo(args: argparse.Namespace) -> None:
     )
 
     colors = {"leiden": "Leiden clusters", "cell_type": "known cell types"}
+    _ensure_writable_dir(out, f"to --out {out}")
     written = _write_plots(adata, model, out, colors)
     h5ad = out / "pbmc68k_scvae.h5ad"
     _write_atomically(h5ad, adata.write_h5ad)
@@ -466,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "max_epochs", None) is not None and args.max_epochs < 1:
             raise CLIError(f"--max-epochs must be at least 1, got {args.max_epochs}")
+        if not 0 <= args.seed < 2**32:  # numpy's and scanpy's random states take no more
+            raise CLIError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
         args.func(args)
     except (CLIError, ValueError, OSError) as err:
         # scvae's own bad-input errors (unreadable data, unknown key or layer, not raw counts,

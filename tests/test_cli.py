@@ -47,6 +47,15 @@ def test_demo_unwritable_out_is_one_line_exit_2(tmp_path, capsys):
     assert main(["demo", "--out", str(blocker / "sub")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("scvae demo: error: cannot write to --out") and "\n" not in err
+    # a model folder holding other files is refused before training, and nothing is written
+    (tmp_path / "out" / "model").mkdir(parents=True)
+    (tmp_path / "out" / "model" / "notes.txt").write_text("mine")
+    assert main(["demo", "--out", str(tmp_path / "out")]) == 2
+    assert "is not a saved model" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"]
+    assert main(["demo", "--out", str(tmp_path / "new"), "--seed", str(2**32)]) == 2
+    assert "--seed must be between 0 and 2**32 - 1" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 # ------------------------------------------------------------------------ files
@@ -287,6 +296,14 @@ FIT_ERRORS = {
     "not counts, plots asked": (  # the plots folder is made only once there are plots
         ["fit", "{d}/lognorm.h5ad", "-o", "{t}/out.h5ad", "--plots", "{t}/plots"],
         r"It looks log-normalised",
+    ),
+    "model dir is the output": (
+        ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--model-dir", "{t}/out.h5ad"],
+        r"--model-dir .*out.h5ad is the -o file",
+    ),
+    "seed too large": (
+        ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--seed", "4294967296"],
+        r"--seed must be between 0 and 2\*\*32 - 1, got 4294967296",
     ),
     "unwritable plots dir": (
         ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--plots", "{d}/a_file/plots"],
