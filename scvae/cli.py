@@ -48,15 +48,20 @@ def _check_output_file(path: Path, flag: str, suffix: str | None, overwrite: boo
     _probe_folder(path.parent, flag, path)
 
 
-def _probe_folder(folder: Path, flag: str, target: Path) -> None:
-    if not folder.is_dir():
-        raise CLIError(f"cannot write {flag} {target}: the folder {folder} does not exist")
+def _probe_write(folder: Path, what: str) -> None:
+    """Write and delete a file in ``folder``, or refuse with "cannot write {what}"."""
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".scvae-write-test-")
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise CLIError(f"cannot write {flag} {target}: {err.strerror or err}") from None
+        raise CLIError(f"cannot write {what}: {err.strerror or err}") from None
+
+
+def _probe_folder(folder: Path, flag: str, target: Path) -> None:
+    if not folder.is_dir():
+        raise CLIError(f"cannot write {flag} {target}: the folder {folder} does not exist")
+    _probe_write(folder, f"{flag} {target}")
 
 
 def _check_model_dir(path: Path, overwrite: bool) -> None:
@@ -120,11 +125,9 @@ def _ensure_writable_dir(path: Path, what: str) -> None:
     """Create ``path`` if needed and check a file can be written there ("cannot write {what}")."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".scvae-write-test-")
-        os.close(fd)
-        os.unlink(probe)
     except OSError as err:
         raise CLIError(f"cannot write {what}: {err.strerror or err}") from None
+    _probe_write(path, what)
 
 
 def _check_writable_dir(path: Path, what: str) -> None:
@@ -137,12 +140,7 @@ def _check_writable_dir(path: Path, what: str) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise CLIError(f"cannot write {what}: {existing} is a file")
-    try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".scvae-write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise CLIError(f"cannot write {what}: {err.strerror or err}") from None
+    _probe_write(existing, what)
 
 
 def _write_plots(adata, model, out: Path, colors: dict[str, str]) -> dict[str, Path]:
