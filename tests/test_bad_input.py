@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
 import scanpy as sc
@@ -99,6 +100,12 @@ def test_malformed_sparse_matrix_is_refused_and_not_modified(adata):
     with pytest.raises(RegistryError, match=r"adata\.X is a malformed sparse matrix.*indices"):
         scvae.SCVAE(bad)
     assert bad.X.indices[5] == 10_000 and bad.X.indices.dtype == np.int64  # left as it was
+    # a decreasing indptr ending at 0 passes scipy's own full check (found by the h5ad fuzz)
+    falling = sp.csr_matrix(
+        (np.ones(3, np.float32), np.array([0, 1, 2]), np.array([0, 2, 3, 0])), shape=(3, 4)
+    )
+    with pytest.raises(RegistryError, match="malformed sparse matrix.*indptr does not rise"):
+        scvae.SCVAE(ad.AnnData(falling))
 
 
 def test_x_none_without_layer(adata):

@@ -452,6 +452,11 @@ def _check_compressed(matrix: Any) -> None:
     if matrix.format in ("csr", "csc"):
         parts = (matrix.data, matrix.indices, matrix.indptr)
         type(matrix)(parts, shape=matrix.shape, copy=False).check_format(full_check=True)
+        indptr = np.asarray(matrix.indptr)
+        # scipy's full check lets a decreasing indptr through when its last entry is 0, and
+        # its sums then fail with an IndexError
+        if indptr.size and (indptr[0] != 0 or np.any(np.diff(indptr) < 0)):
+            raise ValueError("indptr does not rise from 0")
 
 
 def _check_not_empty(adata: ad.AnnData) -> None:
