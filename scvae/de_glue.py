@@ -117,6 +117,12 @@ def differential_expression(
     ['type0 vs Rest', 'type1 vs Rest', 'type2 vs Rest']
     """
     adata = model.registry_adata() if adata is None else adata
+    if adata.isbacked and adata.is_view:  # its cells cannot be subset again (anndata)
+        raise ValueError(
+            "This AnnData is a view of a backed AnnData, whose cells anndata cannot subset "
+            "again. Pass the whole backed AnnData with the cells to compare as idx1= / idx2= "
+            "(boolean masks; read in blocks), or load the view with .to_memory()."
+        )
     model.registry.check(adata[:1])  # genes and obs keys; the counts are checked in blocks
     masks = [adata.obs.eval(i).to_numpy() if isinstance(i, str) else i for i in (idx1, idx2)]
     if groupby is not None and groupby not in adata.obs:

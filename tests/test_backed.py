@@ -242,3 +242,17 @@ def test_how_counts_are_read_is_part_of_a_checkpointed_run(h5ad_path, tmp_path):
     in_memory = scvae.SCVAE(ad.read_h5ad(h5ad_path), n_hidden=16)
     with pytest.raises(CheckpointError, match=r"counts_on_disk \(checkpoint True, now False\)"):
         in_memory.train(max_epochs=2, checkpoint_dir=tmp_path)
+
+
+def test_de_on_a_view_of_a_backed_anndata_names_the_way_that_works(h5ad_path):
+    backed = ad.read_h5ad(h5ad_path, backed="r")
+    model = scvae.SCVAE(backed, n_hidden=16)
+    keep = np.ones(backed.n_obs, dtype=bool)
+    keep[::3] = False
+    with pytest.raises(ValueError, match="view of a backed AnnData.*idx1= / idx2="):
+        model.differential_expression(backed[keep], groupby="cell_type", group1="type0")
+    first = (backed.obs["cell_type"] == "type0").to_numpy() & keep
+    table = model.differential_expression(
+        backed, idx1=first, idx2=~first & keep, n_samples_overall=50
+    )
+    assert len(table) == backed.n_vars
