@@ -465,13 +465,27 @@ def fdr_target_values(fdr_target: float | Sequence[float]) -> tuple[float, ...]:
     >>> fdr_target_values([np.float32(0.1), 0.05])
     (0.1, 0.05)
     """
-    if _is_real(fdr_target):
-        values = [fdr_target]
-    else:
-        values = (
-            list(fdr_target) if isinstance(fdr_target, list | tuple) else list(np.ravel(fdr_target))
-        )
+    values = _fdr_items(fdr_target)
     return tuple(float(str(x)) if isinstance(x, np.floating) else float(x) for x in values)
+
+
+def _fdr_items(fdr_target: object) -> list:
+    """The targets of ``fdr_target`` (one number, a list or any other collection, an array),
+    unconverted; a string, anything else, or no target is refused."""
+    if _is_real(fdr_target):
+        return [fdr_target]
+    if isinstance(fdr_target, np.ndarray):
+        items = list(np.ravel(fdr_target))
+    elif isinstance(fdr_target, Iterable) and not isinstance(fdr_target, str | bytes):
+        items = list(fdr_target)
+    else:
+        items = []
+    if not items:
+        raise ValueError(
+            f"fdr_target must be a number in (0, 1) or a non-empty list of them, got "
+            f"{fdr_target!r}."
+        )
+    return items
 
 
 def _is_real(x: object) -> bool:
@@ -505,18 +519,12 @@ class DEOptions:
                 f"delta must be a positive, finite number (log2) or None (estimated from the "
                 f"genes' LFCs, as scvi-tools), got {self.delta!r}."
             )
-        t = self.fdr_target
-        if _is_real(t):
-            targets: list = [t]
-        elif isinstance(t, str) or not isinstance(t, Iterable) or not list(t):
-            raise ValueError(
-                f"fdr_target must be a number in (0, 1) or a non-empty list of them, got {t!r}."
-            )
-        else:
-            targets = list(t)
+        targets = _fdr_items(self.fdr_target)
         for x in targets:
             if not _is_real(x) or not 0 < x < 1:
                 raise ValueError(f"fdr_target must lie in (0, 1), got {x!r}.")
+        if not _is_real(self.fdr_target):  # a list or an array, kept as a tuple
+            object.__setattr__(self, "fdr_target", tuple(targets))
         n = self.n_samples
         if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
             raise ValueError(f"n_samples_overall must be a positive integer, got {n!r}.")

@@ -136,19 +136,13 @@ def differential_expression(
         idx1=masks[0],
         idx2=masks[1],
     )
-    if isinstance(fdr_target, list | tuple):
-        targets = tuple(fdr_target)
-    elif isinstance(fdr_target, np.ndarray):
-        targets = tuple(np.ravel(fdr_target))
-    else:
-        targets = fdr_target  # one target (DEOptions checks what it is)
     if not isinstance(batch_correction, bool | np.bool_):
         raise ValueError(f"batch_correction must be True or False, got {batch_correction!r}.")
     if seed is not None and (
         isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0
     ):
         raise ValueError(f"seed must be None or a non-negative integer, got {seed!r}.")
-    options = de.DEOptions(mode, delta, targets, n_samples_overall, pseudocounts, test_mode)
+    options = de.DEOptions(mode, delta, fdr_target, n_samples_overall, pseudocounts, test_mode)
     batches = model.registry.batch_categories
     codes = list(range(len(batches))) if batch_correction else [None]
 
