@@ -125,8 +125,8 @@ def load_query_data(
         )
     keep_labels = reference.module.config.dispersion == "gene-label"
     registry, new = query_registry(reference.registry, adata, keep_labels=keep_labels)
-    registry.check(adata[:1])  # genes, keys and categories, before reading any counts
-    # the counts checked and summed block by block: a backed query is never read whole
+    # checked (genes and keys first) and summed block by block: a backed query is never
+    # read whole
     totals = np.concatenate(
         [np.asarray(block.sum(axis=1)).ravel() for block in registry.check_blocks(adata)]
     )

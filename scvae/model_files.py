@@ -195,8 +195,7 @@ def load(
         from scvae.model import _refuse_backed_view
 
         _refuse_backed_view(adata)
-        registry.check(adata[:1])  # genes and keys first, then the counts block by block
-        for _ in registry.check_blocks(adata):  # never the whole matrix (a backed file)
+        for _ in registry.check_blocks(adata):  # genes and keys, then the counts block by block
             pass
         attached = cells_fingerprint(adata)
         if (
