@@ -38,6 +38,7 @@ Examples
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -489,8 +490,8 @@ def _fdr_items(fdr_target: object) -> list:
 
 
 def _is_real(x: object) -> bool:
-    """A real number (Python or numpy), not a bool or a string."""
-    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
+    """A real number (Python or numpy), not a bool or a string (as the training options')."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
