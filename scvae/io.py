@@ -121,7 +121,11 @@ def _install(tmp: Path, target: Path) -> None:
         else:
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(target, old)
-            os.rename(tmp, target)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)  # the previous model back in its place
+                raise
             shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, target)
@@ -169,8 +173,13 @@ def foreign_entries(dir_path: str | os.PathLike) -> list[str]:
 
 
 def _prepare(dir_path: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
-    """Check ``dir_path`` can be (re)written and create the temporary sibling directory."""
+    """Check ``dir_path`` can be (re)written and create the temporary sibling directory.
+
+    A symbolic link is followed: the model is written where it points, and the link stays.
+    """
     target = Path(dir_path).absolute()
+    if target.is_symlink():
+        target = target.resolve()
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory; choose another path.")
     foreign = foreign_entries(target)

@@ -44,6 +44,30 @@ def cells_fingerprint(adata: ad.AnnData) -> dict[str, Any]:
     return {"n_obs": int(adata.n_obs), "obs_names_sha256": hashlib.sha256(names).hexdigest()}
 
 
+def _history(saved: Any) -> pd.DataFrame:
+    """The saved training history (columns of equal length; epochs as integers), indexed by
+    epoch; a ValueError names what is wrong."""
+    if not isinstance(saved, dict) or not all(isinstance(v, list) for v in saved.values()):
+        raise ValueError("history must map each column name to a list of values")
+    epochs = saved.get("epoch", [])
+    if not all(isinstance(e, int) and not isinstance(e, bool) for e in epochs):
+        raise ValueError("history's epochs must be integers")
+    history = pd.DataFrame(saved)
+    return history.set_index("epoch") if "epoch" in history else history
+
+
+def _positions(saved: Any, name: str, n_obs: Any) -> np.ndarray:
+    """Saved cell positions as int64, each an integer in ``[0, n_obs)``; a ValueError names
+    what is wrong."""
+    if not isinstance(saved, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in saved
+    ):
+        raise ValueError(f"{name} must be a list of non-negative integers")
+    if isinstance(n_obs, int) and saved and max(saved) >= n_obs:
+        raise ValueError(f"{name} holds a position at or past the {n_obs} cells it was saved with")
+    return np.asarray(saved, dtype=np.int64)
+
+
 def _description(
     model: SCVAE,
     history: pd.DataFrame,
@@ -141,10 +165,13 @@ def load(
     try:
         registry = Registry.from_dict(description["registry"])
         config = ModuleConfig(**description["module_config"])
-        history = pd.DataFrame(description.get("history", {}))
-        history = history.set_index("epoch") if "epoch" in history else history
-        train_indices = np.asarray(description.get("train_indices", []), dtype=np.int64)
-        val_indices = np.asarray(description.get("validation_indices", []), dtype=np.int64)
+        history = _history(description.get("history", {}))
+        cells = description.get("cells")
+        n_obs = cells.get("n_obs") if isinstance(cells, dict) else None
+        train_indices = _positions(description.get("train_indices", []), "train_indices", n_obs)
+        val_indices = _positions(
+            description.get("validation_indices", []), "validation_indices", n_obs
+        )
         train_config = dict(description.get("train_config", {}))
     except (KeyError, TypeError, ValueError, OverflowError) as err:
         raise ModelFileError(
@@ -190,7 +217,6 @@ def load(
         )
     module = VAE(config)
     module.load_state_dict(weights, strict=True)
-    cells = description.get("cells")
     if adata is not None:
         from scvae.model import _refuse_backed_view
 

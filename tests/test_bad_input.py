@@ -426,6 +426,34 @@ def test_load_missing_or_wrong_paths(tmp_path):
             lambda p: edit_json(p, lambda m: m["module_config"].update(log_variational="no")),
             r"model\.json is malformed: log_variational must be true or false",
         ),
+        (
+            lambda p: edit_json(p, lambda m: m["registry"].update(allow_non_integer="false")),
+            r"malformed.*allow_non_integer must be true or false",
+        ),
+        (
+            lambda p: edit_json(p, lambda m: m["registry"].update(batch_key=3)),
+            r"malformed.*batch_key must be a string or null",
+        ),
+        (
+            lambda p: edit_json(p, lambda m: m["registry"].update(batch_categories=["b0", "b0"])),
+            r"malformed.*batch_categories repeats an entry",
+        ),
+        (
+            lambda p: edit_json(p, lambda m: m.update(history=[1, 2])),
+            r"malformed.*history must map each column",
+        ),
+        (
+            lambda p: edit_json(p, lambda m: m.update(history={"epoch": ["0"], "elbo": [1.0]})),
+            r"malformed.*history's epochs must be integers",
+        ),
+        (
+            lambda p: edit_json(p, lambda m: m.update(train_indices=[1.5])),
+            r"malformed.*train_indices must be a list of non-negative integers",
+        ),
+        (
+            lambda p: edit_json(p, lambda m: m.update(validation_indices=[10**6])),
+            r"malformed.*validation_indices holds a position at or past the \d+ cells",
+        ),
     ],
     ids=[
         "truncated-json",
@@ -444,12 +472,24 @@ def test_load_missing_or_wrong_paths(tmp_path):
         "other-class",
         "is-trained-str",
         "flag-str",
+        "registry-flag-str",
+        "registry-key-int",
+        "registry-repeated-category",
+        "history-list",
+        "history-epoch-str",
+        "indices-float",
+        "indices-past-cells",
     ],
 )
 def test_damaged_model_directory(model_dir, adata, damage, match):
     damage(model_dir)
     with pytest.raises(ModelFileError, match=match):
         scvae.SCVAE.load(model_dir, adata)
+
+
+def test_load_with_no_cells_is_refused(model_dir, adata):
+    with pytest.raises(RegistryError, match=r"The AnnData is empty \(0 cells"):
+        scvae.SCVAE.load(model_dir, adata[:0])
 
 
 def test_weights_truncated_with_matching_checksum(model_dir):

@@ -182,6 +182,40 @@ def test_failed_save_leaves_previous_model_and_no_temporary(saved, tmp_path, mon
     scvae.SCVAE.load(path, adata)
 
 
+def test_overwrite_through_a_symlink_writes_where_it_points(saved, tmp_path):
+    model, adata, path = saved
+    link = tmp_path / "link"
+    link.symlink_to(path, target_is_directory=True)
+    model.module.z_encoder.mean_encoder.weight.data += 1.0
+    model.save(link, overwrite=True)
+    assert link.is_symlink() and link.resolve() == path.resolve()
+    loaded = scvae.SCVAE.load(path, adata)
+    assert torch.equal(
+        loaded.module.z_encoder.mean_encoder.weight, model.module.z_encoder.mean_encoder.weight
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "model"]
+
+
+def test_failed_swap_without_exchange_puts_the_previous_model_back(saved, tmp_path, monkeypatch):
+    """Where the system cannot swap two directories in one step, a failure between the two
+    renames restores the previous model."""
+    model, adata, path = saved
+    before = (path / "model.safetensors").read_bytes()
+    monkeypatch.setattr(scvae.io, "_exchange", lambda a, b: False)
+    real_rename = os.rename
+
+    def failing_rename(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(5, "Input/output error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(scvae.io.os, "rename", failing_rename)
+    with pytest.raises(OSError, match="Cannot write the model"):
+        model.save(path, overwrite=True)
+    assert (path / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_overwrite_never_deletes_files_a_model_does_not_own(tmp_path):
     model = scvae.SCVAE(scvae.data.simulate(60, 12, seed=0), n_hidden=16)
     project = tmp_path / "project"

@@ -91,11 +91,55 @@ class Registry:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Registry:
-        """Inverse of :meth:`to_dict`; refuses unknown or missing fields."""
+        """Inverse of :meth:`to_dict`; refuses unknown or missing fields and wrong types.
+
+        A hand-edited ``"false"`` would otherwise read as True, a number as a key, and a
+        repeated category would shift every later cell's code.
+        """
         try:
-            return cls(**d)
+            reg = cls(**d)
         except TypeError as err:
             raise RegistryError(f"The saved registry is malformed ({err}).") from None
+        problems = reg._type_problems()
+        if problems:
+            raise RegistryError(f"The saved registry is malformed: {'; '.join(problems)}.")
+        return reg
+
+    def _type_problems(self) -> list[str]:
+        """What in this record has the wrong type, or repeats a gene or category."""
+
+        def str_list(x: Any) -> bool:
+            return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+        problems = [
+            f"{name} must be a string or null"
+            for name in ("layer", "batch_key", "labels_key", "size_factor_key")
+            if not isinstance(getattr(self, name), str | None)
+        ]
+        if not isinstance(self.allow_non_integer, bool):
+            problems.append("allow_non_integer must be true or false")
+        for name in (
+            "batch_categories",
+            "label_categories",
+            "var_names",
+            "categorical_covariate_keys",
+            "continuous_covariate_keys",
+        ):
+            value = getattr(self, name)
+            if not str_list(value):
+                problems.append(f"{name} must be a list of strings")
+            elif len(set(value)) != len(value):
+                problems.append(f"{name} repeats an entry")
+        cats = self.categorical_covariate_categories
+        if not isinstance(cats, dict) or not str_list(self.categorical_covariate_keys):
+            problems.append("categorical_covariate_categories must map each key to its categories")
+        elif set(cats) != set(self.categorical_covariate_keys):
+            problems.append("categorical_covariate_categories must have one entry per key")
+        else:
+            for key, values in cats.items():
+                if not str_list(values) or len(set(values)) != len(values):
+                    problems.append(f"the categories of {key!r} must be distinct strings")
+        return problems
 
     # ------------------------------------------------------------------ checks
     def check(self, adata: ad.AnnData) -> sp.csr_matrix:
@@ -133,7 +177,9 @@ class Registry:
         """:meth:`check` ``block`` cells at a time, yielding each block's validated counts.
 
         Memory holds one block's counts at a time; a backed AnnData is read block by block.
+        An AnnData without cells is refused, as by :meth:`check`.
         """
+        _check_not_empty(adata)
         for start in range(0, adata.n_obs, block):
             yield self.check(adata[start : start + block])
 
