@@ -365,7 +365,8 @@ def get_normalized_expression(
         Posterior samples of z per cell (each gives one value, as in scvi-tools), averaged
         when ``return_mean``.
     return_numpy
-        Return an ndarray instead of a DataFrame (forced when samples are kept).
+        Return an ndarray instead of a DataFrame (forced, with a warning, when samples are
+        kept).
     batch_size
         Cells per chunk.
 
@@ -401,7 +402,18 @@ def get_normalized_expression(
         n_samples=n_samples,
         return_mean=return_mean,
     )
-    if return_numpy or values.ndim == 3:
+    if values.ndim == 3:
+        if not return_numpy:  # as scvi-tools: a DataFrame cannot hold the samples axis
+            warnings.warn(
+                "get_normalized_expression keeps n_samples posterior samples "
+                "(return_mean=False), which a DataFrame cannot hold: returning an ndarray "
+                "(samples, cells, genes). Pass return_numpy=True to silence this, or "
+                "return_mean=True for a DataFrame of the mean.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return values
+    if return_numpy:
         return values
     genes = model.var_names if gene_idx is None else model.var_names[gene_idx]
     return pd.DataFrame(values, index=model._obs_names(adata, indices), columns=genes)

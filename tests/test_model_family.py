@@ -3,6 +3,8 @@ option were silently ignored."""
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -258,8 +260,18 @@ def test_normalized_expression_options(trained, sim):
     latent = trained.get_normalized_expression(library_size="latent", return_numpy=True)
     totals = np.asarray(sim.X.sum(1))
     np.testing.assert_allclose(latent, rho.to_numpy() * totals, rtol=1e-4)
-    samples = trained.get_normalized_expression(n_samples=3, return_mean=False, indices=range(5))
+    with pytest.warns(UserWarning, match="returning an ndarray") as caught:
+        samples = trained.get_normalized_expression(
+            n_samples=3, return_mean=False, indices=range(5)
+        )
+    assert caught[0].filename == __file__  # the warning points at the caller
     assert samples.shape == (3, 5, sim.n_vars)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = trained.get_normalized_expression(
+            n_samples=3, return_mean=False, indices=range(5), return_numpy=True
+        )
+    assert kept.shape == (3, 5, sim.n_vars)
     assert not np.allclose(samples[0], samples[1])
 
 
