@@ -207,7 +207,7 @@ def load(
         with torch.device("meta"):
             shapes = {k: tuple(v.shape) for k, v in VAE(config).state_dict().items()}
     except (TypeError, ValueError, RuntimeError, OverflowError) as err:
-        raise ModelFileError(f"{malformed} ({err}).") from None
+        raise ModelFileError(f"{malformed} ({err}). Restore it from the original save.") from None
     saved = {k: tuple(v.shape) for k, v in weights.items()}
     if shapes != saved:
         wrong = sorted(set(shapes) ^ set(saved)) or [k for k in shapes if shapes[k] != saved[k]]
