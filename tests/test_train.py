@@ -147,3 +147,22 @@ def test_finite_check_finds_a_bad_gradient_and_leaves_the_gradients_alone(bad):
     assert not _all_finite(torch.tensor(bad), params)
     params[1].grad[2] = bad
     assert not _all_finite(torch.tensor(1.0), params)
+
+
+@pytest.mark.parametrize(("batch_size", "steps", "cells"), [(2, 5, 10), (3, 3, 9), (128, 1, 11)])
+def test_every_full_minibatch_is_trained_even_below_the_last_batch_minimum(
+    batch_size, steps, cells
+):
+    """batch_size 2 once trained a single step per epoch: a full minibatch of 2 cells is below
+    the minimum of a *last, partial* minibatch (3), and every one after the first was cut."""
+    import scvae
+
+    adata = scvae.data.simulate(11, 10, seed=0)
+    model = scvae.SCVAE(adata, n_hidden=8, n_latent=2)
+    seen: list[int] = []
+    model.module.register_forward_hook(
+        lambda mod, args, out: seen.append(len(args[0])) if mod.training else None
+    )
+    model.train(max_epochs=1, batch_size=batch_size, train_size=1.0, progress_bar=False)
+    # 11 cells: every full minibatch, and a partial last one only with 3 cells or more
+    assert (len(seen), sum(seen)) == (steps, cells)

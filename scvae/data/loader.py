@@ -354,20 +354,23 @@ def minibatches(
     shuffle
         Shuffle with ``generator`` (a CPU generator, for reproducibility) before splitting.
     drop_last_below
-        Drop a last minibatch with fewer cells than this (BatchNorm needs more than one cell).
+        Drop a last, partial minibatch with fewer cells than this (BatchNorm needs more than
+        one cell); full minibatches are always kept, even when ``batch_size`` is below it.
 
     Examples
     --------
     >>> [b.tolist() for b in minibatches(torch.arange(5), 2, shuffle=False)]
     [[0, 1], [2, 3], [4]]
+    >>> [b.tolist() for b in minibatches(torch.arange(5), 2, shuffle=False, drop_last_below=3)]
+    [[0, 1], [2, 3]]
     """
     if shuffle:
         order = torch.randperm(len(indices), generator=generator)
         indices = indices[order.to(indices.device)]
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
-        if len(chunk) < drop_last_below and start > 0:
-            return
+        if start > 0 and len(chunk) < min(drop_last_below, batch_size):
+            return  # only the last minibatch can be partial
         yield chunk
 
 
