@@ -177,6 +177,7 @@ def _fit(args: argparse.Namespace) -> None:
     import scanpy as sc
 
     import scvae
+    from scvae.distributed import current_world
 
     out = Path(args.output)
     _check_output_file(out, "-o", ".h5ad", args.overwrite)
@@ -201,7 +202,10 @@ def _fit(args: argparse.Namespace) -> None:
         seed=args.seed,
         device=args.device,
         progress_bar=False if args.no_progress else None,
+        n_processes=args.n_processes,
     )
+    if not current_world().is_main:
+        return  # under torchrun: rank 0 clusters and writes the outputs
     record = adata.uns["scvae"]
     validation = record.get("elbo_validation")
     print(
@@ -396,6 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--plots",
         metavar="DIR",
         help="also write PNGs here: UMAP by Leiden (and by --labels-key), training history",
+    )
+    fit.add_argument(
+        "--n-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train in N processes (DistributedDataParallel; default: 1). Under torchrun "
+        "leave it at 1: the command trains across torchrun's processes and rank 0 writes",
     )
     fit.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(fit)

@@ -22,6 +22,7 @@ each epoch, so all ranks end with identical weights and buffers.
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -204,8 +205,10 @@ def launch(
 
     The processes are spawned (a fresh interpreter each, so ``target`` and ``payload`` must
     pickle) and meet through a rendezvous file in a temporary directory (no network port).
-    Blocks until all finish; an error in any of them is raised here as a ``RuntimeError``
-    naming the rank and carrying its traceback.
+    Blocks until all finish. An exception in any of them is raised here again, of its own
+    type and with its attributes (so ``except TrainingDiverged`` works as in one process),
+    chained to a ``RuntimeError`` that names the rank and carries the worker's traceback;
+    an exception that cannot be pickled arrives as that ``RuntimeError``.
     """
     import torch.multiprocessing as mp
 
@@ -216,15 +219,17 @@ def launch(
         try:
             mp.start_processes(
                 _run,
-                args=(n_processes, init_method, target, payload),
+                args=(n_processes, init_method, target, payload, tmp),
                 nprocs=n_processes,
                 join=True,
                 start_method="spawn",
             )
         except mp.ProcessRaisedException as err:
-            raise RuntimeError(
-                f"A training process failed (rank {err.error_index}):\n{err}"
-            ) from None
+            failure = RuntimeError(f"A training process failed (rank {err.error_index}):\n{err}")
+            original = _load_error(Path(tmp, f"error-{err.error_index}.pickle"))
+            if original is None:
+                raise failure from None
+            raise original from failure
         except mp.ProcessExitedException as err:
             raise RuntimeError(
                 f"Training process {err.error_index} died (exit code {err.exit_code}), e.g. "
@@ -238,5 +243,26 @@ def _run(
     init_method: str,
     target: Callable[[int, int, str, Any], None],
     payload: Any,
+    error_dir: str,
 ) -> None:
-    target(rank, world_size, init_method, payload)
+    try:
+        target(rank, world_size, init_method, payload)
+    except BaseException as err:
+        # the exception itself, for launch to raise again with its type (written to a
+        # temporary file first, so launch never reads half of one)
+        path = Path(error_dir, f"error-{rank}.pickle")
+        try:
+            Path(f"{path}.part").write_bytes(pickle.dumps(err))
+            os.replace(f"{path}.part", path)
+        except Exception:  # an exception that does not pickle: only its traceback travels
+            pass
+        raise
+
+
+def _load_error(path: Path) -> BaseException | None:
+    """The exception a worker wrote (our own process's file), or None."""
+    try:
+        err = pickle.loads(path.read_bytes())
+    except Exception:
+        return None
+    return err if isinstance(err, BaseException) else None

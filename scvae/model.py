@@ -12,6 +12,7 @@ import hashlib
 import numbers
 import os
 import pickle
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,6 +75,30 @@ def _check_options(**options: Any) -> None:
             raise TypeError(f"{name} must be True or False, got {options[name]!r}.")
 
 
+def _check_processes(n_processes: Any) -> None:
+    if isinstance(n_processes, bool) or not isinstance(n_processes, numbers.Integral):
+        raise ValueError(f"n_processes must be a whole number >= 1, got {n_processes!r}.")
+    if n_processes < 1:
+        raise ValueError(f"n_processes must be a whole number >= 1, got {n_processes!r}.")
+
+
+def _check_cells_per_step(batch_size: int, n_train: int, n_processes: int) -> None:
+    """Every process needs at least 2 cells per step (BatchNorm normalises over them)."""
+    if batch_size // n_processes < 2:
+        raise ValueError(
+            f"batch_size={batch_size} over {n_processes} processes leaves under 2 cells per "
+            f"process and step (BatchNorm needs 2): use batch_size >= {2 * n_processes}."
+        )
+    if n_train < 2 * n_processes:
+        what = "" if n_processes == 1 else f" ({n_processes} processes x 2)"
+        raise ValueError(
+            f"Only {n_train} training cell(s): training needs at least {2 * n_processes}"
+            f"{what}, as BatchNorm normalises over the cells of a minibatch. Use more cells"
+            f"{'' if n_processes == 1 else ', fewer processes'} or a larger train_size; a "
+            "trained model can still be queried on a single cell."
+        )
+
+
 def _train_worker(rank: int, world_size: int, init_method: str, payload: bytes) -> None:
     """One process of ``SCVAE.train(n_processes=...)``: join the group, train, rank 0 saves."""
     import torch.distributed as dist
@@ -91,8 +116,21 @@ def _train_worker(rank: int, world_size: int, init_method: str, payload: bytes) 
         world_size=world_size,
     )
     try:
-        model.adata = ad.read_h5ad(data, backed="r") if isinstance(data, str) else data
-        model.train(**options)
+        if isinstance(data, tuple):  # a backed AnnData: its file, and obs as the caller has it
+            path, obs = data
+            data = ad.read_h5ad(path, backed="r")
+            data.obs = obs
+        model.adata = data
+        try:
+            model.train(**options)
+        except TrainingDiverged:
+            # every rank stops at the same step (the finiteness check is agreed by all);
+            # rank 0 keeps the last good step's weights, as in one process, and the others
+            # wait for that save before failing (a failure stops the remaining processes)
+            if rank == 0:
+                model.save(out)
+            dist.barrier()
+            raise
         if rank == 0:
             model.save(out)
     finally:
@@ -470,31 +508,41 @@ class SCVAE:
             if on
         ]
         if watched and not len(split_indices(n_cells, train_size, validation_size, seed)[1]):
+            given = f"train_size={train_size}" + (
+                "" if validation_size is None else f" with validation_size={validation_size}"
+            )
+            if n_cells < 2:
+                fix = "there is no cell to hold out"
+            elif validation_size is None:
+                fix = f"use train_size <= {(n_cells - 1) / n_cells:.4g}"
+            else:
+                fix = (
+                    f"use validation_size >= {1 / n_cells:.4g} with train_size <= "
+                    f"{(n_cells - 1) / n_cells:.4g}"
+                )
+            monitors = {"early_stopping": early_stopping_monitor}
+            needs = " and ".join(
+                f"{name} (watching {monitors.get(name, 'elbo_validation')!r})" for name in watched
+            )
             raise ValueError(
-                f"{' and '.join(watched)} {'watch' if len(watched) > 1 else 'watches'} the "
-                f"validation ELBO, but train_size="
-                f"{train_size} leaves no validation cells of {n_cells}: use a smaller train_size "
-                "(e.g. 0.9) or turn them off."
+                f"{needs} {'need' if len(watched) > 1 else 'needs'} validation cells, but "
+                f"{given} leaves none of {n_cells}: {fix}, or turn "
+                f"{' and '.join(watched)} off."
             )
         dev = resolve_device(device)
+        train_idx, val_idx = split_indices(n_cells, train_size, validation_size, config.seed)
         if n_processes != 1:
+            _check_processes(n_processes)
+            n_processes = int(n_processes)
+            _check_cells_per_step(batch_size, len(train_idx), n_processes)
+            # the workers are fresh interpreters with default settings: send what was resolved
+            options.update(seed=config.seed, progress_bar=config.progress_bar)
             self._train_in_processes(n_processes, options, dev)
             return
         distributed.init_from_env(dev)
         world = distributed.current_world()
         dev = distributed.rank_device(dev, world)
-        if batch_size // world.size < 2:
-            raise ValueError(
-                f"batch_size={batch_size} over {world.size} processes leaves under 2 cells per "
-                f"process and step (BatchNorm needs 2): use batch_size >= {2 * world.size}."
-            )
-        train_idx, val_idx = split_indices(n_cells, train_size, validation_size, config.seed)
-        if len(train_idx) < 2:
-            raise ValueError(
-                f"Only {len(train_idx)} training cell(s): training needs at least two (BatchNorm "
-                "normalises over the cells of a minibatch). Use more cells or a larger "
-                "train_size; a trained model can still be queried on a single cell."
-            )
+        _check_cells_per_step(batch_size, len(train_idx), world.size)
         adata = self.registry_adata()
         counts = self._training_counts(adata)
         batch = torch.as_tensor(self.registry.batch_codes(adata), device=dev)
@@ -543,8 +591,7 @@ class SCVAE:
             # a query model keeps the prior load_query_data gave it (the reference's for its
             # batches), as in scvi-tools
             if self.module.l_encoder is not None and getattr(self, "frozen", None) is None:
-                totals = row_totals(counts)[train_idx]
-                self._set_library_prior(totals, batch[train_idx].cpu().numpy())
+                self._set_library_prior(row_totals(counts), batch.cpu().numpy(), train_idx)
             if is_on_disk(counts):
                 source = BackedCSR(
                     counts,
@@ -640,12 +687,18 @@ class SCVAE:
 
         import torch.distributed as dist
 
-        if isinstance(n_processes, bool) or not isinstance(n_processes, int) or n_processes < 1:
-            raise ValueError(f"n_processes must be a whole number >= 1, got {n_processes!r}.")
-        if dist.is_available() and dist.is_initialized():
+        if (dist.is_available() and dist.is_initialized()) or int(
+            os.environ.get("WORLD_SIZE", "1")
+        ) > 1:
             raise ValueError(
                 "n_processes cannot start processes inside a process group (e.g. under "
                 "torchrun): call train without n_processes there, it trains across the group."
+            )
+        if getattr(self, "frozen", None) is not None:
+            raise ValueError(
+                "A query model from load_query_data trains in this process only (the hooks "
+                "that keep the reference's weights frozen do not travel to new processes): "
+                "call train without n_processes."
             )
         if device.type == "cuda" and n_processes > torch.cuda.device_count():
             raise ValueError(
@@ -659,7 +712,8 @@ class SCVAE:
                     "n_processes with a view of a backed AnnData: the workers reopen the file, "
                     "so write the subset to its own file first (adata.write_h5ad(path))."
                 )
-            data: ad.AnnData | str = str(adata.filename)
+            # the workers reopen the file; obs travels as it is here (edited columns too)
+            data: ad.AnnData | tuple[str, pd.DataFrame] = (str(adata.filename), adata.obs)
         else:
             data = adata
         worker = copy.copy(self)
@@ -667,8 +721,19 @@ class SCVAE:
         with tempfile.TemporaryDirectory(prefix="scvae-train-") as tmp:
             out = os.path.join(tmp, "model")
             payload = pickle.dumps((worker, data, options, out))
-            distributed.launch(n_processes, _train_worker, payload)
+            try:
+                distributed.launch(n_processes, _train_worker, payload)
+            except TrainingDiverged:
+                if os.path.isdir(out):  # rank 0 kept the last good step's weights
+                    self._take_result(type(self).load(out, device=str(self.device)))
+                raise
             result = type(self).load(out, device=str(self.device))
+        self._take_result(result)
+
+    def _take_result(self, result: SCVAE) -> None:
+        """Weights, history and split of a model trained in other processes."""
+        if not result.is_trained:  # nothing trained there: this model stays as it is
+            return
         self.module.load_state_dict(result.module.state_dict())
         self.module.eval()
         self.history, self.is_trained = result.history, True
@@ -676,13 +741,31 @@ class SCVAE:
         self.validation_indices = result.validation_indices
         self.train_config = result.train_config
 
-    def _set_library_prior(self, totals: np.ndarray, batch: np.ndarray) -> None:
+    def _set_library_prior(
+        self, totals: np.ndarray, batch: np.ndarray, train_idx: np.ndarray
+    ) -> None:
+        """Each batch's prior of the log library: mean and variance over its training cells.
+
+        A batch with no training cell (all its cells held out) takes them over all its
+        cells, as scvi-tools computes every batch's, with a warning; a batch without cells
+        keeps the prior it has.
+        """
         log_totals = np.log(np.asarray(totals, dtype=np.float64).ravel())
-        # a batch without training cells keeps the prior it has
+        train = np.zeros(log_totals.size, dtype=bool)
+        train[train_idx] = True
         means = self.module.library_log_means.detach().cpu().numpy().astype(np.float32)
         variances = self.module.library_log_vars.detach().cpu().numpy().astype(np.float32)
         for b in range(self.registry.n_batch):
-            sel = log_totals[batch == b]
+            sel = log_totals[(batch == b) & train]
+            if not len(sel) and (batch == b).any():
+                sel = log_totals[batch == b]
+                warnings.warn(
+                    f"Batch {self.registry.batch_categories[b]!r} has no training cells (its "
+                    f"{len(sel)} cell(s) are all held out for validation): its library prior "
+                    "is taken from all its cells. A larger train_size keeps some for training.",
+                    UserWarning,
+                    stacklevel=3,
+                )
             if len(sel):
                 means[b] = sel.mean()
                 variances[b] = sel.var() if len(sel) > 1 else 1.0

@@ -65,6 +65,7 @@ def fit(
     seed: int | None = None,
     device: str = "auto",
     progress_bar: bool | None = None,
+    n_processes: int = 1,
     copy: bool = False,
 ) -> SCVAE | tuple[ad.AnnData, SCVAE]:
     """Train scVI on ``adata`` and write the latent into ``adata.obsm[key_added]``.
@@ -109,6 +110,9 @@ def fit(
         CPU, bit for bit.
     progress_bar
         Show a progress bar while training (None: ``scvae.settings.progress_bar``).
+    n_processes
+        Train in this many new processes (DistributedDataParallel), as in
+        :meth:`scvae.SCVAE.train`; under ``torchrun`` leave it at 1.
     copy
         Work on a copy of ``adata`` and return it with the model (scanpy's ``copy``; the
         model is registered with the copy).
@@ -182,6 +186,7 @@ def fit(
         seed=seed,
         device=device,
         progress_bar=progress_bar,
+        n_processes=n_processes,
     )
     adata.obsm[key_added] = model.get_latent_representation(adata)
     last = model.history.iloc[-1]

@@ -10,6 +10,7 @@ import math
 import numbers
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -227,6 +228,17 @@ class TrainingDiverged(FloatingPointError):
         super().__init__(message)
         self.epoch, self.step, self.history = epoch, step, history
         self.steps_applied = steps_applied
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled with its attributes, so that a training process can hand it to its parent
+        return (_rebuild_diverged, (str(self.args[0]), dict(self.__dict__)))
+
+
+def _rebuild_diverged(message: str, attributes: dict[str, Any]) -> TrainingDiverged:
+    err = TrainingDiverged.__new__(TrainingDiverged)
+    FloatingPointError.__init__(err, message)
+    err.__dict__.update(attributes)
+    return err
 
 
 def _all_finite(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> bool:

@@ -137,7 +137,7 @@ def test_x_none_without_layer(adata):
         ({"train_size": 0.8, "validation_size": 0.5}, r"train_size \+ validation_size must be"),
         ({"device": "tpu"}, r"device='tpu' is not a torch device"),
         ({"device": "meta"}, r"device='meta': scvae runs on 'cpu', 'cuda'"),
-        ({"reduce_lr_on_plateau": True, "train_size": 1.0}, r"no validation cells"),
+        ({"reduce_lr_on_plateau": True, "train_size": 1.0}, r"needs validation cells"),
         ({"seed": -1}, r"seed must be a whole number >= 0"),
         ({"checkpoint_every": "2"}, r"checkpoint_every must be a whole number"),
     ],
@@ -168,7 +168,7 @@ def test_one_cell_cannot_train_but_can_be_queried(adata):
     one = adata[:1].copy()
     model = scvae.SCVAE(one, n_hidden=16)
     before = state(model)
-    with pytest.raises(ValueError, match=r"Only 1 training cell\(s\): training needs at least two"):
+    with pytest.raises(ValueError, match=r"Only 1 training cell\(s\): training needs at least 2,"):
         model.train(max_epochs=1, train_size=1.0)
     assert_unchanged(model, before)
     trained = scvae.SCVAE(adata, n_hidden=16, n_latent=3)

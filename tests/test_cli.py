@@ -360,6 +360,44 @@ def test_fit_into_an_empty_model_folder_writes_readable_files(files, tmp_path, c
     assert out.stat().st_mode & 0o777 == 0o644  # not the 0600 of a temporary file
 
 
+def test_fit_in_two_processes(files, tmp_path, capsys):
+    out = tmp_path / "out.h5ad"
+    argv = ["fit", files / "counts.h5ad", "-o", out, "--max-epochs", "1", "--no-progress"]
+    code, _, err = run([*argv, "--n-processes", "2"], capsys)
+    assert code == 0, err
+    assert ad.read_h5ad(out).uns["scvae"]["train"]["n_processes"] == 2
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_fit_under_torchrun_rank_0_writes(files, tmp_path):
+    out, model_dir = tmp_path / "out.h5ad", tmp_path / "model"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd += [
+        f"--master_port={free_port()}",
+        "-m",
+        "scvae.cli",
+        "fit",
+        str(files / "counts.h5ad"),
+        "-o",
+        str(out),
+    ]
+    cmd += ["--max-epochs", "1", "--no-progress", "--model-dir", str(model_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 2  # the model and the h5ad, once: rank 0 alone
+    assert ad.read_h5ad(out).uns["scvae"]["train"]["n_processes"] == 2
+    assert scvae.SCVAE.load(model_dir).is_trained
+
+
 def test_a_failed_run_keeps_the_previous_output(files, tmp_path, capsys):
     out = tmp_path / "out.h5ad"
     out.write_bytes(b"previous result")

@@ -157,3 +157,56 @@ def test_two_processes_resume_from_a_checkpoint_as_if_never_stopped(tmp_path):
         assert torch.equal(value, resumed.module.state_dict()[key]), key
     cols = ["elbo_train", "elbo_validation"]
     pd.testing.assert_frame_equal(whole.history[cols], resumed.history[cols])
+
+
+def test_workers_get_the_settings_and_the_edited_obs_of_a_backed_anndata(tmp_path):
+    path = tmp_path / "cells.h5ad"
+    scvae.data.simulate(301, 30, seed=0).write_h5ad(path)
+    adata = __import__("anndata").read_h5ad(path, backed="r")
+    adata.obs["donor"] = np.where(np.arange(adata.n_obs) % 2, "d1", "d2")  # not in the file
+    previous = (scvae.settings.seed, scvae.settings.progress_bar)
+    scvae.settings.seed, scvae.settings.progress_bar = 5, False
+    try:
+        model = scvae.SCVAE(adata, batch_key="donor", n_hidden=16)
+        model.train(max_epochs=1, batch_size=64, n_processes=2)
+    finally:
+        scvae.settings.seed, scvae.settings.progress_bar = previous
+    assert model.train_config["seed"] == 5
+    _, expected = scvae.train.split_indices(301, 0.9, None, 5)
+    np.testing.assert_array_equal(model.validation_indices, expected)
+    assert model.registry.batch_categories == ["d1", "d2"]
+
+
+def test_a_worker_error_arrives_with_its_type_and_the_last_good_weights(tmp_path):
+    adata = scvae.data.simulate(200, 30, seed=0)
+    model = scvae.SCVAE(adata, n_hidden=16)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    with pytest.raises(scvae.TrainingDiverged) as caught:
+        model.train(max_epochs=20, batch_size=64, lr=1e4, n_processes=2, progress_bar=False)
+    assert caught.value.epoch >= 0 and "rank" in str(caught.value.__cause__)
+    after = model.module.state_dict()
+    # as in one process: the last good step's weights, unless they are not finite in
+    # evaluation or no step was applied; then the weights from before the call
+    if caught.value.steps_applied and "were restored" not in str(caught.value):
+        assert model.is_trained
+        assert any(not torch.equal(v, before[k]) for k, v in after.items())
+    else:
+        assert not model.is_trained
+        assert all(torch.equal(v, before[k]) for k, v in after.items())
+
+
+def test_refused_before_any_process_starts(monkeypatch):
+    adata = scvae.data.simulate(60, 20, n_batches=2, seed=0)
+    with pytest.raises(ValueError, match=r"Only 3 training cell\(s\).*at least 4 \(2 processes"):
+        scvae.SCVAE(adata[:3].copy(), n_hidden=8).train(max_epochs=1, train_size=1.0, n_processes=2)
+    with pytest.raises(ValueError, match="n_processes must be a whole number"):
+        scvae.SCVAE(adata, n_hidden=8).train(max_epochs=1, n_processes=0)
+    reference = scvae.SCVAE(adata, batch_key="batch", n_hidden=8, encode_covariates=True)
+    query = adata.copy()
+    query.obs["batch"] = "new"
+    mapped = scvae.SCVAE.load_query_data(query, reference)
+    with pytest.raises(ValueError, match="query model from load_query_data trains in this"):
+        mapped.train(max_epochs=1, n_processes=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="inside a process group"):
+        scvae.SCVAE(adata, n_hidden=8).train(max_epochs=1, n_processes=2)

@@ -195,6 +195,20 @@ def test_latent_library_prior_from_training_cells(sim):
     assert model.get_marginal_ll(indices=range(20), n_mc_samples=20) < 0
 
 
+def test_latent_library_prior_of_a_batch_with_no_training_cells(sim):
+    adata = sim[:100].copy()
+    _, held_out = scvae.train.split_indices(100, 0.9, None, 0)
+    small = held_out[:2]  # a batch whose only cells are held out
+    adata.obs["batch"] = np.where(np.isin(np.arange(100), small), "small", "big")
+    model = scvae.SCVAE(adata, batch_key="batch", use_observed_lib_size=False, n_hidden=16)
+    with pytest.warns(UserWarning, match="Batch 'small' has no training cells"):
+        model.train(max_epochs=1, seed=0)
+    log_totals = np.log(np.asarray(adata.X[small].sum(1)).ravel())
+    code = model.registry.batch_categories.index("small")
+    # from its own cells, not the N(0, 1) of a module never fitted (a library of ~1 count)
+    assert model.module.library_log_means[code].item() == pytest.approx(log_totals.mean(), rel=1e-5)
+
+
 def test_train_size_one_has_no_validation(sim):
     model = scvae.SCVAE(sim[:300].copy())
     model.train(max_epochs=2, train_size=1.0)
@@ -298,8 +312,15 @@ def test_another_train_call_numbers_its_epochs_on(sim):
 
 def test_early_stopping_without_validation_cells_is_refused(sim):
     model = scvae.SCVAE(sim[:200].copy(), n_hidden=16)
-    with pytest.raises(ValueError, match="early_stopping watches .* no validation cells of 200"):
+    with pytest.raises(
+        ValueError,
+        match=r"early_stopping \(watching 'elbo_validation'\) needs validation cells, but "
+        r"train_size=1.0 leaves none of 200: use train_size <= 0.995",
+    ):
         model.train(max_epochs=2, early_stopping=True, train_size=1.0)
+    small = scvae.SCVAE(sim[:5].copy(), n_hidden=16)
+    with pytest.raises(ValueError, match=r"train_size=0.9 leaves none of 5: use train_size <= 0.8"):
+        small.train(max_epochs=2, early_stopping=True)  # the default train_size, not a fix
     assert not model.is_trained
 
 
