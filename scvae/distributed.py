@@ -99,7 +99,8 @@ def init_from_env(device: torch.device) -> bool:
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise RuntimeError(
-            f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {', '.join(missing)} is not: "
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not: "
             "launch the script with torchrun (torchrun --nproc_per_node=N script.py), or call "
             "torch.distributed.init_process_group yourself before model.train."
         )
