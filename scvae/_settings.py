@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass
 
 logger = logging.getLogger("scvae")
@@ -41,6 +42,23 @@ class Settings:
     seed: int = 0
     progress_bar: bool = True
     inference_batch_size: int = 1024
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # checked when set, so that a bad value names itself here, not deep inside a run
+        whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if name == "seed" and not (whole and value >= 0):
+            raise ValueError(
+                f"settings.seed must be a whole number >= 0, got {value!r}. scvae seeds every "
+                "run (the same seed gives the same model); pass seed= to a call, or set another "
+                "number here, for different draws."
+            )
+        if name == "progress_bar" and not isinstance(value, bool):
+            raise ValueError(f"settings.progress_bar must be True or False, got {value!r}.")
+        if name == "inference_batch_size" and not (whole and value >= 1):
+            raise ValueError(
+                f"settings.inference_batch_size must be a whole number >= 1, got {value!r}."
+            )
+        super().__setattr__(name, value)
 
     @property
     def verbosity(self) -> str:

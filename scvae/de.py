@@ -42,7 +42,7 @@ import numbers
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -84,6 +84,10 @@ class Comparison:
     name2: str
     cells1: np.ndarray
     cells2: np.ndarray
+    # the groups' labels as the groupby column holds them (e.g. integers), for the group1 and
+    # group2 columns; None: the names
+    value1: Any = None
+    value2: Any = None
 
     @property
     def label(self) -> str:
@@ -170,11 +174,12 @@ def define_comparisons(
                 f"categorical first: adata.obs[{groupby!r}] = adata.obs[{groupby!r}]"
                 ".astype('category')."
             )
-        if isinstance(series.dtype, pd.CategoricalDtype):
-            present = set(series.dropna().astype(str))
-            known = [str(c) for c in series.cat.categories if str(c) in present]
-        else:
-            known = sorted(set(series.dropna().astype(str)))
+        # groups in category order (numbers in numeric order), as scvi-tools; each group's
+        # label kept as the column holds it
+        categories = series.astype("category").cat.categories
+        present = set(series.dropna().astype(str))
+        label_of = {str(c): c for c in categories if str(c) in present}
+        known = list(label_of)
         values = series.astype(str).to_numpy()
         if group1 is None:
             if len(known) < 2:
@@ -186,7 +191,7 @@ def define_comparisons(
         elif isinstance(group1, str) or not isinstance(group1, Iterable):
             groups = [str(group1)]  # one group, by name or by an integer label
         else:
-            groups = [str(g) for g in group1]
+            groups = list(dict.fromkeys(str(g) for g in group1))  # each group once
             if not groups:
                 raise ValueError(
                     "group1 is an empty list: pass a group, a list of groups, or None for "
@@ -207,9 +212,9 @@ def define_comparisons(
                 cells2 = np.flatnonzero(values != str(g))
             else:
                 cells2 = np.flatnonzero(values == str(group2))
-            comps.append(
-                Comparison(str(g), "Rest" if group2 is None else str(group2), cells1, cells2)
-            )
+            name2 = "Rest" if group2 is None else str(group2)
+            value2 = "Rest" if group2 is None else label_of[str(group2)]
+            comps.append(Comparison(str(g), name2, cells1, cells2, label_of[str(g)], value2))
     for c in comps:
         for name, cells in ((c.name1, c.cells1), (c.name2, c.cells2)):
             if cells.size == 0:
@@ -628,6 +633,13 @@ def compare_groups(
     >>> compare_groups(comp, {}, fn, list("xyz"), DEOptions(mode="group"), rng).index[0]
     'x'
     """
+    for name, cells in ((comp.name1, comp.cells1), (comp.name2, comp.cells2)):
+        if np.unique(cells).size < 2:  # no spread over one cell: the test would be certain
+            raise ValueError(
+                f"Comparison {comp.label!r}: {name!r} has a single cell. mode='group' "
+                "estimates each group's mean expression and its spread over the group's cells, "
+                "so each group needs at least 2; compare single cells with mode='change'."
+            )
     fits = []
     for cells in (comp.cells1, comp.cells2):
         chosen = subsample(cells, options.n_samples, rng)
@@ -708,8 +720,8 @@ def run(
             s1, s2 = _paired_samples(comp, expression, batch_codes, len(gene_names), options, rng)
             table = compare(s1, s2, st, gene_names, options)
         table["comparison"] = comp.label
-        table["group1"] = comp.name1
-        table["group2"] = comp.name2
+        table["group1"] = comp.name1 if comp.value1 is None else comp.value1
+        table["group2"] = comp.name2 if comp.value2 is None else comp.value2
         tables.append(table)
     return pd.concat(tables, axis=0)
 

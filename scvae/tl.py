@@ -171,7 +171,10 @@ def fit(
     }
     seed = settings.seed if seed is None else seed
     default_seed = settings.seed
-    settings.seed = seed  # the initial weights are drawn with settings.seed
+    try:
+        settings.seed = seed  # the initial weights are drawn with settings.seed
+    except ValueError:
+        raise ValueError(f"seed must be a whole number >= 0, got {seed!r}.") from None
     try:
         model = SCVAE(adata, **model_options)
     finally:
@@ -384,7 +387,7 @@ def differential_expression(
         chosen = present
     else:
         one = isinstance(groups, str) or not isinstance(groups, Iterable)  # "B", or a label 1
-        chosen = [str(groups)] if one else [str(g) for g in groups]
+        chosen = [str(groups)] if one else list(dict.fromkeys(str(g) for g in groups))
     if reference != "rest":  # as scanpy: the reference is not tested (a group named "rest" is)
         chosen = [g for g in chosen if g != reference]
     if not chosen:
@@ -429,8 +432,9 @@ def _rank_genes_groups_uns(
     """scanpy's ``rank_genes_groups`` fields from the DE table, one column per group."""
     fields: dict[str, list[np.ndarray]] = {"names": [], "scores": [], "logfoldchanges": []}
     pts, pts_rest = {}, {}
+    group1 = table["group1"].astype(str)  # the column keeps the labels' own type
     for g in groups:
-        block = table[table["group1"] == g]
+        block = table[group1 == g]
         if mode == "vanilla":
             scores = block["bayes_factor"].to_numpy()
             lfc = np.log2(block["scale1"].to_numpy()) - np.log2(block["scale2"].to_numpy())

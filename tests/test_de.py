@@ -176,6 +176,23 @@ def test_comparisons_as_scvi_tools_names_them():
         de.define_comparisons(4, labels=pd.Series([0.1, 0.2, 0.1, 0.3]), groupby="library")
 
 
+def test_integer_groups_in_numeric_order_with_their_own_labels_each_once():
+    labels = pd.Series([10, 2, 0, 2, 10, 1])  # a plain integer column, as scvi-tools takes it
+    comps = de.define_comparisons(6, labels=labels)
+    assert [c.label for c in comps] == ["0 vs Rest", "1 vs Rest", "2 vs Rest", "10 vs Rest"]
+    assert [c.value1 for c in comps] == [0, 1, 2, 10]  # not '0', '1', ...: de[de.group1 == 1]
+    twice = de.define_comparisons(6, labels=labels, group1=[2, "2", 10], group2=0)
+    assert [c.label for c in twice] == ["2 vs 0", "10 vs 0"]
+    assert (twice[0].value1, twice[0].value2) == (2, 0)
+
+
+def test_settings_refuse_values_that_would_fail_later():
+    for name, value in (("seed", None), ("seed", -1), ("progress_bar", "no")):
+        with pytest.raises(ValueError, match=f"settings.{name} must be"):
+            setattr(scvae.settings, name, value)
+    assert scvae.settings.seed == 0 and scvae.settings.progress_bar in (True, False)
+
+
 def test_sorting_and_tie_breaks():
     names = ["a", "b", "c", "d"]
     # change: a and b both have proba_de 1; b has the larger |lfc| and comes first
@@ -508,6 +525,8 @@ def test_group_mode_columns_sorting_and_bounded_queries(sim, trained, monkeypatc
         groupby="cell_type", group1="type0", mode="group", batch_correction=True
     )
     assert max(rows) <= 1200  # without replacement: each side at most its own cells
+    with pytest.raises(ValueError, match="'group1' has a single cell.*mode='change'"):
+        trained.differential_expression(idx1=[0], mode="group")
 
 
 def test_group_mode_finds_a_shift_the_latent_space_does_not_hold(sim):
