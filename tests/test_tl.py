@@ -154,6 +154,9 @@ def test_groups_as_scanpy_takes_them(adata_model):
         adata, model, groupby="code", groups="all", n_samples_overall=30
     )
     assert list(adata.uns["rank_genes_groups"]["names"].dtype.names) == ["0", "1", "2"]
+    assert table["group1"].dtype.kind == "i"  # the labels' own type, as scvi-tools
+    ranked = sc.get.rank_genes_groups_df(adata, "1")
+    assert len(ranked) == adata.n_vars and ranked["names"].notna().all()
     # a group named "rest" is a group; reference="rest" still means all other cells
     named = adata.obs["cell_type"].astype(str).replace({"type0": "rest"})
     adata.obs["named"] = named.astype("category")
