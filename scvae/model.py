@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from scvae import de_glue, distributed, mapping, model_files, queries
-from scvae._settings import settings
+from scvae._settings import logger, settings
 from scvae.data.backed import BLOCK_ROWS, BUFFER_BLOCKS, BackedCSR, is_on_disk, row_totals
 from scvae.data.loader import count_source
 from scvae.data.registry import Registry, register
@@ -499,6 +499,12 @@ class SCVAE:
         )
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
             raise ValueError(f"checkpoint_every must be a whole number, got {checkpoint_every!r}.")
+        for name, value in (
+            ("backed_block_rows", backed_block_rows),
+            ("backed_buffer_blocks", backed_buffer_blocks),
+        ):  # checked whether or not the counts are on disk, as every option is
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
         watched = [
             n
             for n, on in (
@@ -672,10 +678,18 @@ class SCVAE:
 
     def _training_counts(self, adata: ad.AnnData) -> Any:
         """The registered counts, checked block by block: the AnnData's own matrix (no copy of
-        a CSR float32 matrix) or, for a backed AnnData, its on-disk dataset."""
+        a CSR float32 matrix) or, for a backed AnnData, its on-disk dataset (X only: anndata
+        holds the layers of a backed AnnData in memory)."""
         for block in self.registry.check_blocks(adata):
             del block  # not held while the next block is checked
         layer = self.registry.layer
+        if adata.isbacked and layer is not None:
+            logger.info(
+                "The counts are in layer %r, which anndata holds in memory for a backed "
+                "AnnData: training reads them from memory. Only X is read from disk; to train "
+                "out of core, write the counts as X of an h5ad and open that backed.",
+                layer,
+            )
         return adata.X if layer is None else adata.layers[layer]
 
     def _train_in_processes(

@@ -148,6 +148,11 @@ def fit(
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"key_added must be a non-empty string (an obsm key), got {key_added!r}.")
     if copy:
+        if adata.isbacked:  # anndata can copy a backed AnnData only to a new file
+            raise ValueError(
+                "copy=True cannot copy an AnnData opened in backed mode. Pass copy=False (the "
+                "latent goes into adata.obsm, in memory), or load it first: adata.to_memory()."
+            )
         adata = adata.copy()
     model_options: dict[str, Any] = {
         "layer": layer,

@@ -256,3 +256,23 @@ def test_de_on_a_view_of_a_backed_anndata_names_the_way_that_works(h5ad_path):
         backed, idx1=first, idx2=~first & keep, n_samples_overall=50
     )
     assert len(table) == backed.n_vars
+
+
+def test_a_file_rewritten_under_the_model_is_named(tmp_path):
+    path = tmp_path / "cells.h5ad"
+    scvae.data.simulate(200, 30, seed=0).write_h5ad(path)
+    adata = ad.read_h5ad(path, backed="r")
+    model = scvae.SCVAE(adata, n_hidden=8, n_latent=2)
+    adata.file.close()
+    scvae.data.simulate(200, 20, seed=1).write_h5ad(path)  # the same path, fewer genes
+    for call in (model.get_latent_representation, lambda: model.train(max_epochs=1)):
+        with pytest.raises(scvae.data.RegistryError, match="20 genes but .* list 30.*rewritten"):
+            call()
+
+
+def test_backed_options_and_copy_are_checked_up_front(h5ad_path):
+    in_memory = scvae.SCVAE(ad.read_h5ad(h5ad_path), n_hidden=8)
+    with pytest.raises(ValueError, match="backed_block_rows must be a whole number >= 1"):
+        in_memory.train(max_epochs=1, backed_block_rows=0)  # checked in memory too
+    with pytest.raises(ValueError, match="copy=True cannot copy an AnnData opened in backed"):
+        scvae.tl.fit(ad.read_h5ad(h5ad_path, backed="r"), max_epochs=1, copy=True)

@@ -235,8 +235,7 @@ class BackedCSR:
             for r in range(world_size)
         ]
         steps = min(self._n_steps(n, per_rank_batch, drop_last_below) for n in per_rank)
-        if shuffle:
-            self.reads = []
+        self.reads = []  # this pass's reads only
         carry_rows = np.zeros(0, dtype=np.int64)
         carry = sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
         done = 0

@@ -169,9 +169,17 @@ class Registry:
         self.categorical_codes(adata)
         self.continuous_values(adata)
         self.size_factors(adata)
-        return get_counts(
+        counts = get_counts(
             adata, self.layer, allow_non_integer=self.allow_non_integer, registered=True
         )
+        if counts.shape[1] != self.n_vars:  # e.g. a backed file rewritten since it was opened
+            where = f" (file {adata.filename})" if adata.isbacked else ""
+            raise RegistryError(
+                f"The counts have {counts.shape[1]} genes but the AnnData's var_names list "
+                f"{self.n_vars}{where}: its matrix no longer matches its annotations, e.g. the "
+                "file was rewritten after it was opened. Open the file again."
+            )
+        return counts
 
     def check_blocks(self, adata: ad.AnnData, block: int = CHECK_BLOCK) -> Iterator[sp.csr_matrix]:
         """:meth:`check` ``block`` cells at a time, yielding each block's validated counts.
