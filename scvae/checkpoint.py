@@ -127,13 +127,26 @@ def _rng_tensors(
     return out
 
 
+# What an identity entry that is left out means (one process records no n_processes)
+_ABSENT_MEANS = {"train_config.n_processes": 1}
+
+
 def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    """Leaf paths where two JSON-ready values differ, with both values (shortened)."""
+    """Leaf paths where two JSON-ready values differ, with both values (shortened).
+
+    Examples
+    --------
+    >>> _differences({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}})
+    ['b.c (checkpoint 2, now 3)']
+    >>> _differences({"train_config": {}}, {"train_config": {"n_processes": 2}})
+    ['train_config.n_processes (checkpoint 1, now 2)']
+    """
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for key in sorted(set(saved) | set(current), key=str):
             name = f"{prefix}.{key}" if prefix else str(key)
-            out += _differences(saved.get(key), current.get(key), name)
+            absent = _ABSENT_MEANS.get(name)
+            out += _differences(saved.get(key, absent), current.get(key, absent), name)
         return out
     if saved == current:
         return []
