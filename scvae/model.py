@@ -356,7 +356,7 @@ class SCVAE:
         max_epochs: int | None = None,
         *,
         batch_size: int = 128,
-        train_size: float = 0.9,
+        train_size: float | None = 0.9,
         validation_size: float | None = None,
         early_stopping: bool = False,
         early_stopping_patience: int = 45,
@@ -392,7 +392,11 @@ class SCVAE:
             larger than the training set gives one minibatch of all training cells per epoch.
         train_size, validation_size
             Fractions of cells for training and validation (the rest of the cells are held
-            out; ``train_size=1.0`` trains on every cell with no validation pass).
+            out; ``train_size=1.0`` trains on every cell with no validation pass). A
+            validation pass runs after every epoch when there are validation cells (the
+            history's ``*_validation`` columns; scvi-tools validates only with early
+            stopping). ``train_size=None`` is scvi-tools' default: 0.9, with the cells of a
+            last training minibatch of 1-2 cells moved to validation.
         early_stopping, early_stopping_patience, early_stopping_monitor
             Stop when ``early_stopping_monitor`` (a validation column of the history:
             "elbo_validation", "reconstruction_loss_validation" or "kl_local_validation") has
@@ -476,7 +480,7 @@ class SCVAE:
         options = {k: v for k, v in locals().items() if k not in ("self", "n_processes")}
         n_cells = self.registry_adata().n_obs
         if max_epochs is None:
-            max_epochs = min(round(20000 / n_cells * 400), 400)
+            max_epochs = max(min(round(20000 / n_cells * 400), 400), 1)
         seed = settings.seed if seed is None else seed
         config = TrainConfig(
             max_epochs=max_epochs,
@@ -513,7 +517,9 @@ class SCVAE:
             )
             if on
         ]
-        if watched and not len(split_indices(n_cells, train_size, validation_size, seed)[1]):
+        if watched and not len(
+            split_indices(n_cells, train_size, validation_size, seed, batch_size)[1]
+        ):
             given = f"train_size={train_size}" + (
                 "" if validation_size is None else f" with validation_size={validation_size}"
             )
@@ -536,7 +542,9 @@ class SCVAE:
                 f"{' and '.join(watched)} off."
             )
         dev = resolve_device(device)
-        train_idx, val_idx = split_indices(n_cells, train_size, validation_size, config.seed)
+        train_idx, val_idx = split_indices(
+            n_cells, train_size, validation_size, config.seed, batch_size
+        )
         if n_processes != 1:
             _check_processes(n_processes)
             n_processes = int(n_processes)
@@ -620,6 +628,7 @@ class SCVAE:
                     config,
                     checkpoint,
                     world,
+                    epochs_before=len(self.history) if self.is_trained else 0,
                 )
         except TrainingDiverged as err:
             # Keep the last good step's weights when any training happened in this call (or

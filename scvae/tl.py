@@ -58,7 +58,7 @@ def fit(
     use_layer_norm: Literal["encoder", "decoder", "both", "none"] = "none",
     max_epochs: int | None = None,
     batch_size: int = 128,
-    train_size: float = 0.9,
+    train_size: float | None = 0.9,
     early_stopping: bool = False,
     lr: float = 1e-3,
     n_epochs_kl_warmup: int | None = KL_WARMUP_EPOCHS,

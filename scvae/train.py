@@ -148,22 +148,33 @@ def kl_weight(epoch: int, n_epochs_kl_warmup: int | None) -> float:
 
 
 def split_indices(
-    n_cells: int, train_size: float, validation_size: float | None, seed: int
+    n_cells: int,
+    train_size: float | None,
+    validation_size: float | None,
+    seed: int,
+    batch_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random train / validation split as in scvi-tools' DataSplitter.
 
     ``n_train = ceil(train_size * n)``; ``n_val = floor(validation_size * n)``, or without
-    ``validation_size`` all the other cells.
+    ``validation_size`` all the other cells. ``train_size=None`` is scvi-tools' default:
+    0.9, and when the training cells would end in a minibatch of 1 or 2 cells (with
+    ``batch_size``), those cells go to validation instead (or, without validation cells,
+    are left out).
 
     Examples
     --------
     >>> tr, va = split_indices(10, 0.9, None, seed=0)
     >>> len(tr), len(va)
     (9, 1)
+    >>> [len(s) for s in split_indices(143, None, None, seed=0, batch_size=128)]
+    [128, 15]
     """
     for name, value in (("train_size", train_size), ("validation_size", validation_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
             raise ValueError(f"{name} must be a number, got {value!r}.")
+    default = train_size is None
+    train_size = 0.9 if default else train_size
     if not 0.0 < train_size <= 1.0:
         raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
     n_train = math.ceil(train_size * n_cells)
@@ -178,6 +189,10 @@ def split_indices(
                 f"{train_size} + {validation_size}."
             )
         n_val = min(math.floor(validation_size * n_cells + 1e-9), n_cells - n_train)
+    small = n_train % batch_size if default and batch_size else 0
+    if 0 < small < _MIN_LAST_BATCH and n_train > small:  # scvi-tools moves them
+        n_train -= small
+        n_val += small if n_val > 0 else 0
     order = np.random.default_rng(seed).permutation(n_cells)
     return np.sort(order[:n_train]), np.sort(order[n_train : n_train + n_val])
 
@@ -299,8 +314,14 @@ def fit(
     config: TrainConfig,
     checkpoint: Checkpointer | None = None,
     world: World | None = None,
+    epochs_before: int = 0,
 ) -> pd.DataFrame:
     """Train ``module`` in place and return the history (one row per epoch).
+
+    ``epochs_before``: epochs the module was trained for by earlier calls. The minibatch
+    order and the sampling noise start from ``config.seed`` for a first call and from
+    ``(config.seed, epochs_before)`` for a later one, so training in several calls draws
+    new randomness in each, as one long call would (and as scvi-tools does).
 
     Columns follow scvi-tools' ``history``: ``elbo_train`` is the negative ELBO per cell with
     KL weight 1 (positive, lower is better), plus ``reconstruction_loss_train``,
@@ -337,8 +358,11 @@ def fit(
     """
     device = counts.device
     world = world or World()
-    generator = torch.Generator().manual_seed(config.seed)  # the same on every rank
-    torch.manual_seed(config.seed + world.rank)  # sampling noise: its own on each rank
+    stream = config.seed
+    if epochs_before:  # a later call: new randomness, still determined by the seed
+        stream = int(np.random.SeedSequence([config.seed, epochs_before]).generate_state(1)[0])
+    generator = torch.Generator().manual_seed(stream)  # the same on every rank
+    torch.manual_seed(stream + world.rank)  # sampling noise: its own on each rank
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(
         params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay
@@ -462,7 +486,15 @@ def fit(
             # as Lightning's EarlyStopping: kept as "lower is better" (mode "max": negated)
             watched = row[config.early_stopping_monitor]
             watched = watched if config.early_stopping_mode == "min" else -watched
-            if watched < loop.early_stopping_best - config.early_stopping_min_delta:
+            if not math.isfinite(watched):  # as Lightning's check_finite: stop, saying why
+                loop.stopped_early = True
+                logger.warning(
+                    "Early stopping after epoch %d: %s is %s.",
+                    epoch,
+                    config.early_stopping_monitor,
+                    row[config.early_stopping_monitor],
+                )
+            elif watched < loop.early_stopping_best - config.early_stopping_min_delta:
                 loop.early_stopping_best, loop.since_best = watched, 0
             else:
                 loop.since_best += 1

@@ -266,6 +266,49 @@ def test_early_stopping_options_as_scvi_tools(sim):
             falling.train(max_epochs=1, early_stopping=True, **bad)
 
 
+def test_early_stopping_stops_on_a_value_that_is_not_finite(sim, monkeypatch):
+    values = iter([10.0, 9.0, float("nan"), 8.0, 7.0, 6.0])
+
+    def validation(*args, **kwargs):  # as Lightning's check_finite: stop at the NaN
+        v = next(values)
+        return {k: v for k in ("elbo_validation", "reconstruction_loss_validation")} | {
+            "kl_local_validation": 0.0
+        }
+
+    monkeypatch.setattr(scvae.train, "evaluate", validation)
+    model = scvae.SCVAE(sim[:200].copy(), n_hidden=16)
+    model.train(max_epochs=6, early_stopping=True, early_stopping_patience=3)
+    assert len(model.history) == 3
+
+
+def test_each_train_call_draws_new_randomness_from_the_seed(sim):
+    def first_batches(calls: int) -> list[list[float]]:
+        model = scvae.SCVAE(sim[:300].copy(), n_hidden=16)
+        seen: list[list[float]] = []
+
+        def hook(mod, args, out):
+            if mod.training and len(seen) <= len(model.history):
+                seen.append(args[0].sum(1)[:5].tolist())  # the first minibatch of a call
+
+        model.module.register_forward_hook(hook)
+        for _ in range(calls):
+            model.train(max_epochs=1, progress_bar=False, seed=0)
+        return seen
+
+    once, again = first_batches(3), first_batches(3)
+    assert once == again  # determined by the seed
+    assert once[0] != once[1] != once[2]  # but not the same order in every call (scvi-tools)
+
+
+def test_train_size_none_is_scvi_tools_default(sim):
+    adata = sim[:143].copy()  # 0.9 x 143 -> 129 training cells: a last minibatch of 1
+    model = scvae.SCVAE(adata, n_hidden=16)
+    model.train(max_epochs=1, train_size=None)
+    assert (len(model.train_indices), len(model.validation_indices)) == (128, 15)
+    model.train(max_epochs=1)  # scvae's default 0.9: the cell stays (dropped each epoch)
+    assert (len(model.train_indices), len(model.validation_indices)) == (129, 14)
+
+
 def test_failed_training_restores_weights(sim):
     model = scvae.SCVAE(sim[:200].copy())
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
