@@ -478,7 +478,8 @@ def fit(
         loop.rows.append(row)
         loop.next_epoch = epoch + 1
         bar.update(1)
-        bar.set_postfix(elbo_train=f"{row['elbo_train']:.1f}", refresh=False)
+        shown = {k: f"{row[k]:.1f}" for k in ("elbo_train", "elbo_validation") if k in row}
+        bar.set_postfix(shown, refresh=False)  # the validation value shows overfitting
         monitor = row.get("elbo_validation", row["elbo_train"])
         if scheduler is not None:
             scheduler.step(monitor)

@@ -213,6 +213,7 @@ def test_fit_shows_a_progress_bar_on_stderr(files, tmp_path, capsys):
     out = tmp_path / "out.h5ad"
     code, stdout, err = run(["fit", files / "counts.h5ad", "-o", out, "--max-epochs", "2"], capsys)
     assert code == 0 and "2/2" in err and "2/2" not in stdout
+    assert "elbo_train=" in err and "elbo_validation=" in err  # both values on the bar
     code, _, err = run(
         [
             "fit",
