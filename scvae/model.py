@@ -23,7 +23,14 @@ import torch
 
 from scvae import de_glue, distributed, mapping, model_files, queries
 from scvae._settings import logger, settings
-from scvae.data.backed import BLOCK_ROWS, BUFFER_BLOCKS, BackedCSR, is_on_disk, row_totals
+from scvae.data.backed import (
+    BLOCK_ROWS,
+    BUFFER_BLOCKS,
+    BackedCSR,
+    check_read_options,
+    is_on_disk,
+    row_totals,
+)
 from scvae.data.loader import count_source
 from scvae.data.registry import Registry, register
 from scvae.device import resolve_device
@@ -76,9 +83,9 @@ def _check_options(**options: Any) -> None:
 
 
 def _check_processes(n_processes: Any) -> None:
-    if isinstance(n_processes, bool) or not isinstance(n_processes, numbers.Integral):
-        raise ValueError(f"n_processes must be a whole number >= 1, got {n_processes!r}.")
-    if n_processes < 1:
+    # numpy integers too (distributed.launch, a lower-level entry, takes a plain int)
+    whole = isinstance(n_processes, numbers.Integral) and not isinstance(n_processes, bool)
+    if not (whole and n_processes >= 1):
         raise ValueError(f"n_processes must be a whole number >= 1, got {n_processes!r}.")
 
 
@@ -503,12 +510,8 @@ class SCVAE:
         )
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
             raise ValueError(f"checkpoint_every must be a whole number, got {checkpoint_every!r}.")
-        for name, value in (
-            ("backed_block_rows", backed_block_rows),
-            ("backed_buffer_blocks", backed_buffer_blocks),
-        ):  # checked whether or not the counts are on disk, as every option is
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
+        # checked whether or not the counts are on disk, as every option is
+        check_read_options(backed_block_rows, backed_buffer_blocks, "backed_")
         watched = [
             n
             for n, on in (

@@ -106,6 +106,23 @@ def row_totals(matrix: Any, block_rows: int = 8 * BLOCK_ROWS) -> np.ndarray:
     return out
 
 
+def check_read_options(block_rows: object, buffer_blocks: object, prefix: str = "") -> None:
+    """Refuse ``block_rows`` or ``buffer_blocks`` that are not whole numbers >= 1; the
+    message names them with ``prefix`` (``"backed_"``: ``SCVAE.train``'s names).
+
+    Examples
+    --------
+    >>> check_read_options(1024, 16)
+    >>> check_read_options(0, 16, "backed_")
+    Traceback (most recent call last):
+    ...
+    ValueError: backed_block_rows must be a whole number >= 1, got 0.
+    """
+    for name, value in (("block_rows", block_rows), ("buffer_blocks", buffer_blocks)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{prefix}{name} must be a whole number >= 1, got {value!r}.")
+
+
 class BackedCSR:
     """A count source read from disk in shuffled row blocks (see the module's description).
 
@@ -146,9 +163,7 @@ class BackedCSR:
                 "adata = anndata.read_h5ad(path); adata.X = scipy.sparse.csr_matrix(adata.X); "
                 "adata.write_h5ad(new_path)."
             )
-        for name, value in (("block_rows", block_rows), ("buffer_blocks", buffer_blocks)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
+        check_read_options(block_rows, buffer_blocks)
         self.matrix = matrix
         self.shape = tuple(matrix.shape)
         self.device = torch.device(device)
