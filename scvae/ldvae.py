@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import anndata as ad
+import numpy as np
 import pandas as pd
 
 from scvae.model import SCVAE
@@ -18,8 +19,12 @@ class LDVAE(SCVAE):
     are LinearSCVI's: ``gene_likelihood="nb"``, a latent library
     (``use_observed_lib_size=False``), batch norm in encoder and decoder, no decoder bias.
     Everything else (training, queries, files) is :class:`SCVAE`'s.
-    ``encode_covariates=True`` (the batch also enters the encoder, as LinearSCVI's
-    ``**model_kwargs`` allow) makes the model a reference for ``LDVAE.load_query_data``.
+    ``encode_covariates=True`` puts the batch into the encoder too, which makes the model a
+    reference for ``LDVAE.load_query_data``. This departs from scvi-tools 1.4.2, whose
+    LinearSCVI accepts ``encode_covariates=True`` and ignores it.
+    ``size_factor_key`` is refused, since LinearSCVI has no size factors and a softmax rho
+    times size factors of the usual scale (mean 1) cannot fit counts. A per-cell dispersion
+    is refused too, since the linear decoder has none.
 
     Examples
     --------
@@ -51,8 +56,33 @@ class LDVAE(SCVAE):
         use_batch_norm: bool = True,
         bias: bool = False,
         encode_covariates: bool = False,
+        log_variational: bool = True,
     ) -> None:
-        self._decoder_bias = bias
+        # checked here, before the data: a string such as "none" would read as True
+        for name, value in (("use_batch_norm", use_batch_norm), ("bias", bias)):
+            if not isinstance(value, bool | np.bool_):
+                raise TypeError(
+                    f"LDVAE's {name} must be True or False, got {value!r}"
+                    + (
+                        " (batch norm in the linear decoder; the encoder always has it)."
+                        if name == "use_batch_norm"
+                        else " (a bias in the linear decoder)."
+                    )
+                )
+        if size_factor_key is not None:
+            raise ValueError(
+                f"LDVAE does not take size factors (size_factor_key={size_factor_key!r}): its "
+                "rho is a softmax, so size factor x rho cannot fit counts with size factors of "
+                "the usual scale, and scvi-tools' LinearSCVI has none either. Leave "
+                "size_factor_key=None (a latent library, the default, or "
+                "use_observed_lib_size=True), or use scvae.SCVAE with size_factor_key."
+            )
+        if dispersion == "gene-cell":
+            raise ValueError(
+                "LDVAE does not support dispersion='gene-cell' (the linear decoder has no "
+                "per-cell dispersion): use 'gene', 'gene-batch' or 'gene-label'."
+            )
+        self._decoder_bias = bool(bias)
         super().__init__(
             adata,
             layer=layer,
@@ -71,10 +101,11 @@ class LDVAE(SCVAE):
             use_observed_lib_size=use_observed_lib_size,
             use_batch_norm="both" if use_batch_norm else "encoder",
             encode_covariates=encode_covariates,
+            log_variational=log_variational,
         )
 
     def _extra_module_options(self) -> dict[str, Any]:
-        # the linear decoder's rho is a softmax, with size factors too (as LinearSCVI's)
+        # the linear decoder's rho is a softmax, as LinearSCVI's (size factors are refused)
         return {
             "linear_decoder": True,
             "decoder_bias": self._decoder_bias,

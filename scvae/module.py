@@ -263,7 +263,10 @@ class VAE(nn.Module):
                 **common,
             )
         if c.linear_decoder and c.dispersion == "gene-cell":
-            raise ValueError("The linear decoder has no per-cell dispersion; use another one.")
+            raise ValueError(
+                "The linear decoder has no per-cell dispersion (dispersion='gene-cell'): use "
+                "'gene', 'gene-batch' or 'gene-label'."
+            )
         n_theta = {"gene": 1, "gene-batch": c.n_batch, "gene-label": c.n_labels}.get(c.dispersion)
         # log theta, initialised N(0, 1) as in scvi-tools; absent for per-cell dispersion.
         self.px_r = nn.Parameter(torch.randn(c.n_input, n_theta)) if n_theta else None

@@ -359,3 +359,25 @@ def test_ldvae_save_load_and_class_check(tmp_path):
     pd.testing.assert_frame_equal(loaded.get_loadings(), model.get_loadings())
     with pytest.raises(ValueError, match="holds a LDVAE model"):
         scvae.SCVAE.load(str(tmp_path / "ld"), adata)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"size_factor_key": "sf"}, ValueError, r"LDVAE does not take size factors.*'sf'"),
+        ({"use_batch_norm": "none"}, TypeError, r"use_batch_norm must be True or False.*'none'"),
+        ({"bias": "no"}, TypeError, r"bias must be True or False, got 'no'"),
+        ({"dispersion": "gene-cell"}, ValueError, r"'gene', 'gene-batch' or 'gene-label'"),
+    ],
+)
+def test_ldvae_refuses_options_it_cannot_honour(options, error, message):
+    adata = scvae.data.simulate(60, 10, seed=0)
+    adata.obs["sf"] = 1.0
+    with pytest.raises(error, match=message):
+        scvae.LDVAE(adata, **options)
+
+
+def test_ldvae_passes_log_variational_on():
+    adata = scvae.data.simulate(60, 10, seed=0)
+    assert scvae.LDVAE(adata).module.config.log_variational is True
+    assert scvae.LDVAE(adata, log_variational=False).module.config.log_variational is False
