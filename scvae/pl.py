@@ -5,9 +5,7 @@ Everything else (UMAPs, dot plots, rank_genes_groups) goes through scanpy's own 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,24 +19,39 @@ if TYPE_CHECKING:
 HISTORY_KEYS = ("elbo_train", "elbo_validation")
 
 
-def _save_or_show(ax: Axes, name: str, save: bool | str | None, show: bool | None, own: bool):
-    """scanpy's ``save``/``show``: ``save=True`` writes ``{figdir}/{name}.{format}``, a string
-    ``{figdir}/{name}{save}`` (e.g. "_run1.png"); the Axes are returned unless the figure was
-    shown (``show=True``, or None with a new figure in an interactive session)."""
+# Fewer epochs than this: each epoch's value gets a marker (one epoch is a single point,
+# which a line alone does not draw).
+MARKER_EPOCHS = 20
+
+
+def _save_or_show(
+    ax: Axes, writekey: str, save: bool | str | None, show: bool | None
+) -> Axes | None:
+    """scanpy's ``save``/``show`` by scanpy's own helper (``savefig_or_show``), and its return.
+
+    ``save=True`` writes ``{figdir}/{writekey}{plot_suffix}.{file_format_figs}``; a string is
+    appended to the name (an ending ".png", ".pdf" or ".svg" picks the format); None follows
+    ``sc.settings.autosave``. ``show=None`` follows ``sc.settings.autoshow`` (True unless
+    changed). A saved figure is closed. As scanpy's plots: None when shown, else the Axes.
+    """
     import matplotlib.pyplot as plt
     import scanpy as sc
+    from scanpy.plotting._utils import savefig_or_show
 
-    if save:
-        suffix = "" if save is True else str(save)
-        if not os.path.splitext(f"x{suffix}")[1]:  # no extension given: scanpy's format
-            suffix += f".{sc.settings.file_format_figs}"
-        path = Path(sc.settings.figdir) / f"{name}{suffix}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ax.figure.savefig(path, bbox_inches="tight")  # matplotlib's savefig.dpi, as scanpy
-    if show or (show is None and own and plt.isinteractive()):
-        plt.show()
-        return None
-    return ax
+    figure = ax.figure.figure  # the root figure, also for Axes in a SubFigure
+    saving = bool(sc.settings.autosave if save is None else save)
+    if figure.canvas.manager is None:  # not made through pyplot: scanpy cannot save it
+        if saving:
+            raise ValueError(
+                "save= needs a figure made through pyplot (plt.subplots or plt.figure); this "
+                "Axes belongs to a Figure pyplot does not manage. Save it yourself with "
+                "fig.savefig(path), and pass save=False."
+            )
+    else:
+        plt.figure(figure)  # scanpy saves and closes the current figure: make it this one
+    savefig_or_show(writekey, show=show, save=save)
+    shown = sc.settings.autoshow if show is None else show
+    return None if shown else ax
 
 
 def history(
@@ -52,7 +65,9 @@ def history(
     """Plot the per-epoch training history (by default the train and validation ELBO).
 
     The values are those of ``model.history``: ``elbo_*`` is the negative ELBO per cell
-    (scvi-tools' convention), so the curves fall as the model learns.
+    (scvi-tools' convention), so the curves fall as the model learns. With fewer than
+    ``MARKER_EPOCHS`` (20) epochs each epoch is drawn as a marker too, so that a single epoch
+    shows.
 
     Parameters
     ----------
@@ -64,15 +79,19 @@ def history(
     ax
         Axes to draw into (a new figure when None).
     show
-        Call ``plt.show()`` (None: only when no ``ax`` was given and matplotlib is
-        interactive).
+        Show the figure (``plt.show()``), as scanpy's plots do; None: ``sc.settings.autoshow``
+        (True unless changed), also with ``ax=``. Pass ``show=False`` to get the Axes back,
+        e.g. to draw more into the figure.
     save
-        As in scanpy: True writes ``{sc.settings.figdir}/scvae_history.{format}``, a string is
-        appended to that name (e.g. "_run1.png").
+        As in scanpy (its own ``savefig_or_show`` saves): True writes
+        ``{sc.settings.figdir}/scvae_history{sc.settings.plot_suffix}.{file_format_figs}``; a
+        string is appended to that name (e.g. "_run1"; an ending ".png", ".pdf" or ".svg"
+        picks the format); None: ``sc.settings.autosave``. A saved figure is closed.
 
     Returns
     -------
-    The matplotlib Axes; None when the figure was shown (as scanpy's plots).
+    As scanpy's plots: None when the figure was shown (``show=True``, or None with scanpy's
+    ``autoshow``), else the matplotlib Axes.
 
     Examples
     --------
@@ -93,18 +112,18 @@ def history(
     if missing and (tuple(keys) != HISTORY_KEYS or missing != ["elbo_validation"]):
         raise ValueError(f"{missing} not in model.history (columns: {list(model.history)}).")
     present = [k for k in keys if k in model.history]
-    own_figure = ax is None
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
+    marker = "o" if len(model.history) < MARKER_EPOCHS else None
     for key in present:
-        ax.plot(model.history.index, model.history[key], label=key)
+        ax.plot(model.history.index, model.history[key], label=key, marker=marker, markersize=4)
     ax.set(
         xlabel="epoch",
         ylabel="negative ELBO per cell" if all(k.startswith("elbo") for k in present) else "value",
         title="scvae training history",
     )
     ax.legend()
-    return _save_or_show(ax, "scvae_history", save, show, own_figure)
+    return _save_or_show(ax, "scvae_history", save, show)
 
 
 def volcano(
@@ -144,7 +163,7 @@ def volcano(
 
     Returns
     -------
-    The matplotlib Axes; None when the figure was shown.
+    As scanpy's plots: None when the figure was shown, else the matplotlib Axes.
 
     Examples
     --------
@@ -189,7 +208,6 @@ def volcano(
                 f"Column {col!r} is not in the DE table ({list(table.columns)}).{hint}"
             )
     yv = table[y].abs() if y == "bayes_factor" else table[y]
-    own_figure = ax is None
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 5))
     ax.scatter(table[x], yv, s=6, c="0.5", alpha=0.6, linewidths=0)
@@ -204,4 +222,4 @@ def volcano(
         ylabel=f"|{y}|" if y == "bayes_factor" else y,
         title=comparison or "differential expression",
     )
-    return _save_or_show(ax, "scvae_volcano", save, show, own_figure)
+    return _save_or_show(ax, "scvae_volcano", save, show)

@@ -96,3 +96,83 @@ def test_volcano_of_a_scanpy_table_and_its_messages():
     )
     with pytest.raises(ValueError, match="the table's comparisons: A vs Rest, B vs Rest"):
         scvae.pl.volcano(two, comparison="C vs Rest", show=False)
+
+
+def test_history_of_one_epoch_draws_markers(sim):
+    model = scvae.SCVAE(sim[:100].copy())
+    model.train(max_epochs=1, seed=0)
+    ax = scvae.pl.history(model, show=False)
+    assert [line.get_marker() for line in ax.get_lines()] == ["o", "o"]  # one point each
+    assert all(len(line.get_xdata()) == 1 for line in ax.get_lines())
+
+
+def test_history_of_many_epochs_draws_lines_only(trained):
+    ax = scvae.pl.history(trained, show=False)  # 40 epochs
+    assert {line.get_marker() for line in ax.get_lines()} == {"None"}
+
+
+@pytest.fixture
+def scanpy_figures(tmp_path, monkeypatch):
+    """scanpy's figure settings pointed at tmp_path, restored afterwards; plt.show a no-op."""
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    monkeypatch.setattr(plt, "show", lambda *a, **k: None)
+    saved = {k: getattr(sc.settings, k) for k in ("figdir", "autosave", "autoshow", "plot_suffix")}
+    sc.settings.figdir = tmp_path
+    yield tmp_path
+    for key, value in saved.items():
+        setattr(sc.settings, key, value)
+    plt.close("all")
+
+
+@pytest.mark.parametrize("autoshow", [True, False])
+@pytest.mark.parametrize("show", [None, True, False])
+@pytest.mark.parametrize("save", [None, False, True, "_x.png"])
+def test_returns_what_scanpy_plots_return(trained, scanpy_figures, autoshow, show, save):
+    import scanpy as sc
+
+    sc.settings.autoshow = autoshow
+    cells = sc.AnnData(np.ones((3, 2), dtype=np.float32))
+    cells.obsm["X_a"] = np.arange(6, dtype=float).reshape(3, 2)
+    expected = sc.pl.embedding(cells, basis="a", show=show, save=save)
+    got = scvae.pl.history(trained, show=show, save=save)
+    assert (got is None) == (expected is None)
+    table = pd.DataFrame({"lfc_mean": [1.0, -1.0], "proba_de": [0.9, 0.2]}, index=["g1", "g2"])
+    assert (scvae.pl.volcano(table, show=show, save=save) is None) == (expected is None)
+
+
+def test_save_follows_scanpy_settings_and_closes_the_figure(trained, scanpy_figures):
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    sc.settings.plot_suffix = "_v2"
+    before = plt.get_fignums()
+    assert scvae.pl.history(trained, show=False, save="_run.png") is not None
+    assert plt.get_fignums() == before  # saved, then closed: no figure left open in a loop
+    assert (scanpy_figures / "scvae_history_run_v2.png").is_file()
+    sc.settings.plot_suffix = ""
+    sc.settings.autosave = True  # save=None follows scanpy's autosave
+    scvae.pl.history(trained, show=False)
+    assert (scanpy_figures / f"scvae_history.{sc.settings.file_format_figs}").is_file()
+    assert plt.get_fignums() == before
+
+
+def test_ax_draws_into_the_given_figure_and_saves_that_one(trained, scanpy_figures):
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
+    other = plt.figure(figsize=(1, 1))  # the current figure is another one
+    assert scvae.pl.history(trained, ax=left, show=False) is left
+    assert len(left.get_lines()) == 2 and not right.get_lines()
+    scvae.pl.history(trained, ax=right, show=False, save="_pair.png")
+    image = mpimg.imread(scanpy_figures / "scvae_history_pair.png")
+    assert image.shape[1] > 2 * image.shape[0]  # the wide two-panel figure, not `other`
+    assert not plt.fignum_exists(fig.number) and plt.fignum_exists(other.number)
+    from matplotlib.figure import Figure
+
+    unmanaged = Figure().subplots()
+    with pytest.raises(ValueError, match="save= needs a figure made through pyplot"):
+        scvae.pl.history(trained, ax=unmanaged, show=False, save=True)
+    assert scvae.pl.history(trained, ax=unmanaged, show=False) is unmanaged
