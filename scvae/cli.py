@@ -143,29 +143,51 @@ def _check_writable_dir(path: Path, what: str) -> None:
     _probe_write(existing, what)
 
 
+def _plot_names(colors: dict[str, str]) -> list[str]:
+    """The files :func:`_write_plots` writes for ``colors``, in its order."""
+    return [f"umap_{key}.png" for key in colors] + ["history.png"]
+
+
+def _check_plots(folder: Path, colors: dict[str, str], overwrite: bool) -> None:
+    """Refuse ``--plots`` when the PNGs this run writes are there already (no --overwrite)."""
+    _check_writable_dir(folder, f"plots to {folder}")
+    targets = [folder / name for name in _plot_names(colors)]
+    folders = [p.name for p in targets if p.is_dir()]
+    if folders:
+        raise CLIError(f"--plots {folder} holds folders named {', '.join(folders)}; give another")
+    existing = [p.name for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise CLIError(
+            f"--plots {folder} already holds {', '.join(existing)}; pass --overwrite to replace "
+            "them, or give another folder"
+        )
+
+
 def _write_plots(adata, model, out: Path, colors: dict[str, str]) -> dict[str, Path]:
-    """UMAP PNGs (one per obs key in ``colors``, titled by its value) and the history PNG."""
+    """UMAP PNGs (one per obs key in ``colors``, titled by its value) and the history PNG
+    (:func:`scvae.pl.history`), named as :func:`_plot_names` says."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import scanpy as sc
 
+    import scvae
+
+    names = iter(_plot_names(colors))
     written = {}
     for key, title in colors.items():
         fig = sc.pl.umap(
             adata, color=key, title=f"scvae latent: {title}", show=False, return_fig=True
         )
         fig.set_size_inches(8, 5.5)
-        path = out / f"umap_{key}.png"
+        path = out / next(names)
         _write_atomically(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
         plt.close(fig)
         written[f"UMAP by {title}"] = path
     fig, ax = plt.subplots(figsize=(6, 4))
-    columns = [c for c in ("elbo_train", "elbo_validation") if c in model.history]
-    model.history[columns].plot(ax=ax)
-    ax.set(xlabel="epoch", ylabel="negative ELBO per cell", title="training history")
-    path = out / "history.png"
+    scvae.pl.history(model, ax=ax, show=False, save=False)
+    path = out / next(names)
     _write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
     plt.close(fig)
     written["training history"] = path
@@ -187,8 +209,11 @@ def _fit(args: argparse.Namespace) -> None:
             raise CLIError(f"--model-dir {model_dir} is the -o file; give the model its own folder")
         _check_model_dir(model_dir, args.overwrite)
     plot_dir = None if args.plots is None else Path(args.plots)
+    colors = {"leiden": "Leiden clusters"}
+    if args.labels_key:
+        colors[args.labels_key] = args.labels_key
     if plot_dir is not None:
-        _check_writable_dir(plot_dir, f"plots to {plot_dir}")
+        _check_plots(plot_dir, colors, args.overwrite)
     adata = _read(args.input)
     start = time.perf_counter()
     model = scvae.tl.fit(
@@ -227,9 +252,6 @@ def _fit(args: argparse.Namespace) -> None:
     _write_atomically(out, adata.write_h5ad)
     print(f"wrote {out}: latent in obsm['{scvae.LATENT_KEY}'], obsm['X_umap'], obs['leiden']")
     if plot_dir is not None:
-        colors = {"leiden": "Leiden clusters"}
-        if args.labels_key:
-            colors[args.labels_key] = args.labels_key
         _ensure_writable_dir(plot_dir, f"plots to {plot_dir}")
         for what, where in _write_plots(adata, model, plot_dir, colors).items():
             print(f"wrote {what}: {where}")
@@ -399,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--plots",
         metavar="DIR",
-        help="also write PNGs here: UMAP by Leiden (and by --labels-key), training history",
+        help="also write PNGs here: UMAP by Leiden (and by --labels-key), training history "
+        "(umap_leiden.png, umap_KEY.png, history.png; existing ones need --overwrite)",
     )
     fit.add_argument(
         "--n-processes",

@@ -529,3 +529,51 @@ def test_fit_on_pbmc3k_gives_a_latent_scanpy_opens(tmp_path, capsys):
     assert result.obsm["X_scvae"].shape == (2638, 10) and result.obsm["X_umap"].shape[1] == 2
     assert result.obs["leiden"].nunique() >= 5
     assert adjusted_rand_score(result.obs["cell_type"], result.obs["leiden"]) > 0.3
+
+
+# ------------------------------------------------------------------ --plots
+def test_fit_plots_draw_the_history_with_scvae_pl(files, tmp_path, capsys, monkeypatch):
+    calls = []
+    history = scvae.pl.history
+
+    def recording(model, **kwargs):
+        calls.append(kwargs)
+        return history(model, **kwargs)
+
+    monkeypatch.setattr(scvae.pl, "history", recording)
+    plots = tmp_path / "plots"
+    argv = ["fit", files / "counts.h5ad", "-o", tmp_path / "out.h5ad", "--max-epochs", "1"]
+    code, stdout, err = run([*argv, "--plots", plots, "--labels-key", "cell_type"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in plots.iterdir()) == [
+        "history.png",
+        "umap_cell_type.png",
+        "umap_leiden.png",
+    ]
+    assert len(calls) == 1 and calls[0]["show"] is False and calls[0]["save"] is False
+    image = mpimg.imread(plots / "history.png")
+    assert image.std() > 0.05  # one epoch still draws its points
+
+
+def test_fit_refuses_existing_plots_without_overwrite(files, tmp_path, capsys):
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "history.png").write_bytes(b"an earlier run")
+    (plots / "mine.txt").write_text("kept")
+    argv = ["fit", files / "counts.h5ad", "-o", tmp_path / "out.h5ad", "--max-epochs", "1"]
+    code, _, err = run([*argv, "--plots", plots], capsys)
+    check_one_line_error(
+        code, err, "fit", r"--plots .*plots already holds history.png; pass --overwrite"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plots"]  # nothing trained or written
+    assert (plots / "history.png").read_bytes() == b"an earlier run"
+    (plots / "umap_cell_type.png").mkdir()
+    code, _, err = run(
+        [*argv, "--plots", plots, "--labels-key", "cell_type", "--overwrite"], capsys
+    )
+    check_one_line_error(code, err, "fit", r"holds folders named umap_cell_type.png")
+    (plots / "umap_cell_type.png").rmdir()
+    code, _, err = run([*argv, "--plots", plots, "--overwrite"], capsys)
+    assert code == 0, err
+    assert (plots / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (plots / "mine.txt").read_text() == "kept"
