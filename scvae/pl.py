@@ -126,12 +126,30 @@ def history(
     return _save_or_show(ax, "scvae_history", save, show)
 
 
+def _one_of(table: pd.DataFrame, column: str, value: str | None, plural: str) -> pd.DataFrame:
+    """The rows of ``table`` with ``column == value`` (``value`` is the parameter of the same
+    name); refuses a table holding several values of ``column`` when ``value`` is None."""
+    if value is not None and column not in table:
+        raise ValueError(f"The table has no {column!r} column (one {column}): drop {column}=.")
+    present = table[column].astype(str).unique().tolist() if column in table else []
+    listed = ", ".join(present[:10]) + (", ..." if len(present) > 10 else "")
+    if len(present) > 1 and value is None:
+        raise ValueError(f"The table holds several {plural} ({listed}); pass {column}=.")
+    if value is None:
+        return table
+    rows = table[table[column].astype(str) == str(value)]
+    if rows.empty:
+        raise ValueError(f"No rows with {column} == {value!r}; the table's {plural}: {listed}.")
+    return rows
+
+
 def volcano(
     de: pd.DataFrame,
     *,
     x: str | None = None,
     y: str | None = None,
     comparison: str | None = None,
+    group: str | None = None,
     n_labels: int = 10,
     ax: Axes | None = None,
     show: bool | None = None,
@@ -152,8 +170,12 @@ def volcano(
         (vanilla) the absolute ``bayes_factor``. Neither is a p-value; no -log10 transform is
         applied.
     comparison
-        Restrict to one value of the ``comparison`` column (needed when the table holds
-        several, as one-vs-rest tables do).
+        Restrict to one value of the ``comparison`` column of scvae's tables (needed when the
+        table holds several, as one-vs-rest tables do), e.g. ``"B cells vs Rest"``.
+    group
+        Restrict to one value of the ``group`` column of scanpy's tables (needed when the
+        table holds several, as ``sc.get.rank_genes_groups_df(adata, None)`` gives it), e.g.
+        ``"0"``: the same name as ``sc.get.rank_genes_groups_df``'s ``group``.
     n_labels
         Label the genes with the largest ``y`` (ties by ``|x|``).
     ax, show
@@ -172,25 +194,15 @@ def volcano(
     ...                       "comparison": "A vs B"}, index=["g1", "g2", "g3"])
     >>> volcano(table, show=False).get_ylabel()
     'proba_de'
+    >>> every_group = pd.DataFrame({"group": ["0", "0", "1"], "names": ["g1", "g2", "g1"],
+    ...                             "logfoldchanges": [2.0, -1.0, 0.5], "scores": [9.0, 4.0, 1.0]})
+    >>> volcano(every_group, group="0", x="logfoldchanges", y="scores", show=False).get_title()
+    '0'
     """
     import matplotlib.pyplot as plt
 
-    table = de
-    if comparison is not None and "comparison" not in table:
-        raise ValueError("The table has no 'comparison' column (one comparison): drop comparison=.")
-    present = table["comparison"].unique().tolist() if "comparison" in table else []
-    if len(present) > 1 and comparison is None:
-        raise ValueError(
-            f"The table holds several comparisons ({', '.join(map(str, present[:5]))}"
-            f"{', ...' if len(present) > 5 else ''}); pass comparison=."
-        )
-    if comparison is not None:
-        table = table[table["comparison"] == comparison]
-        if table.empty:
-            raise ValueError(
-                f"No rows with comparison == {comparison!r}; the table's comparisons: "
-                f"{', '.join(map(str, present[:10]))}{', ...' if len(present) > 10 else ''}."
-            )
+    table = _one_of(de, "comparison", comparison, "comparisons")
+    table = _one_of(table, "group", group, "groups")
     if y is None:
         y = "proba_de" if "proba_de" in table else "bayes_factor"
     if x is None and "lfc_mean" not in table and {"scale1", "scale2"} <= set(table):
@@ -220,6 +232,6 @@ def volcano(
     ax.set(
         xlabel=x,
         ylabel=f"|{y}|" if y == "bayes_factor" else y,
-        title=comparison or "differential expression",
+        title=comparison or group or "differential expression",
     )
     return _save_or_show(ax, "scvae_volcano", save, show)

@@ -176,3 +176,27 @@ def test_ax_draws_into_the_given_figure_and_saves_that_one(trained, scanpy_figur
     with pytest.raises(ValueError, match="save= needs a figure made through pyplot"):
         scvae.pl.history(trained, ax=unmanaged, show=False, save=True)
     assert scvae.pl.history(trained, ax=unmanaged, show=False) is unmanaged
+
+
+def test_volcano_of_every_group_of_scanpy_needs_a_group(adata_de):
+    import scanpy as sc
+
+    table = sc.get.rank_genes_groups_df(adata_de, None)  # a `group` column, every group
+    xy = {"x": "logfoldchanges", "y": "scores"}
+    with pytest.raises(ValueError, match=r"several groups \(type0, type1, type2\); pass group="):
+        scvae.pl.volcano(table, show=False, **xy)
+    ax = scvae.pl.volcano(table, group="type1", show=False, **xy)
+    one = sc.get.rank_genes_groups_df(adata_de, "type1")
+    np.testing.assert_allclose(ax.collections[0].get_offsets()[:, 0], one["logfoldchanges"])
+    assert ax.get_title() == "type1"
+    with pytest.raises(ValueError, match=r"No rows with group == 'type9'; the table's groups"):
+        scvae.pl.volcano(table, group="type9", show=False, **xy)
+    with pytest.raises(ValueError, match="no 'group' column"):
+        scvae.pl.volcano(one, group="type1", show=False, **xy)
+
+
+@pytest.fixture
+def adata_de(sim, trained):
+    adata = sim.copy()
+    scvae.tl.differential_expression(adata, trained, groupby="cell_type", n_samples_overall=50)
+    return adata
