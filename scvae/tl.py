@@ -325,7 +325,9 @@ def differential_expression(
     model
         A trained :class:`scvae.SCVAE`.
     groupby
-        Column of ``adata.obs`` with the groups.
+        Column of ``adata.obs`` with the groups: categorical (without categories that have no
+        cells, which scanpy's ``rank_genes_groups`` refuses too) or strings; numeric and
+        boolean columns are refused, as scanpy's plots cannot draw them as groups.
     groups
         Groups to test: a name, an integer label or a list of them (None or "all", as in
         scanpy: all but the reference; with ``reference="rest"``, every group, including one
@@ -376,13 +378,24 @@ def differential_expression(
     if groupby not in adata.obs:
         raise ValueError(f"groupby {groupby!r} is not a column of adata.obs.")
     column = adata.obs[groupby]
-    if not isinstance(column.dtype, pd.CategoricalDtype) and column.dtype.kind in "iuf":
+    if not isinstance(column.dtype, pd.CategoricalDtype) and column.dtype.kind in "biuf":
+        # bool too: scanpy's dot plots cannot bin a bool column
+        kind = "boolean" if column.dtype.kind == "b" else "numeric"
         raise ValueError(
-            f"adata.obs[{groupby!r}] is numeric (dtype {column.dtype}); scanpy's plots of "
+            f"adata.obs[{groupby!r}] is {kind} (dtype {column.dtype}); scanpy's plots of "
             "rank_genes_groups need a categorical column of groups, as sc.tl.rank_genes_groups "
             f"does. Make it one first: adata.obs[{groupby!r}] = adata.obs[{groupby!r}]"
             ".astype(str).astype('category')."
         )
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        unused = [str(c) for c in column.cat.categories[~column.cat.categories.isin(column)]]
+        if unused:  # scanpy's rank_genes_groups refuses them and its plots fail on them
+            raise ValueError(
+                f"adata.obs[{groupby!r}] has categories without cells: "
+                f"{', '.join(map(repr, unused[:10]))}{', ...' if len(unused) > 10 else ''}. "
+                f"Remove them first: adata.obs[{groupby!r}] = "
+                f"adata.obs[{groupby!r}].cat.remove_unused_categories()."
+            )
     labels = column.astype("category")
     present = [str(c) for c in labels.cat.categories if (labels == c).any()]
     reference = str(reference)

@@ -294,3 +294,25 @@ def test_normalized_expression_copy_and_errors(adata_model):
     assert (on_layer.layers["counts"] != on_layer.X).nnz == 0  # the raw counts left alone
     with pytest.raises(ValueError, match="key_added must be a non-empty string"):
         scvae.tl.differential_expression(adata, model, groupby="cell_type", key_added="")
+
+
+def test_groupby_bool_or_with_unused_categories_is_refused(adata_model):
+    adata, model = adata_model
+    marked = adata.copy()
+    marked.uns.pop("rank_genes_groups", None)
+    marked.obs["is_type0"] = (marked.obs["cell_type"] == "type0").to_numpy()
+    with pytest.raises(ValueError, match=r"'is_type0'\] is boolean \(dtype bool\).*astype\(str\)"):
+        scvae.tl.differential_expression(marked, model, groupby="is_type0")
+    marked.obs["nullable"] = marked.obs["is_type0"].astype("boolean")
+    with pytest.raises(ValueError, match="is boolean"):
+        scvae.tl.differential_expression(marked, model, groupby="nullable")
+    marked.obs["types"] = marked.obs["cell_type"].cat.add_categories(["gone", "empty"])
+    with pytest.raises(
+        ValueError,
+        match=r"categories without cells: 'gone', 'empty'\. Remove them first: "
+        r"adata.obs\['types'\] = adata.obs\['types'\].cat.remove_unused_categories\(\)",
+    ):
+        scvae.tl.differential_expression(marked, model, groupby="types")
+    assert "rank_genes_groups" not in marked.uns  # nothing written
+    with pytest.raises(ValueError, match="for groups (gone, empty|empty, gone)"):  # scanpy too
+        sc.tl.rank_genes_groups(marked, groupby="types")
