@@ -17,6 +17,7 @@ import torch
 
 from scvae import de, de_group
 from scvae._settings import settings
+from scvae.queries import _warn_if_untrained
 
 # Posterior samples of z averaged per cell in mode="group" (rho, likelihood parameters).
 GROUP_POSTERIOR_SAMPLES = 10
@@ -108,14 +109,19 @@ def differential_expression(
     with a type in "Rest" ranks low; for marker lists, keep the genes of ``is_de_fdr_<t>``
     with ``lfc_mean > 0`` and sort them by ``lfc_mean - lfc_std`` (benchmarks/README.md).
 
+    Warns (``UserWarning``) on a model that has not been trained, as
+    ``get_latent_representation`` does: its encoder is random, so is the result.
+
     Examples
     --------
     >>> import scvae
     >>> model = scvae.SCVAE(scvae.data.simulate(120, 20, seed=0))
+    >>> model.train(max_epochs=2, progress_bar=False)
     >>> de = model.differential_expression(groupby="cell_type", n_samples_overall=50)
     >>> de["comparison"].unique().tolist()
     ['type0 vs Rest', 'type1 vs Rest', 'type2 vs Rest']
     """
+    _warn_if_untrained(model, "differential_expression")  # as the latent query: a random encoder
     adata = model.registry_adata() if adata is None else adata
     if adata.isbacked and adata.is_view:  # its cells cannot be subset again (anndata)
         raise ValueError(

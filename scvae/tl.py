@@ -368,6 +368,7 @@ def differential_expression(
     >>> import scanpy as sc, scvae
     >>> adata = scvae.data.simulate(150, 20, seed=0)
     >>> model = scvae.SCVAE(adata)
+    >>> model.train(max_epochs=2, progress_bar=False)
     >>> table = scvae.tl.differential_expression(adata, model, groupby="cell_type",
     ...                                          mode="change", n_samples_overall=50)
     >>> sc.get.rank_genes_groups_df(adata, "type0").columns.tolist()[:3]

@@ -413,6 +413,22 @@ def test_bad_arguments_are_refused(sim, trained):
         trained.differential_expression(groupby="cell_type", mode="wilcoxon")
 
 
+def test_untrained_model_warns_as_the_latent_query(sim, trained):
+    import warnings
+
+    untrained = scvae.SCVAE(sim[:120].copy(), n_hidden=16)
+    with pytest.warns(UserWarning, match="differential_expression on a model that has not been"):
+        untrained.differential_expression(groupby="cell_type", n_samples_overall=20)
+    with pytest.warns(UserWarning, match="not been trained: its encoder is random") as caught:
+        scvae.tl.differential_expression(
+            sim[:120].copy(), untrained, groupby="cell_type", n_samples_overall=20
+        )
+    assert all(w.filename == scvae.tl.__file__ for w in caught)  # the caller's line
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not been trained")  # trained: no warning
+        trained.differential_expression(groupby="cell_type", n_samples_overall=20)
+
+
 @pytest.mark.parametrize("mode", ["change", "group"])
 def test_delta_none_is_estimated_per_comparison(sim, trained, mode):
     res = trained.differential_expression(
