@@ -253,7 +253,9 @@ def normalized_expression(
     batch_size
         Cells per chunk (None: ``scvae.settings.inference_batch_size``).
     copy
-        Return a copy of ``adata`` with the layer and leave ``adata`` untouched.
+        Return a copy of ``adata`` with the layer and leave ``adata`` untouched (not for an
+        AnnData opened in backed mode, which anndata copies only to a new file; refused
+        before any work, as is a view of a backed AnnData, which cannot take a layer).
 
     Returns
     -------
@@ -277,6 +279,18 @@ def normalized_expression(
             f"layer_added={layer_added!r} is the layer the model reads its counts from: writing "
             "denoised values there would replace the raw counts. Choose another name (default "
             "'scvae_normalized')."
+        )
+    if adata.isbacked and copy:  # anndata copies a backed AnnData only to a new file
+        raise ValueError(
+            "copy=True cannot copy an AnnData opened in backed mode. Pass copy=False (the "
+            "layer goes into adata.layers, in memory), or load it first: adata.to_memory()."
+        )
+    if adata.isbacked and adata.is_view:  # a layer set on a view copies it: not when backed
+        raise ValueError(
+            "This AnnData is a view of a backed AnnData: anndata cannot add a layer to it (it "
+            "would copy the view, which it does only to a new file). Pass the whole backed "
+            "AnnData (the layer is held in memory), or load the cells first: "
+            "view.to_memory()."
         )
     values = model.get_normalized_expression(
         adata,

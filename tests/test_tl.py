@@ -316,3 +316,23 @@ def test_groupby_bool_or_with_unused_categories_is_refused(adata_model):
     assert "rank_genes_groups" not in marked.uns  # nothing written
     with pytest.raises(ValueError, match="for groups (gone, empty|empty, gone)"):  # scanpy too
         sc.tl.rank_genes_groups(marked, groupby="types")
+
+
+def test_normalized_expression_refuses_backed_copy_and_backed_views_up_front(
+    adata_model, tmp_path, monkeypatch
+):
+    adata, model = adata_model
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    backed = sc.read_h5ad(path, backed="r")
+    calls = []
+    monkeypatch.setattr(model, "get_normalized_expression", lambda *a, **k: calls.append(1))
+    with pytest.raises(ValueError, match="copy=True cannot copy an AnnData opened in backed mode"):
+        scvae.tl.normalized_expression(backed, model, copy=True)
+    with pytest.raises(ValueError, match=r"a view of a backed AnnData.*view.to_memory\(\)"):
+        scvae.tl.normalized_expression(backed[:100], model)
+    assert calls == []  # refused before any work
+    monkeypatch.undo()
+    scvae.tl.normalized_expression(backed, model, layer_added="n")  # the whole backed AnnData
+    assert backed.layers["n"].shape == backed.shape
+    backed.file.close()
