@@ -17,8 +17,11 @@ renamed into place, so a failed or interrupted run never leaves a half-written f
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
+import re
+import shlex
 import sys
 import tempfile
 import time
@@ -34,6 +37,56 @@ if TYPE_CHECKING:
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
+
+
+# A Python literal after "name=": a quoted string, or a bare token (number, True, None).
+_LITERAL = r"""(?P<value>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[\w+-]+(?:\.\w+)*)?"""
+
+
+def _command_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, bool]]:
+    """``{dest: (long flag, takes no value)}`` of the options of one subcommand's parser."""
+    flags = {}
+    for action in parser._actions:  # argparse keeps no public list of a parser's options
+        long = [o for o in action.option_strings if o.startswith("--")]
+        if long and action.dest != "help":
+            flags[action.dest] = (long[0], action.nargs == 0)
+    return flags
+
+
+def _as_flags(message: str, command: str, flags: dict[str, tuple[str, bool]]) -> str:
+    """``message`` with the Python option names of this command as its flags: ``layer='x'``
+    becomes ``--layer x``, ``allow_non_integer=True`` ``--allow-non-integer``, ``n_latent``
+    ``--n-latent``. A one-word name (``layer``, ``seed``) is rewritten only as ``name=...``
+    or ``name must``, as such words also occur in plain English.
+
+    Examples
+    --------
+    >>> flags = {"batch_key": ("--batch-key", False), "layer": ("--layer", False)}
+    >>> _as_flags("batch_key='nope' is not a column; or pass layer=None.", "fit", flags)
+    '--batch-key nope is not a column; or pass no --layer.'
+    """
+    for name, (flag, switch) in flags.items():
+        start = rf"(?<![\w.\[\'\"-]){re.escape(name)}"
+
+        def literal(match: re.Match, flag: str = flag, switch: bool = switch) -> str:
+            value = match.group("value")
+            if value is None:
+                return flag
+            if value == "None" or (switch and value == "False"):
+                return f"no {flag}"
+            if switch and value == "True":
+                return flag
+            try:
+                shown = ast.literal_eval(value) if value[0] in "'\"" else value
+            except (ValueError, SyntaxError):
+                shown = value
+            return f"{flag} {shlex.quote(str(shown))}"
+
+        message = re.sub(start + "=" + _LITERAL, literal, message)
+        bare = start + r"(?![\w(=])" if "_" in name else start + r"(?= must )"
+        message = re.sub(bare, flag, message)
+        message = message.replace(f"{flag} (scvae {command}: {flag})", flag)
+    return message
 
 
 # ------------------------------------------------------------------ files
@@ -434,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(fit)
-    fit.set_defaults(func=_fit)
+    fit.set_defaults(func=_fit, flags=_command_flags(fit))
 
     de = sub.add_parser(
         "de",
@@ -475,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cells sampled per group (5000)",
     )
     _add_common(de)
-    de.set_defaults(func=_de)
+    de.set_defaults(func=_de, flags=_command_flags(de))
     demo = sub.add_parser(
         "demo",
         help="run the whole pipeline on the bundled PBMC data",
@@ -490,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="training epochs (default: chosen from the data size, as scvi-tools)",
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=_demo, flags=_command_flags(demo))
     return parser
 
 
@@ -504,10 +557,13 @@ def main(argv: list[str] | None = None) -> int:
     """
     from scvae.train import TrainingDiverged
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
 
     def fail(err: BaseException | str) -> None:
         message = " ".join(str(err).split())  # one line
+        if not isinstance(err, CLIError | str):  # scvae's own message names Python options
+            message = _as_flags(message, args.command, args.flags)
         print(f"scvae {args.command}: error: {message}", file=sys.stderr)
 
     try:

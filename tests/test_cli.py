@@ -236,11 +236,11 @@ FIT_ERRORS = {
     "unknown format": (["fit", "{d}/a_file", "-o", "{t}/out.h5ad"], r"unknown format"),
     "batch key": (
         ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--batch-key", "sample"],
-        r"batch_key='sample' is not a column of adata.obs \(columns: 'cell_type'",
+        r"--batch-key sample is not a column of adata.obs \(columns: 'cell_type'",
     ),
     "labels key": (
         ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--labels-key", "x"],
-        r"labels_key='x' is not a column",
+        r"--labels-key x is not a column",
     ),
     "layer": (
         ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--layer", "raw"],
@@ -248,7 +248,8 @@ FIT_ERRORS = {
     ),
     "not counts": (
         ["fit", "{d}/lognorm.h5ad", "-o", "{t}/out.h5ad"],
-        r"non-integer values .* expects raw integer counts. It looks log-normalised",
+        r"non-integer values .* expects raw integer counts. It looks log-normalised .* Pass the "
+        r"raw counts: --layer counts if that layer holds them",
     ),
     "output folder missing": (
         ["fit", "{d}/counts.h5ad", "-o", "{t}/no/out.h5ad"],
@@ -288,11 +289,11 @@ FIT_ERRORS = {
     ),
     "n latent": (
         ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--n-latent", "0"],
-        r"n_latent must be a whole number >= 1",
+        r"--n-latent must be a whole number >= 1, got 0",
     ),
     "device": (
         ["fit", "{d}/counts.h5ad", "-o", "{t}/out.h5ad", "--device", "tpu9"],
-        r"device='tpu9' is not a torch device",
+        r"--device tpu9 is not a torch device",
     ),
     "not counts, plots asked": (  # the plots folder is made only once there are plots
         ["fit", "{d}/lognorm.h5ad", "-o", "{t}/out.h5ad", "--plots", "{t}/plots"],
@@ -338,7 +339,7 @@ def test_fit_takes_fractional_counts_only_when_allowed(counts, tmp_path, capsys)
     fractional.write_h5ad(tmp_path / "fractional.h5ad")
     argv = ["fit", tmp_path / "fractional.h5ad", "-o", tmp_path / "out.h5ad", "--max-epochs", "1"]
     code, _, err = run(argv, capsys)
-    check_one_line_error(code, err, "fit", r"pass allow_non_integer=True \(scvae fit: --allow-non")
+    check_one_line_error(code, err, "fit", r"counts\), pass --allow-non-integer; if not")
     code, _, err = run([*argv, "--allow-non-integer"], capsys)
     assert code == 0, err
     assert (tmp_path / "out.h5ad").exists()
@@ -404,7 +405,7 @@ def test_a_failed_run_keeps_the_previous_output(files, tmp_path, capsys):
     out.write_bytes(b"previous result")
     argv = ["fit", files / "counts.h5ad", "-o", out, "--overwrite", "--batch-key", "nope"]
     code, _, err = run(argv, capsys)
-    check_one_line_error(code, err, "fit", "batch_key='nope'")
+    check_one_line_error(code, err, "fit", "--batch-key nope is not a column")
     assert out.read_bytes() == b"previous result"
     assert [p.name for p in tmp_path.iterdir()] == ["out.h5ad"]
 
@@ -450,6 +451,16 @@ DE_ERRORS = {
     "other genes": (
         ["de", "{d}/model", "{d}/other_genes.h5ad", "--groupby", "cell_type", "-o", "{t}/de.csv"],
         r"gene",
+    ),
+    "fdr target": (
+        ["de", "{d}/model", "{d}/counts.h5ad", "--groupby", "cell_type", "-o", "{t}/de.csv"]
+        + ["--mode", "change", "--fdr-target", "2"],
+        r"error: --fdr-target must lie in \(0, 1\), got 2.0",
+    ),
+    "samples": (
+        ["de", "{d}/model", "{d}/counts.h5ad", "--groupby", "cell_type", "-o", "{t}/de.csv"]
+        + ["--n-samples-overall", "0"],
+        r"error: --n-samples-overall must be a positive integer, got 0",
     ),
     "unwritable output": (
         ["de", "{d}/model", "{d}/counts.h5ad", "--groupby", "cell_type", "-o", "{d}/a_file/de.csv"],
@@ -577,3 +588,26 @@ def test_fit_refuses_existing_plots_without_overwrite(files, tmp_path, capsys):
     assert code == 0, err
     assert (plots / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (plots / "mine.txt").read_text() == "kept"
+
+
+def test_messages_name_flags_not_python_options():
+    from scvae.cli import _as_flags, build_parser
+
+    flags = build_parser().parse_args(["fit", "in.h5ad", "-o", "o.h5ad"]).flags
+    assert flags["layer"] == ("--layer", False) and flags["allow_non_integer"][1] is True
+    cases = {
+        "Layer 'raw' is not in adata.layers. Pass layer= naming it, or layer=None for adata.X.": (
+            "Layer 'raw' is not in adata.layers. Pass --layer naming it, or no --layer for adata.X."
+        ),
+        "registered with layer='my counts' (allow_non_integer=False)": (
+            "registered with --layer 'my counts' (no --allow-non-integer)"
+        ),
+        "n_processes=4 on CUDA; seed must be >= 0; the seed of adata.obs['batch_key']": (
+            "--n-processes 4 on CUDA; --seed must be >= 0; the seed of adata.obs['batch_key']"
+        ),
+        "model.registry.batch_key is 'b'; batch_size=2 is not a flag": (
+            "model.registry.batch_key is 'b'; batch_size=2 is not a flag"
+        ),
+    }
+    for message, expected in cases.items():
+        assert _as_flags(message, "fit", flags) == expected
