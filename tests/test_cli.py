@@ -611,3 +611,17 @@ def test_messages_name_flags_not_python_options():
     }
     for message, expected in cases.items():
         assert _as_flags(message, "fit", flags) == expected
+
+
+def test_python_dash_m_scvae_is_the_command(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    run_m = [sys.executable, "-m", "scvae"]
+    shown = subprocess.run(
+        [*run_m, "fit", "--help"], capture_output=True, text=True, env=env, check=False
+    )
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: scvae fit")
+    argv = ["fit", str(tmp_path / "nowhere.h5ad"), "-o", str(tmp_path / "o.h5ad")]
+    proc = subprocess.run([*run_m, *argv], capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("scvae fit: error: No file or folder at")
+    assert proc.stderr.count("\n") == 1 and list(tmp_path.iterdir()) == []
