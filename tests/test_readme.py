@@ -45,7 +45,7 @@ def test_quickstart_runs_and_plots_genes_from_the_denoised_layer(tmp_path, monke
 
         return record
 
-    for name in ("umap", "rank_genes_groups_dotplot"):
+    for name in ("umap", "rank_genes_groups_matrixplot"):
         monkeypatch.setattr(sc.pl, name, recording(getattr(sc.pl, name)))
     namespace: dict = {}
     exec(compile(quickstart(), str(README), "exec"), namespace)  # noqa: S102
@@ -55,9 +55,9 @@ def test_quickstart_runs_and_plots_genes_from_the_denoised_layer(tmp_path, monke
     gene_plots = [
         (name, kwargs, ready)
         for name, kwargs, ready in plots
-        if name == "rank_genes_groups_dotplot" or set(kwargs.get("color", [])) & genes
+        if name == "rank_genes_groups_matrixplot" or set(kwargs.get("color", [])) & genes
     ]
-    assert {name for name, _, _ in gene_plots} == {"umap", "rank_genes_groups_dotplot"}
+    assert {name for name, _, _ in gene_plots} == {"umap", "rank_genes_groups_matrixplot"}
     for name, kwargs, ready in gene_plots:
         assert kwargs.get("layer") == LAYER and ready, name  # not the raw counts of X
     plt.close("all")
