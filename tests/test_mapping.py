@@ -330,3 +330,24 @@ def test_ldvae_reference_with_encoded_batches_maps_a_query(split):
     model = scvae.LDVAE.load_query_data(query, ref)
     model.train(max_epochs=2, weight_decay=0.0)
     assert model.get_loadings().shape == (reference.n_vars, 3)
+
+
+def test_query_batches_match_the_reference_as_numbers(split):
+    """A float query column's 1.0 is the reference's integer batch 1 (as in scvi-tools, whose
+    categorical dtype compares numbers), not a new batch "1.0"."""
+    reference, query = split
+    reference = reference.copy()
+    reference.obs["batch"] = np.where(reference.obs["batch"] == "batch0", 1, 2)
+    ref = scvae.SCVAE(reference, batch_key="batch", **ARCHES)
+    query = query.copy()
+    query.obs["batch"] = np.where(query.obs["batch"] == "batch1", 2.0, 3.0)
+    model = scvae.SCVAE.load_query_data(query, ref)
+    assert model.registry.batch_categories == ["1", "2", "3.0"]
+    codes = model.registry.batch_codes(query)
+    np.testing.assert_array_equal(codes, np.where(query.obs["batch"] == 2.0, 1, 2))
+    # the reference itself reads a float column of its integer batches
+    as_float = reference[:20].copy()
+    as_float.obs["batch"] = as_float.obs["batch"].astype(float)
+    np.testing.assert_array_equal(
+        ref.registry.batch_codes(as_float), ref.registry.batch_codes(reference[:20])
+    )

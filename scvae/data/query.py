@@ -12,7 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scvae._settings import logger
-from scvae.data.registry import Registry, RegistryError
+from scvae.data.registry import CategoryMatcher, Registry, RegistryError
 
 # Below this share of the reference's genes present in the query, mapping is unreliable.
 MIN_GENE_SHARE = 0.8
@@ -92,11 +92,31 @@ def pad_query_genes(adata: ad.AnnData, var_names: Sequence[str]) -> ad.AnnData:
     return out
 
 
-def _present_categories(column: pd.Series) -> list[str]:
+def new_categories(column: pd.Series, known: list[str]) -> list[str]:
+    """The values of ``column`` that match none of the ``known`` categories, as text.
+
+    Values are matched as :class:`~scvae.data.registry.CategoryMatcher` does (numbers as
+    numbers: a float 1.0 is the known integer category "1"). New ones come in the column's
+    category order (a categorical column) or sorted by text, once each.
+
+    Examples
+    --------
+    >>> new_categories(pd.Series([1.0, 3.0, 3.0]), ["1", "2"])
+    ['3.0']
+    """
+    matcher = CategoryMatcher(known)
+    _, unmatched = matcher.codes(column)
     if isinstance(column.dtype, pd.CategoricalDtype):
-        present = set(column.astype(str))
-        return [str(c) for c in column.cat.categories if str(c) in present]
-    return sorted(map(str, column.unique()))
+        order = {c: i for i, c in enumerate(column.cat.categories)}
+        unmatched.sort(key=lambda v: order[v])
+    else:
+        unmatched.sort(key=str)
+    new: list[str] = []
+    for value in unmatched:
+        if matcher.code(value) < 0:  # e.g. 3 and "3" in one object column: one category
+            matcher.add(str(value), len(known) + len(new))
+            new.append(str(value))
+    return new
 
 
 def query_registry(
@@ -131,8 +151,7 @@ def query_registry(
         )
     if adata.obs[key].isna().any():
         raise RegistryError(f"adata.obs[{key!r}] has missing values; name every cell's batch.")
-    known = set(reference.batch_categories)
-    new = [b for b in _present_categories(adata.obs[key]) if b not in known]
+    new = new_categories(adata.obs[key], reference.batch_categories)
     registry = replace(
         reference,
         batch_categories=[*reference.batch_categories, *new],

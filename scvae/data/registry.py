@@ -557,17 +557,81 @@ def _categories(adata: ad.AnnData, key: str | None, what: str) -> list[str]:
     return sorted(map(str, column.unique()))
 
 
+def _as_number(value: Any) -> float | None:
+    """``value`` as a finite float when it is a real number (booleans are not), else None."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
+        return None
+    number = float(value)
+    return number if np.isfinite(number) else None
+
+
+class CategoryMatcher:
+    """Finds a value's position among registered categories (text, as registered).
+
+    A value matches the category with its text (``str(value)``); a number whose text is no
+    category matches the category that reads as the same number, so a float column's 1.0
+    finds the category "1" registered from an integer 1 (and an integer 1 finds "1.0"), as
+    pandas' categorical matching does in scvi-tools. A number two categories read as is
+    ambiguous and matches neither.
+
+    Examples
+    --------
+    >>> m = CategoryMatcher(["1", "2", "b"])
+    >>> m.code(1.0), m.code(np.int64(2)), m.code("b"), m.code(3.0), m.code("1.0")
+    (0, 1, 2, -1, -1)
+    """
+
+    def __init__(self, categories: list[str]) -> None:
+        self.exact: dict[str, int] = {}
+        self.numeric: dict[float, int] = {}
+        ambiguous: set[float] = set()
+        for i, category in enumerate(categories):
+            self.add(category, i, ambiguous)
+
+    def add(self, category: str, code: int, ambiguous: set[float] | None = None) -> None:
+        """Register one more category under ``code``."""
+        self.exact.setdefault(category, code)
+        try:  # only plain number texts ("1", "1.5", "1e3"), not " 1" or "1_000"
+            number = (
+                float(category) if category == category.strip() and "_" not in category else None
+            )
+        except ValueError:
+            number = None
+        if number is None or not np.isfinite(number):
+            return
+        if ambiguous is not None and (number in self.numeric or number in ambiguous):
+            self.numeric.pop(number, None)
+            ambiguous.add(number)
+        elif number not in self.numeric:
+            self.numeric[number] = code
+
+    def code(self, value: Any) -> int:
+        """The category of ``value`` (-1: none)."""
+        found = self.exact.get(str(value))
+        if found is not None:
+            return found
+        number = _as_number(value)
+        return -1 if number is None else self.numeric.get(number, -1)
+
+    def codes(self, column: pd.Series) -> tuple[np.ndarray, list[Any]]:
+        """Each cell's category (-1: none) and the distinct values that match none, in
+        order of appearance."""
+        inverse, uniques = pd.factorize(column)
+        found = np.fromiter((self.code(u) for u in uniques), dtype=np.int64, count=len(uniques))
+        codes = np.where(inverse >= 0, found[np.maximum(inverse, 0)], -1)
+        return codes, [u for u, f in zip(uniques, found, strict=True) if f < 0]
+
+
 def _codes(adata: ad.AnnData, key: str | None, categories: list[str], what: str) -> np.ndarray:
     if key is None:
         return np.zeros(adata.n_obs, dtype=np.int64)
-    values = _column(adata, key, what).astype(str).to_numpy()
-    lookup = {c: i for i, c in enumerate(categories)}
-    unknown = sorted(set(values) - lookup.keys())
+    codes, unknown = CategoryMatcher(categories).codes(_column(adata, key, what))
     if unknown:
+        names = sorted(map(str, unknown))
         raise RegistryError(
             f"adata.obs[{key!r}] has categories the model was not trained with: "
-            f"{', '.join(map(repr, unknown[:5]))} "
+            f"{', '.join(map(repr, names[:5]))} "
             f"(known: {', '.join(map(repr, categories[:10]))}). "
             "Use cells of the registered categories."
         )
-    return np.fromiter((lookup[v] for v in values), dtype=np.int64, count=len(values))
+    return codes
