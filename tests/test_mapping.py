@@ -351,3 +351,12 @@ def test_query_batches_match_the_reference_as_numbers(split):
     np.testing.assert_array_equal(
         ref.registry.batch_codes(as_float), ref.registry.batch_codes(reference[:20])
     )
+
+
+def test_prepare_query_copies_uns_deeply(split, reference_model):
+    query = split[1].copy()
+    query.uns["nested"] = {"inner": {"value": 1}, "list": [1, 2]}
+    prepared = scvae.SCVAE.prepare_query_anndata(query, reference_model)
+    prepared.uns["nested"]["inner"]["value"] = 2
+    prepared.uns["nested"]["list"].append(3)
+    assert query.uns["nested"] == {"inner": {"value": 1}, "list": [1, 2]}

@@ -3,6 +3,7 @@ added to the reference's registry. AnnData and numpy only (the surgery is in scv
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -35,9 +36,10 @@ def pad_query_genes(adata: ad.AnnData, var_names: Sequence[str]) -> ad.AnnData:
     """A new AnnData with ``var_names`` as its genes, in that order; genes the query lacks are
     zero in ``X`` and in every layer, genes the reference lacks are dropped.
 
-    ``obs``, ``obsm`` and ``uns`` are copied; ``var`` keeps the query's columns for the genes it
-    has (missing genes get NaN). Logs how many genes were padded and dropped. A backed query is
-    read into memory (the result is an in-memory AnnData).
+    ``obs``, ``obsm`` and ``uns`` are copied (``uns`` deeply: nested dictionaries are new
+    too, so editing the result leaves the input as it was); ``var`` keeps the query's columns
+    for the genes it has (missing genes get NaN). Logs how many genes were padded and dropped.
+    A backed query is read into memory (the result is an in-memory AnnData).
 
     Examples
     --------
@@ -86,7 +88,7 @@ def pad_query_genes(adata: ad.AnnData, var_names: Sequence[str]) -> ad.AnnData:
         obs=adata.obs.copy(),
         var=var,
         obsm={k: v.copy() for k, v in adata.obsm.items()},
-        uns=dict(adata.uns),
+        uns=copy.deepcopy(dict(adata.uns)),
         layers={k: _reorder(v, pos) for k, v in adata.layers.items()},
     )
     return out
