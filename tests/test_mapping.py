@@ -360,3 +360,17 @@ def test_prepare_query_copies_uns_deeply(split, reference_model):
     prepared.uns["nested"]["inner"]["value"] = 2
     prepared.uns["nested"]["list"].append(3)
     assert query.uns["nested"] == {"inner": {"value": 1}, "list": [1, 2]}
+
+
+def test_unseen_categorical_covariate_value_is_refused_with_the_options(split):
+    reference, query = split
+    reference, query = reference.copy(), query.copy()
+    reference.obs["donor"] = np.where(np.arange(reference.n_obs) % 2, "d1", "d2")
+    query.obs["donor"] = "d3"
+    ref = scvae.SCVAE(reference, batch_key="batch", categorical_covariate_keys=["donor"], **ARCHES)
+    with pytest.raises(RegistryError, match="cannot add categories") as info:
+        scvae.SCVAE.load_query_data(query, ref)
+    assert "'d3'" in str(info.value) and "batch_key" in str(info.value)
+    assert "recode" in str(info.value)
+    query.obs["donor"] = "d1"  # a value the reference knows maps as before
+    assert scvae.SCVAE.load_query_data(query, ref).registry.n_batch == 3

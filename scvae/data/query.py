@@ -154,6 +154,22 @@ def query_registry(
     if adata.obs[key].isna().any():
         raise RegistryError(f"adata.obs[{key!r}] has missing values; name every cell's batch.")
     new = new_categories(adata.obs[key], reference.batch_categories)
+    for cov in reference.categorical_covariate_keys:
+        if cov not in adata.obs or adata.obs[cov].isna().any():
+            continue  # the registry's check names a missing column or value
+        known = reference.categorical_covariate_categories[cov]
+        unseen = new_categories(adata.obs[cov], known)
+        if unseen:
+            raise RegistryError(
+                f"adata.obs[{cov!r}] (a categorical covariate) has values the reference was "
+                f"not trained with: {', '.join(map(repr, unseen[:5]))} (reference: "
+                f"{', '.join(map(repr, known[:10]))}). scvae's mapping cannot add categories "
+                "to a categorical covariate (scvi-tools' load_query_data adds them and trains "
+                "their columns); it adds new batches only. Either recode those cells to a "
+                f"value the reference knows, or train the reference with this factor in "
+                f"batch_key instead of categorical_covariate_keys (e.g. obs[{key!r}] + '_' + "
+                f"obs[{cov!r}]), so each new value comes as a new batch."
+            )
     registry = replace(
         reference,
         batch_categories=[*reference.batch_categories, *new],
