@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING
 
 import anndata as ad
@@ -82,6 +83,13 @@ def load_query_data(
     best with ``use_layer_norm="both", use_batch_norm="none"``, whose normalisation has no
     running statistics fitted to the reference's batches.
 
+    Warnings (:class:`UserWarning`): a reference that was never trained (its encoder is
+    random; until the query model is trained, ``get_latent_representation`` warns too,
+    where scvi-tools raises), and a query with no new batch. scvae keeps the columns of
+    the reference's batches and categorical covariates frozen (scvi-tools trains them),
+    so a query of reference batches only gets nothing that fits it to the query's cells:
+    the warning names what ``train`` would still fit (e.g. the decoder's batch norm).
+
     Parameters
     ----------
     adata
@@ -106,6 +114,7 @@ def load_query_data(
     >>> import scvae
     >>> ref_data = scvae.data.simulate(100, 30, n_batches=2, seed=0)
     >>> ref = scvae.SCVAE(ref_data, batch_key="batch", encode_covariates=True)
+    >>> ref.train(max_epochs=1, progress_bar=False)
     >>> query = scvae.data.simulate(40, 30, seed=1)
     >>> query.obs["batch"] = "lab2"
     >>> model = scvae.SCVAE.load_query_data(query, ref)
@@ -152,6 +161,32 @@ def load_query_data(
     model._decoder_bias = module.config.decoder_bias
     model._setup(adata, registry, module.to(resolve_device(device)))
     model.frozen = surgery.freeze_reference(model.module, n_ref, freeze)
+    model._untrained_reference = not reference.is_trained
+    if not reference.is_trained:
+        warnings.warn(
+            f"The reference {type(reference).__name__} has not been trained: its encoder is "
+            "random, and so would be the query's latent. Train the reference first "
+            "(reference.train(...)), then map the query onto it.",
+            UserWarning,
+            stacklevel=2,
+        )
+    if not new and not unfrozen:
+        parts = surgery.trainable_modules(model.module, model.frozen)
+        fits = f"only {', '.join(parts)}" if parts else "nothing (every weight is frozen)"
+        if not any(part.startswith("z_encoder.") for part in parts):
+            fits += (
+                ", and the query's latent stays the reference's "
+                "(reference_model.get_latent_representation(query) gives it without training)"
+            )
+        warnings.warn(
+            f"None of the query's batches is new (all are in the reference's "
+            f"adata.obs[{registry.batch_key!r}]), so mapping adds no columns to train. scvae "
+            "keeps the reference's batch and covariate columns frozen (scvi-tools trains "
+            f"them): model.train() fits {fits}. To fit the query's own batch effect, give its "
+            "cells a new batch name.",
+            UserWarning,
+            stacklevel=2,
+        )
     logger.info(
         "Query of %d cells: %d new batch(es) %s added to the reference's %d; %d cells of "
         "reference batches keep their codes.",

@@ -337,6 +337,8 @@ class SCVAE:
         self.train_indices = np.array([], dtype=np.int64)
         self.validation_indices = np.array([], dtype=np.int64)
         self.train_config: dict[str, Any] = {}
+        # set by load_query_data: a query model of an untrained reference warns as untrained
+        self._untrained_reference = False
 
     # ------------------------------------------------------------------ basics
     @property

@@ -82,14 +82,24 @@ def cell_indices(indices: Sequence[int] | np.ndarray | None, n_obs: int) -> np.n
 def _warn_if_untrained(model: SCVAE, query: str) -> None:
     """Warn that an untrained model's encoder is random (scvi-tools refuses the query).
 
-    A query model from ``load_query_data`` carries the reference's trained encoder, so it is
-    not warned about before its own training.
+    A query model from ``load_query_data`` carries the reference's encoder, so it is not
+    warned about before its own training, unless that reference was never trained.
     """
-    if not model.is_trained and getattr(model, "frozen", None) is None:
+    if model.is_trained:
+        return
+    if getattr(model, "frozen", None) is None:
         warnings.warn(
             f"{query} on a model that has not been trained: its encoder is random, so is the "
             "result. Call model.train() first, or load a trained model with "
             "SCVAE.load(dir_path, adata).",
+            UserWarning,
+            stacklevel=3,
+        )
+    elif getattr(model, "_untrained_reference", False):
+        warnings.warn(
+            f"{query} on a query model whose reference was never trained: the encoder it "
+            "carries is random, so is the result. Train the reference, then map the query "
+            "onto it again with load_query_data.",
             UserWarning,
             stacklevel=3,
         )

@@ -338,6 +338,27 @@ def freeze_reference(
     return frozen
 
 
+def trainable_modules(module: nn.Module, frozen: FrozenReference) -> list[str]:
+    """Names of the submodules with a parameter that training can change under ``frozen``
+    (a masked parameter counts only when its mask lets some entry train).
+
+    Examples
+    --------
+    >>> from scvae.module import VAE, ModuleConfig
+    >>> m = add_batches(VAE(ModuleConfig(n_input=6, n_batch=2, encode_covariates=True)), 0)
+    >>> trainable_modules(m, freeze_reference(m, 2))
+    ['decoder.px_decoder.layers.0.1']
+    """
+    names: list[str] = []
+    for name, p in module.named_parameters():
+        mask = frozen.masked.get(name)
+        if p.requires_grad and (mask is None or bool(mask.any())):
+            owner = name.rsplit(".", 1)[0] if "." in name else name
+            if owner not in names:
+                names.append(owner)
+    return names
+
+
 def _restorer(masks: list[_Mask]) -> Callable:
     def hook(*_args) -> None:
         _restore_all(masks)

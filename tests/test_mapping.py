@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -16,6 +17,11 @@ from scvae.data.registry import RegistryError
 from scvae.label_transfer import transfer_labels
 
 ARCHES = {"encode_covariates": True, "use_layer_norm": "both", "use_batch_norm": "none"}
+# for tests that map onto an untrained reference on purpose (speed): its warnings are expected
+UNTRAINED_REFERENCE = pytest.mark.filterwarnings(
+    "ignore:The reference .* has not been trained:UserWarning",
+    "ignore:.*whose reference was never trained:UserWarning",
+)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +119,7 @@ def test_load_query_refuses_unaligned_genes_then_works_after_prepare(split, refe
     assert model.get_latent_representation().shape == (query.n_obs, 10)
 
 
+@UNTRAINED_REFERENCE
 def test_reference_that_cannot_move_the_query_is_refused(split):
     reference = scvae.SCVAE(split[0], batch_key="batch")  # encode_covariates=False
     with pytest.raises(ValueError, match="encode_covariates=True"):
@@ -147,8 +154,15 @@ def test_query_of_reference_batches_only_is_mapped_as_the_reference(split, refer
     """No new batch: nothing is added, nothing trains, the query lands where the reference
     puts it (documented: cells of a batch the reference knows keep that batch's code)."""
     known = split[1][split[1].obs["batch"] == "batch1"].copy()
-    with caplog.at_level(logging.INFO, logger="scvae"):
+    with (
+        caplog.at_level(logging.INFO, logger="scvae"),
+        pytest.warns(UserWarning, match="None of the query's batches is new") as record,
+    ):
         model = scvae.SCVAE.load_query_data(known, reference_model)
+    # layer norm, no batch norm, observed library: no parameter is left to train
+    message = str(record[0].message)
+    assert "fits nothing (every weight is frozen), and the query's latent stays" in message
+    assert "scvi-tools trains" in message and "new batch name" in message
     assert "0 new batch(es)" in caplog.text
     assert model.registry.batch_categories == ["batch0", "batch1"]
     expected = reference_model.get_latent_representation(known)
@@ -191,6 +205,7 @@ def test_reference_and_its_files_are_unchanged(split, reference_model, tmp_path)
     assert reference_model.registry.batch_categories == ["batch0", "batch1"]
 
 
+@UNTRAINED_REFERENCE
 def test_library_prior_of_new_batches_comes_from_the_query(split):
     reference, query = split
     ref = scvae.SCVAE(reference, batch_key="batch", use_observed_lib_size=False, **ARCHES)
@@ -238,6 +253,7 @@ def test_query_model_saves_and_loads(split, reference_model, tmp_path):
     )
 
 
+@UNTRAINED_REFERENCE
 def test_reference_labels_are_not_needed_in_the_query(split):
     reference, query = split
     ref = scvae.SCVAE(reference, batch_key="batch", labels_key="cell_type", **ARCHES)
@@ -332,6 +348,7 @@ def test_ldvae_reference_with_encoded_batches_maps_a_query(split):
     assert model.get_loadings().shape == (reference.n_vars, 3)
 
 
+@UNTRAINED_REFERENCE
 def test_query_batches_match_the_reference_as_numbers(split):
     """A float query column's 1.0 is the reference's integer batch 1 (as in scvi-tools, whose
     categorical dtype compares numbers), not a new batch "1.0"."""
@@ -362,6 +379,7 @@ def test_prepare_query_copies_uns_deeply(split, reference_model):
     assert query.uns["nested"] == {"inner": {"value": 1}, "list": [1, 2]}
 
 
+@UNTRAINED_REFERENCE
 def test_unseen_categorical_covariate_value_is_refused_with_the_options(split):
     reference, query = split
     reference, query = reference.copy(), query.copy()
@@ -374,3 +392,39 @@ def test_unseen_categorical_covariate_value_is_refused_with_the_options(split):
     assert "recode" in str(info.value)
     query.obs["donor"] = "d1"  # a value the reference knows maps as before
     assert scvae.SCVAE.load_query_data(query, ref).registry.n_batch == 3
+
+
+@UNTRAINED_REFERENCE
+def test_query_of_reference_batches_only_names_what_still_trains(split):
+    """With the decoder's batch norm (default options), that is what train() fits."""
+    ref = scvae.SCVAE(split[0], batch_key="batch", encode_covariates=True)
+    known = split[1][split[1].obs["batch"] == "batch1"].copy()
+    with pytest.warns(UserWarning, match="None of the query's batches is new") as record:
+        scvae.SCVAE.load_query_data(known, ref)
+    message = next(str(w.message) for w in record if "None of" in str(w.message))
+    assert "fits only decoder.px_decoder.layers.0.1, and the query's latent stays" in message
+    with pytest.warns(UserWarning, match="None of the query") as record:
+        scvae.SCVAE.load_query_data(known, ref, freeze_expression=False)
+    message = next(str(w.message) for w in record if "None of" in str(w.message))
+    assert "z_encoder.encoder.layers.0.0" in message and "latent stays" not in message
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "None of the query", UserWarning)  # new batches
+        scvae.SCVAE.load_query_data(split[1], ref, unfrozen=True)
+        scvae.SCVAE.load_query_data(known, ref, unfrozen=True)  # everything trains
+
+
+def test_untrained_reference_warns_at_mapping_and_until_the_query_is_trained(
+    split, reference_model
+):
+    """scvi-tools raises at get_latent_representation of such a query model; scvae warns."""
+    untrained = scvae.SCVAE(split[0], batch_key="batch", **ARCHES)
+    with pytest.warns(UserWarning, match="has not been trained.*Train the reference first"):
+        model = scvae.SCVAE.load_query_data(split[1], untrained)
+    with pytest.warns(UserWarning, match="whose reference was never trained"):
+        model.get_latent_representation()
+    model.train(max_epochs=1, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model.get_latent_representation()
+        # a trained reference: no warning at mapping nor before the query's training
+        scvae.SCVAE.load_query_data(split[1], reference_model).get_latent_representation()
