@@ -122,6 +122,9 @@ def load_query_data(
     ['batch0', 'batch1', 'lab2']
     >>> model.train(max_epochs=1, weight_decay=0.0, progress_bar=False)
     """
+    from scvae.model import _refuse_backed_view  # at call time, as in _reference
+
+    _refuse_backed_view(adata)
     reference = _reference(cls, reference_model)
     if type(reference) is not cls:
         name = type(reference).__name__

@@ -428,3 +428,15 @@ def test_untrained_reference_warns_at_mapping_and_until_the_query_is_trained(
         model.get_latent_representation()
         # a trained reference: no warning at mapping nor before the query's training
         scvae.SCVAE.load_query_data(split[1], reference_model).get_latent_representation()
+
+
+def test_load_query_refuses_a_view_of_a_backed_query_in_scvae_words(
+    split, reference_model, tmp_path
+):
+    split[1].write_h5ad(tmp_path / "query.h5ad")
+    backed = ad.read_h5ad(tmp_path / "query.h5ad", backed="r")
+    try:
+        with pytest.raises(ValueError, match=r"subset \(view\) of a backed AnnData"):
+            scvae.SCVAE.load_query_data(backed[:20], reference_model)
+    finally:
+        backed.file.close()
