@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import anndata as ad
 import numpy as np
@@ -40,7 +42,8 @@ def prepare_query_anndata(
     adata
         The query's raw counts.
     reference_model
-        The reference, as a model or a directory saved by :meth:`save`.
+        The reference, as a model or a directory saved by :meth:`save`; only its genes are
+        read, so any scvae model (an :class:`~scvae.LDVAE` too) will do.
 
     Examples
     --------
@@ -51,7 +54,7 @@ def prepare_query_anndata(
     >>> scvae.SCVAE.prepare_query_anndata(query, ref).var_names.equals(ref.var_names)
     True
     """
-    reference = _reference(cls, reference_model)
+    reference = _reference(cls, reference_model, any_class=True)
     return pad_query_genes(adata, reference.registry.var_names)
 
 
@@ -126,10 +129,7 @@ def load_query_data(
 
     _refuse_backed_view(adata)
     reference = _reference(cls, reference_model)
-    if type(reference) is not cls:
-        name = type(reference).__name__
-        raise TypeError(f"The reference is a {name}; use scvae.{name}.load_query_data.")
-    surgery.check_mappable(reference.module)
+    surgery.check_mappable(reference.module, model_class=type(reference).__name__)
     if list(map(str, adata.var_names)) != reference.registry.var_names:
         raise RegistryError(
             "The query's genes are not the reference's, in the reference's order; run "
@@ -202,10 +202,47 @@ def load_query_data(
     return model
 
 
-def _reference(cls: type[SCVAE], reference_model: SCVAE | str | os.PathLike) -> SCVAE:
-    """The reference model itself, or the one saved in the directory ``reference_model``."""
+def _reference(
+    cls: type[SCVAE], reference_model: SCVAE | str | os.PathLike, *, any_class: bool = False
+) -> SCVAE:
+    """The reference model itself, or the one saved in the directory ``reference_model``.
+
+    A reference of another scvae class than ``cls`` is refused with the class to use
+    (``load_query_data`` makes a model of the reference's class), or taken as it is when
+    ``any_class`` (``prepare_query_anndata`` reads only its genes).
+    """
     from scvae.model import SCVAE  # at call time: scvae.model binds this module's functions
 
     if isinstance(reference_model, SCVAE):
-        return reference_model
-    return cls.load(reference_model, device="cpu")
+        reference = reference_model
+    else:
+        saved = _saved_class(reference_model)
+        load_cls = saved if saved is not None and any_class else cls
+        if saved is not None and saved is not cls and not any_class:
+            _wrong_class(saved.__name__, f" saved in {reference_model}")
+        reference = load_cls.load(reference_model, device="cpu")
+    if type(reference) is not cls and not any_class:
+        _wrong_class(type(reference).__name__, "")
+    return reference
+
+
+def _wrong_class(name: str, where: str) -> NoReturn:
+    raise TypeError(
+        f"The reference{where} is a {name}, and a query model is of its reference's class: "
+        f"use scvae.{name}.load_query_data."
+    )
+
+
+def _saved_class(dir_path: str | os.PathLike) -> type[SCVAE] | None:
+    """The scvae class named in a model directory's description; None when it names none
+    that exists here (``load`` then says what is wrong with the directory)."""
+    from scvae.model import SCVAE
+
+    try:
+        name = json.loads((Path(dir_path) / "model.json").read_text()).get("model_class", "SCVAE")
+    except (OSError, ValueError, AttributeError):
+        return None
+    classes = [SCVAE]
+    for c in classes:  # SCVAE and its subclasses (LDVAE), however deep
+        classes.extend(c.__subclasses__())
+    return next((c for c in classes if c.__name__ == name), None)

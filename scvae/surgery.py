@@ -76,11 +76,13 @@ class FreezeConfig:
     freeze_batchnorm_decoder: bool = False
 
 
-def check_mappable(module: VAE) -> None:
+def check_mappable(module: VAE, *, model_class: str = "SCVAE") -> None:
     """Refuse a reference whose latent cannot move for a query.
 
     With ``encode_covariates=False`` the encoder never sees the batch, so adding batch columns
     changes only the decoder and the query's latent stays where the reference puts it.
+    ``model_class`` (the reference's class name) picks the options the message recommends:
+    ``LDVAE`` takes no ``use_layer_norm``.
 
     Examples
     --------
@@ -88,11 +90,14 @@ def check_mappable(module: VAE) -> None:
     >>> check_mappable(VAE(ModuleConfig(n_input=5, encode_covariates=True)))
     """
     if not module.config.encode_covariates:
+        options = "batch_key=..., encode_covariates=True"
+        if model_class == "SCVAE":
+            options += ', use_layer_norm="both", use_batch_norm="none"'
         raise ValueError(
             "This reference was trained with encode_covariates=False: its encoder never sees the "
             "batch, so surgery could only change the decoder and the query's latent could not "
-            "move. Train the reference with SCVAE(..., batch_key=..., encode_covariates=True) "
-            '(use_layer_norm="both", use_batch_norm="none" recommended) to map queries onto it.'
+            f"move. Train the reference with scvae.{model_class}(adata, {options}) to map "
+            "queries onto it."
         )
 
 

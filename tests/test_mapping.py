@@ -440,3 +440,26 @@ def test_load_query_refuses_a_view_of_a_backed_query_in_scvae_words(
             scvae.SCVAE.load_query_data(backed[:20], reference_model)
     finally:
         backed.file.close()
+
+
+def test_ldvae_reference_messages_name_ldvae(split, tmp_path):
+    reference, query = split
+    ref = scvae.LDVAE(reference, batch_key="batch", encode_covariates=True, n_latent=3)
+    ref.train(max_epochs=1)
+    ref.save(tmp_path / "ldvae")
+    for given in (ref, tmp_path / "ldvae"):
+        with pytest.raises(TypeError, match=r"use scvae\.LDVAE\.load_query_data"):
+            scvae.SCVAE.load_query_data(query, given)
+    # prepare_query_anndata reads only the genes: any scvae model directory will do
+    shuffled = query[:, ::-1].copy()
+    prepared = scvae.SCVAE.prepare_query_anndata(shuffled, tmp_path / "ldvae")
+    assert list(prepared.var_names) == list(ref.var_names)
+    # an SCVAE directory given to LDVAE.load_query_data is named the other way round
+    scvae.SCVAE(reference, batch_key="batch", **ARCHES).save(tmp_path / "scvae")
+    with pytest.raises(TypeError, match=r"use scvae\.SCVAE\.load_query_data"):
+        scvae.LDVAE.load_query_data(query, tmp_path / "scvae")
+    plain = scvae.LDVAE(reference, batch_key="batch")  # encode_covariates=False
+    with pytest.raises(ValueError, match="encode_covariates=False") as info:
+        scvae.LDVAE.load_query_data(query, plain)
+    assert "scvae.LDVAE(adata, batch_key=..., encode_covariates=True)" in str(info.value)
+    assert "use_layer_norm" not in str(info.value)
