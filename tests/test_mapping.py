@@ -463,3 +463,45 @@ def test_ldvae_reference_messages_name_ldvae(split, tmp_path):
         scvae.LDVAE.load_query_data(query, plain)
     assert "scvae.LDVAE(adata, batch_key=..., encode_covariates=True)" in str(info.value)
     assert "use_layer_norm" not in str(info.value)
+
+
+def test_transfer_labels_unlabeled_reference_cells_do_not_vote():
+    """scANVI's convention: reference cells of ``unlabeled_category`` have no label."""
+    ref = ad.AnnData(np.zeros((4, 1), dtype=np.float32))
+    ref.obs["cell_type"] = ["unlabeled", "unlabeled", "A", "B"]
+    ref.obsm["X_scvae"] = np.array([[0.0], [0.1], [1.0], [5.0]])
+    query = ad.AnnData(np.zeros((1, 1), dtype=np.float32))
+    query.obsm["X_scvae"] = np.array([[0.0]])
+    assert (
+        transfer_labels(ref, query, "cell_type", n_neighbors=2)["cell_type"].iloc[0] == "unlabeled"
+    )
+    out = transfer_labels(ref, query, "cell_type", n_neighbors=2, unlabeled_category="unlabeled")
+    assert out["cell_type"].iloc[0] == "A"
+    assert out["cell_type"].cat.categories.tolist() == ["A", "B"]
+    ref.obs["cell_type"] = "unlabeled"
+    with pytest.raises(ValueError, match="Every reference cell is labelled 'unlabeled'"):
+        transfer_labels(ref, query, "cell_type", unlabeled_category="unlabeled")
+
+
+def test_transfer_labels_refuses_bad_options_by_name():
+    ref, query = _latent_pair()
+    with pytest.raises(KeyError, match="columns: 'cell_type'.*pass as labels_key"):
+        transfer_labels(ref, query, "labels")
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=f"n_neighbors must be at least 1.*got {bad}"):
+            transfer_labels(ref, query, "cell_type", n_neighbors=bad)
+    with pytest.raises(TypeError, match="n_neighbors must be an integer"):
+        transfer_labels(ref, query, "cell_type", n_neighbors=2.5)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="uncertainty_threshold must lie in \\[0, 1\\]"):
+            transfer_labels(ref, query, "cell_type", uncertainty_threshold=bad)
+    with pytest.raises(ValueError, match="query_adata has no cells"):
+        transfer_labels(ref, query[:0].copy(), "cell_type")
+    nan_query = query.copy()
+    nan_query.obsm["X_scvae"][3, 1] = np.nan
+    with pytest.raises(ValueError, match="query_adata.obsm\\['X_scvae'\\] has 1 cells with NaN"):
+        transfer_labels(ref, nan_query, "cell_type")
+    inf_ref = ref.copy()
+    inf_ref.obsm["X_scvae"][:2, 0] = np.inf
+    with pytest.raises(ValueError, match="reference_adata.obsm\\['X_scvae'\\] has 2 cells"):
+        transfer_labels(inf_ref, query, "cell_type")
