@@ -34,9 +34,9 @@ def transfer_labels(
     The uncertainty measures disagreement among the neighbours, not distance from the
     reference: a cell type absent from the reference that lands next to one reference type
     gets that type's label with little uncertainty. It is a weak detector of new cell types
-    (on CellBench, cells of cell lines the reference lacked got a mean uncertainty of about
-    0.1; benchmarks/README.md, reference mapping); look at such groups in the joint latent
-    before trusting their labels.
+    (on CellBench, cells of cell lines the reference lacked got a mean uncertainty of
+    0.09-0.17; benchmarks/README.md, reference mapping, split "novel"); look at such groups
+    in the joint latent before trusting their labels.
 
     Parameters
     ----------

@@ -11,11 +11,13 @@ A reference module trained on batches ``0 .. B-1`` is given ``k`` more batch cat
 
 New columns start at the mean of the reference's batch columns (the new batch starts as an
 average reference batch; zero for a single-batch reference). :func:`freeze_reference` then
-freezes the reference's weights with scvi-tools' ``load_query_data`` defaults: in those layers
-only the new batch columns get gradients (a gradient mask, and the frozen entries are put back
-before each forward pass and before ``state_dict``, so weight decay cannot move them either);
-the encoders' batch norms are frozen (affine and running statistics); the decoder's batch-norm
-affine parameters and the library encoder train; everything else is fixed.
+freezes the reference's weights with scvi-tools' ``load_query_data`` option defaults, except
+that in those layers only the new batch columns get gradients, where scvi-tools trains every
+categorical column, the reference's batches and covariates included (a gradient mask, and the
+frozen entries are put back before each forward pass and before ``state_dict``, so weight
+decay cannot move them either); the encoders' batch norms are frozen (affine and running
+statistics); the decoder's batch-norm affine parameters and the library encoder train;
+everything else is fixed.
 
 Examples
 --------
