@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import logging
 import numbers
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+import numpy as np
+import torch
 
 logger = logging.getLogger("scvae")
 if not logger.handlers:
@@ -12,6 +18,18 @@ if not logger.handlers:
     _handler.setFormatter(logging.Formatter("%(levelname)s scvae: %(message)s"))
     logger.addHandler(_handler)
     logger.setLevel(logging.INFO)
+
+# numpy's global generator takes seeds up to 2**32 - 1 (so does Lightning's seed_everything,
+# which scvi.settings.seed calls)
+SEED_MAX = 2**32 - 1
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, numpy's and torch's global generators (every CUDA device's
+    too), as Lightning's ``seed_everything`` does for ``scvi.settings.seed``."""
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (the global generator is the point)
+    torch.manual_seed(seed)
 
 
 @dataclass
@@ -21,8 +39,16 @@ class Settings:
     Attributes
     ----------
     seed
-        Default random seed for training and sampling when a call gets ``seed=None``
-        (scvi-tools' default is 0 too).
+        Random seed, 0 to 2**32 - 1. Setting it seeds Python's ``random``, numpy's and
+        torch's global generators at once, as setting ``scvi.settings.seed`` does (Lightning's
+        ``seed_everything``), so the sampling queries (``get_elbo``,
+        ``posterior_predictive_sample``, ``get_normalized_expression`` with samples...), which
+        draw from torch's global generator, give the same draws after setting the same seed.
+        It is also the seed of the initial weights of a new model and the default of
+        ``train(seed=None)``, ``differential_expression(seed=None)`` and ``tl.fit(seed=None)``;
+        those use generators of their own and leave the global ones as they were. The value
+        at import is 0 and importing scvae seeds nothing (scvi-tools' default is None:
+        unseeded training; scvae's training is always seeded).
     progress_bar
         Show tqdm progress bars during training.
     inference_batch_size
@@ -31,8 +57,12 @@ class Settings:
 
     Examples
     --------
-    >>> import scvae
+    >>> import scvae, torch
     >>> scvae.settings.seed = 1
+    >>> a = torch.rand(2)
+    >>> scvae.settings.seed = 1  # torch's, numpy's and random's global generators seeded again
+    >>> bool(torch.equal(a, torch.rand(2)))
+    True
     >>> scvae.settings.verbosity = "warning"
     >>> scvae.settings.seed, scvae.settings.verbosity
     (1, 'warning')
@@ -46,19 +76,42 @@ class Settings:
     def __setattr__(self, name: str, value: object) -> None:
         # checked when set, so that a bad value names itself here, not deep inside a run
         whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-        if name == "seed" and not (whole and value >= 0):
-            raise ValueError(
-                f"settings.seed must be a whole number >= 0, got {value!r}. scvae seeds every "
-                "run (the same seed gives the same model); pass seed= to a call, or set another "
-                "number here, for different draws."
-            )
+        if name == "seed":
+            _check_seed(value)
         if name == "progress_bar" and not isinstance(value, bool):
             raise ValueError(f"settings.progress_bar must be True or False, got {value!r}.")
         if name == "inference_batch_size" and not (whole and value >= 1):
             raise ValueError(
                 f"settings.inference_batch_size must be a whole number >= 1, got {value!r}."
             )
-        super().__setattr__(name, value)
+        super().__setattr__(name, int(value) if name == "seed" else value)
+        if name == "seed" and self.__dict__.get("_ready", False):  # not at import
+            _seed_everything(int(value))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_ready", True)
+
+    @contextmanager
+    def _weights_seed(self, seed: int) -> Iterator[None]:
+        """``seed`` as the settings seed inside the block (the seed of a new model's initial
+        weights) without seeding the global generators; the previous value afterwards.
+
+        Examples
+        --------
+        >>> import scvae
+        >>> with scvae.settings._weights_seed(7):
+        ...     scvae.settings.seed
+        7
+        """
+        whole = isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
+        if not (whole and seed >= 0):
+            raise ValueError(f"seed must be a whole number >= 0, got {seed!r}.")
+        before = self.seed
+        object.__setattr__(self, "seed", int(seed))
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "seed", before)
 
     @property
     def verbosity(self) -> str:
@@ -76,6 +129,17 @@ class Settings:
                 )
             level = getattr(logging, name)
         logger.setLevel(level)
+
+
+def _check_seed(value: object) -> None:
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not (whole and 0 <= value <= SEED_MAX):  # type: ignore[operator]
+        raise ValueError(
+            f"settings.seed must be a whole number from 0 to 2**32 - 1 (numpy's global "
+            f"generator takes no more), got {value!r}. Setting it seeds torch's, numpy's and "
+            "random's global generators; pass seed= to a call, or set another number here, "
+            "for different draws."
+        )
 
 
 settings = Settings()

@@ -175,15 +175,10 @@ def fit(
         "use_layer_norm": use_layer_norm,
     }
     seed = settings.seed if seed is None else seed
-    default_seed = settings.seed
-    try:
-        settings.seed = seed  # the initial weights are drawn with settings.seed
-    except ValueError:
-        raise ValueError(f"seed must be a whole number >= 0, got {seed!r}.") from None
-    try:
+    # the initial weights are drawn with settings.seed; set for this model only, without
+    # seeding the caller's global generators (as setting scvae.settings.seed does)
+    with settings._weights_seed(seed):
         model = SCVAE(adata, **model_options)
-    finally:
-        settings.seed = default_seed
     model.train(
         max_epochs,
         batch_size=batch_size,

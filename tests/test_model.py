@@ -81,6 +81,54 @@ def test_same_seed_gives_bit_identical_latent(sim):
     assert not np.allclose(first, other)
 
 
+def test_setting_the_seed_seeds_the_global_generators_as_scvi_tools(trained):
+    import random
+
+    def draws() -> tuple:
+        return (
+            trained.posterior_predictive_sample(indices=range(20)).toarray(),
+            trained.get_elbo(indices=range(20), return_mean=False),
+            trained.get_normalized_expression(indices=range(5), n_samples=3).to_numpy(),
+            trained.get_latent_representation(indices=range(5), give_mean=False),
+            np.random.rand(3),  # noqa: NPY002 (the global generator)
+            random.random(),
+        )
+
+    try:
+        scvae.settings.seed = 5
+        first = draws()
+        scvae.settings.seed = 5
+        second = draws()
+        scvae.settings.seed = 6
+        other = draws()
+    finally:
+        scvae.settings.seed = 0
+    for a, b, c in zip(first, second, other, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, c)
+    with pytest.raises(ValueError, match=r"from 0 to 2\*\*32 - 1.*got 4294967296"):
+        scvae.settings.seed = 2**32
+    assert scvae.settings.seed == 0
+
+
+def test_the_settings_seed_is_no_global_reseed_for_new_models_or_tl_fit(sim, monkeypatch):
+    # new models and tl.fit(seed=...) read the settings seed for the initial weights only:
+    # they never seed the caller's global generators (setting scvae.settings.seed does)
+    import scvae._settings
+
+    seeded: list[int] = []
+    monkeypatch.setattr(scvae._settings, "_seed_everything", seeded.append)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    scvae.SCVAE(sim[:100].copy(), n_hidden=8).train(max_epochs=1, seed=3)
+    assert torch.equal(torch.rand(3), expected)
+    scvae.tl.fit(sim[:100].copy(), n_hidden=8, max_epochs=1, seed=4)
+    assert seeded == [] and scvae.settings.seed == 0
+    scvae.settings.seed = 0
+    assert seeded == [0]
+
+
 def test_save_load_gives_identical_outputs(trained, sim, tmp_path):
     path = tmp_path / "model"
     trained.save(str(path))
