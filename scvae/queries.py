@@ -123,9 +123,7 @@ def _chunks(
         else:  # its cells' rows of the file, read chunk by chunk
             source, rows = found
     idx = cell_indices(indices, adata.n_obs)
-    size = settings.inference_batch_size if batch_size is None else batch_size
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-        raise ValueError(f"batch_size must be a whole number >= 1 or None, got {size!r}.")
+    size = _batch_size(batch_size)
     # the per-cell annotations of all cells first (so an error counts every bad cell), then the
     # genes, layer and counts of the first chunk (before any work); later chunks as they come
     batch = torch.as_tensor(model.registry.batch_codes(adata))
@@ -176,10 +174,35 @@ def _count(name: str, value: object) -> int:
     return int(value)
 
 
+def _batch_size(batch_size: object) -> int:
+    """A query's cells per chunk: a whole number >= 1 (numpy integers too), or None for
+    ``scvae.settings.inference_batch_size``.
+
+    Examples
+    --------
+    >>> _batch_size(64), _batch_size(None) == settings.inference_batch_size
+    (64, True)
+    """
+    if batch_size is None:
+        return settings.inference_batch_size
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, numbers.Integral)
+        or batch_size < 1
+    ):
+        raise ValueError(
+            f"batch_size must be a whole number >= 1 or None, got {batch_size!r}; pass a "
+            "number of cells per chunk (e.g. 1024), or None for "
+            "scvae.settings.inference_batch_size."
+        )
+    return int(batch_size)
+
+
 def _sampling_batch_size(model: SCVAE, batch_size: int | None, n_samples: int) -> int:
-    """Cells per chunk so that cells x samples x genes stays under a fixed bound."""
+    """Cells per chunk (``batch_size`` checked as every query's) so that cells x samples x
+    genes stays under a fixed bound."""
     per_cell = max(1, n_samples) * model.module.config.n_input
-    return max(1, min(batch_size or settings.inference_batch_size, _SAMPLE_ELEMENTS // per_cell))
+    return max(1, min(_batch_size(batch_size), _SAMPLE_ELEMENTS // per_cell))
 
 
 def _batch_codes(model: SCVAE, transform_batch: str | Sequence[str] | None) -> list[int] | None:

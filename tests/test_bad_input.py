@@ -287,6 +287,30 @@ def test_bad_query_inputs(adata, saved_dir):
             model.get_elbo(indices=empty)
 
 
+def test_every_query_checks_batch_size_the_same_way(adata, saved_dir):
+    model = scvae.SCVAE.load(saved_dir, adata)
+    queries = {
+        "get_latent_representation": {},
+        "get_elbo": {},
+        "get_reconstruction_error": {},
+        "get_marginal_ll": {"n_mc_samples": 2},
+        "get_normalized_expression": {"n_samples": 2},
+        "get_likelihood_parameters": {},
+        "get_latent_library_size": {},
+        "posterior_predictive_sample": {},
+        "get_feature_correlation_matrix": {"n_samples": 2},
+    }
+    for name, options in queries.items():
+        query = getattr(model, name)
+        for bad in (0, -5, True, "100", 1.5):
+            with pytest.raises(
+                ValueError,
+                match=rf"batch_size must be a whole number >= 1 or None, got {bad!r}; pass",
+            ):
+                query(indices=[0, 1], batch_size=bad, **options)
+        query(indices=[0, 1, 2], batch_size=np.int64(2), **options)  # numpy integers are fine
+
+
 def test_queries_check_the_cells_asked_for_and_count_every_bad_one(adata, saved_dir):
     model = scvae.SCVAE.load(saved_dir, adata)
     some = adata[:6].copy()
