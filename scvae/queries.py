@@ -327,6 +327,12 @@ def get_reconstruction_error(
 ) -> float | np.ndarray:
     """-log p(x | z, l) per cell (one posterior sample): positive, lower is better.
 
+    Returns the mean over cells (float) or, with ``return_mean=False``, one value per cell.
+    **Return type differs from scvi-tools** (fixed by scvae's contract, like ``get_elbo`` and
+    ``get_marginal_ll``): scvi-tools 1.4.2 returns a dict ``{"reconstruction_loss": value}``
+    with the same value and sign; for code written for it, use
+    ``{"reconstruction_loss": model.get_reconstruction_error()}``.
+
     Examples
     --------
     >>> import scvae

@@ -59,6 +59,16 @@ def test_signs_of_queries(trained):
     assert np.all(per_cell < 0)
 
 
+def test_reconstruction_error_is_a_number_as_the_contract_says_and_its_docstring_tells(trained):
+    # CONTRACT.md fixes a float (per-cell array with return_mean=False); scvi-tools returns
+    # {"reconstruction_loss": value}, which the docstring must say
+    assert isinstance(trained.get_reconstruction_error(indices=[0, 1]), float)
+    per_cell = trained.get_reconstruction_error(indices=[0, 1], return_mean=False)
+    assert isinstance(per_cell, np.ndarray) and per_cell.shape == (2,)
+    doc = " ".join(scvae.SCVAE.get_reconstruction_error.__doc__.split())
+    assert 'scvi-tools 1.4.2 returns a dict {"reconstruction_loss": value}' in doc.replace("`", "")
+
+
 def test_marginal_ll_is_at_least_elbo(trained):
     torch.manual_seed(0)
     cells = trained.validation_indices
