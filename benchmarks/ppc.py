@@ -54,8 +54,10 @@ def check(path: Path, likelihood: str, epochs: int, n_samples: int, seed: int) -
         n_epochs_kl_warmup=SCVI_KL_WARMUP,  # as recorded (results/ppc.*)
     )
     torch.manual_seed(seed)
-    samples = model.posterior_predictive_sample(test, n_samples=n_samples)
-    predicted = np.concatenate([s.toarray() for s in samples])
+    samples = model.posterior_predictive_sample(test, n_samples=n_samples).todense()
+    if samples.ndim == 3:  # (cells, genes, samples): the draws one sample after another
+        samples = np.moveaxis(samples, 2, 0).reshape(-1, samples.shape[1])
+    predicted = samples
     observed = test.X.toarray()
     cv_obs, zeros_obs = gene_stats(observed)
     cv_pred, zeros_pred = gene_stats(predicted)

@@ -226,19 +226,39 @@ def latent_library_size(module: VAE, chunks: Iterable[Chunk], *, give_mean: bool
 @torch.no_grad()
 def posterior_predictive(
     module: VAE, chunks: Iterable[Chunk], *, n_samples: int, gene_idx: np.ndarray | None
-) -> list[sp.csr_matrix]:
-    """Counts drawn from p(x | z, l) with z, l from the posterior: one CSR matrix per sample."""
-    parts: list[list[sp.csr_matrix]] = [[] for _ in range(n_samples)]
+) -> sp.csr_array | sp.coo_array:
+    """Counts drawn from p(x | z, l) with z, l from the posterior, as scvi-tools' shapes.
+
+    ``n_samples=1``: a CSR array ``(cells, genes)``; otherwise an N-D COO array
+    ``(cells, genes, n_samples)`` (scipy >= 1.15). Only the non-zero draws are kept, chunk
+    by chunk.
+    """
+    rows: list[sp.csr_array] = []
+    coords: list[tuple[np.ndarray, ...]] = []
+    values: list[np.ndarray] = []
+    n_cells = 0
+    n_genes = module.config.n_input if gene_idx is None else len(gene_idx)
     for x, b, cov in chunks:
         inf = module.inference(x, b, cov, n_samples=n_samples)
         counts = module.generative(inf["z"], inf["library"], b, cov)["px"].sample()
-        if n_samples == 1:
-            counts = counts.unsqueeze(0)
         if gene_idx is not None:
             counts = counts[..., torch.as_tensor(gene_idx, device=counts.device)]
-        for s in range(n_samples):
-            parts[s].append(sp.csr_matrix(counts[s].cpu().numpy()))
-    return [sp.vstack(p, format="csr") for p in parts]
+        if n_samples == 1:
+            rows.append(sp.csr_array(counts.cpu().numpy()))
+        else:  # (samples, cells, genes) -> (cells, genes, samples), as scvi-tools
+            dense = counts.permute(1, 2, 0).cpu().numpy()
+            cell, gene, sample = np.nonzero(dense)
+            values.append(dense[cell, gene, sample])
+            coords.append((cell + n_cells, gene, sample))
+        n_cells += x.shape[0]
+    if n_samples == 1:
+        if not rows:
+            return sp.csr_array((0, n_genes), dtype=np.float32)
+        return sp.vstack(rows, format="csr")
+    if not values:  # no chunks: no cells
+        values, coords = [np.zeros(0, np.float32)], [(np.zeros(0, np.int64),) * 3]
+    dims = tuple(np.concatenate(c) for c in zip(*coords, strict=True))
+    return sp.coo_array((np.concatenate(values), dims), shape=(n_cells, n_genes, n_samples))
 
 
 @torch.no_grad()

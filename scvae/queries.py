@@ -227,14 +227,30 @@ def _batch_codes(model: SCVAE, transform_batch: str | Sequence[str] | None) -> l
 
 
 def _gene_index(model: SCVAE, gene_list: Sequence[str] | None) -> np.ndarray | None:
+    """Positions of ``gene_list`` among the model's genes, in the model's order (None: all).
+
+    Unknown names and an empty list are refused (scvi-tools drops unknown genes silently,
+    and returns no columns for an empty list in ``get_normalized_expression``).
+    """
     if gene_list is None:
         return None
     if isinstance(gene_list, str):  # one gene
         gene_list = [gene_list]
+    gene_list = list(gene_list)
+    if not gene_list:
+        raise ValueError(
+            "gene_list is empty, so no gene would be returned; give at least one name of "
+            "model.var_names, or gene_list=None for all genes."
+        )
     names = pd.Index(model.registry.var_names)
-    missing = [g for g in gene_list if g not in names]
+    missing = list(dict.fromkeys(g for g in gene_list if g not in names))
     if missing:
-        raise ValueError(f"gene_list has genes the model does not know: {missing[:5]}.")
+        shown = ", ".join(repr(g) for g in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise ValueError(
+            f"gene_list has {len(missing)} of {len(set(gene_list))} genes the model does not "
+            f"know: [{shown}]. Use genes in model.var_names (e.g. "
+            "[g for g in genes if g in model.var_names]); scvi-tools would drop them silently."
+        )
     # in the model's gene order, each gene once, as scvi-tools (a mask of var_names)
     return np.flatnonzero(names.isin(list(gene_list))).astype(np.int64)
 
@@ -525,12 +541,31 @@ def posterior_predictive_sample(
     n_samples: int = 1,
     gene_list: Sequence[str] | None = None,
     batch_size: int | None = None,
-) -> sp.csr_matrix | list[sp.csr_matrix]:
-    """Counts drawn from the posterior predictive, as sparse CSR cells x genes.
+) -> sp.csr_array | sp.coo_array:
+    """Counts drawn from the posterior predictive, as a scipy sparse array.
 
-    One matrix for ``n_samples=1``; a list of ``n_samples`` matrices otherwise (scvi-tools
-    returns a 3-D sparse array there; scipy has none). ``gene_list``: these genes' columns
-    only, in the model's gene order (as scvi-tools), not in the order of the list.
+    The shapes of scvi-tools: ``(cells, genes)`` for ``n_samples=1`` (a CSR array),
+    ``(cells, genes, n_samples)`` otherwise (an N-D COO array, scipy >= 1.15). scvi-tools
+    returns a ``sparse.GCXS`` of the same shape; ``.todense()`` gives the dense ndarray in
+    both. Draws come from torch's global generator (``scvae.settings.seed = n`` or
+    ``torch.manual_seed(n)`` makes them repeat).
+
+    Parameters
+    ----------
+    adata, indices
+        Cells (default: the registered AnnData, all cells).
+    n_samples
+        Draws per cell.
+    gene_list
+        Genes to return (default: all), in the model's gene order as scvi-tools, not in
+        the order of the list; every name must be in ``model.var_names``.
+    batch_size
+        Cells per chunk (None: ``scvae.settings.inference_batch_size``).
+
+    Returns
+    -------
+    ``scipy.sparse.csr_array`` ``(cells, genes)`` for ``n_samples=1``, else
+    ``scipy.sparse.coo_array`` ``(cells, genes, n_samples)``.
 
     Examples
     --------
@@ -538,15 +573,16 @@ def posterior_predictive_sample(
     >>> model = scvae.SCVAE(scvae.data.simulate(40, 15, seed=0))
     >>> model.posterior_predictive_sample().shape
     (40, 15)
+    >>> model.posterior_predictive_sample(n_samples=3).todense().shape
+    (40, 15, 3)
     """
     n_samples = _count("n_samples", n_samples)
-    samples = inference.posterior_predictive(
+    return inference.posterior_predictive(
         model.module,
         model._chunks(adata, indices, model._sampling_batch_size(batch_size, n_samples)),
         n_samples=n_samples,
         gene_idx=model._gene_index(gene_list),
     )
-    return samples[0] if n_samples == 1 else samples
 
 
 def get_feature_correlation_matrix(

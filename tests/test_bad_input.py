@@ -274,8 +274,21 @@ def test_bad_query_inputs(adata, saved_dir):
     del no_key.obs["batch"]
     with pytest.raises(RegistryError, match=r"batch_key='batch' is not a column of adata\.obs"):
         model.get_latent_representation(no_key)
-    with pytest.raises(ValueError, match=r"gene_list has genes the model does not know: \['nope'"):
+    with pytest.raises(
+        ValueError,
+        match=r"has 1 of 1 genes the model does not know: \['nope'\]\. Use genes in model.var",
+    ):
         model.get_normalized_expression(gene_list=["nope"])
+    known = list(model.var_names[:2])
+    many = known + [f"x{i}" for i in range(7)] + ["x0"]
+    for query in (model.get_normalized_expression, model.posterior_predictive_sample):
+        with pytest.raises(
+            ValueError, match=r"has 7 of 9 genes .*\['x0', 'x1', 'x2', 'x3', 'x4', \.\.\.\]"
+        ):
+            query(gene_list=many)
+        for empty in ([], (), np.array([], dtype=str)):
+            with pytest.raises(ValueError, match=r"gene_list is empty.*gene_list=None for all"):
+                query(gene_list=empty)
     with pytest.raises(ValueError, match=r"library_size must be a positive number or 'latent'"):
         model.get_normalized_expression(library_size=-1)
     with pytest.raises(ValueError, match=r"transform_batch \['b9'\] is not a registered batch"):
