@@ -98,11 +98,16 @@ class Comparison:
 def as_indices(selection: Selection, n_obs: int, what: str) -> np.ndarray:
     """Sorted unique cell indices from a boolean mask or a list of integer indices.
 
+    Negative positions count from the end, as in numpy, scvi-tools and scvae's queries
+    (-1 is the last cell); the selection is flattened, as scvi-tools' DE does.
+
     Examples
     --------
     >>> as_indices([True, False, True], 3, "idx1")
     array([0, 2])
     >>> as_indices([2, 0, 2], 3, "idx1")
+    array([0, 2])
+    >>> as_indices([-1, 0], 3, "idx1")
     array([0, 2])
     """
     arr = np.asarray(selection).ravel()
@@ -113,9 +118,12 @@ def as_indices(selection: Selection, n_obs: int, what: str) -> np.ndarray:
     if arr.size and arr.dtype.kind not in "iu":
         raise ValueError(f"{what} must be a boolean mask or integer indices, got {arr.dtype}.")
     arr = np.unique(arr.astype(np.int64))
-    if arr.size and (arr[0] < 0 or arr[-1] >= n_obs):
-        raise IndexError(f"{what} must lie in [0, {n_obs}); got {arr[0]}..{arr[-1]}.")
-    return arr
+    if arr.size and (arr[0] < -n_obs or arr[-1] >= n_obs):
+        raise IndexError(
+            f"{what} must lie in [-{n_obs}, {n_obs}) (negative positions count from the end: "
+            f"-1 is cell {n_obs - 1}); got {arr[0]}..{arr[-1]}."
+        )
+    return np.unique(np.where(arr < 0, arr + n_obs, arr))
 
 
 def define_comparisons(

@@ -66,8 +66,9 @@ def differential_expression(
         Column of ``obs``; each of ``group1`` (None: every group, one-vs-rest) is compared
         with ``group2`` (None: all other cells, "Rest").
     idx1, idx2
-        Instead of groups: two cell sets (boolean masks, integer positions or an
-        ``obs.eval`` query string); without ``idx2``, ``idx1`` against all other cells.
+        Instead of groups: two cell sets (boolean masks, integer positions, negative ones
+        counting from the end, or an ``obs.eval`` query string); without ``idx2``, ``idx1``
+        against all other cells.
     mode
         "vanilla" (P(rho1 > rho2)), "change" (P(|LFC| >= delta) over pairs of cells) or
         "group" (P(|LFC| >= delta) of the groups' mean expression).

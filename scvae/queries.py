@@ -8,6 +8,7 @@ can replace them on the model.
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -48,14 +49,26 @@ def _covariates(model: SCVAE, adata: ad.AnnData) -> Covariates:
 def cell_indices(indices: Sequence[int] | np.ndarray | None, n_obs: int) -> np.ndarray:
     """The cells a query asks for, in the asked order: integer positions or a boolean mask.
 
+    Negative positions count from the end, as in numpy and scvi-tools (-1 is the last cell);
+    a 2-D array is refused (scvi-tools raises too), not flattened.
+
     Examples
     --------
     >>> cell_indices([2, 0], 3).tolist(), cell_indices(np.array([True, False, True]), 3).tolist()
     ([2, 0], [0, 2])
+    >>> cell_indices([-1, 0], 3).tolist()
+    [2, 0]
     """
     if indices is None:
         return np.arange(n_obs)
-    idx = np.asarray(indices).ravel()
+    idx = np.asarray(indices)
+    if idx.ndim > 1:
+        raise IndexError(
+            f"indices must be one-dimensional (positions or a boolean mask), got an array of "
+            f"shape {idx.shape}; pass one position per cell asked for, e.g. np.ravel(indices) "
+            "if the flattened order is what you mean."
+        )
+    idx = idx.ravel()  # a single position: one cell
     empty = IndexError("indices selects no cells; pass at least one cell (or None for all).")
     if idx.dtype == bool:
         if idx.size != n_obs:
@@ -74,9 +87,12 @@ def cell_indices(indices: Sequence[int] | np.ndarray | None, n_obs: int) -> np.n
             "cell names use adata.obs_names.get_indexer(names)."
         )
     idx = idx.astype(np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= n_obs):
-        raise IndexError(f"indices must lie in [0, {n_obs}); got {idx.min()}..{idx.max()}.")
-    return idx
+    if idx.min() < -n_obs or idx.max() >= n_obs:
+        raise IndexError(
+            f"indices must lie in [-{n_obs}, {n_obs}) (negative positions count from the end: "
+            f"-1 is cell {n_obs - 1}); got {idx.min()}..{idx.max()}."
+        )
+    return np.where(idx < 0, idx + n_obs, idx)
 
 
 def _warn_if_untrained(model: SCVAE, query: str) -> None:
@@ -397,7 +413,7 @@ def get_normalized_expression(
     library_size: float | str = 1,
     n_samples: int = 1,
     return_mean: bool = True,
-    return_numpy: bool = False,
+    return_numpy: bool | None = None,
     batch_size: int | None = None,
 ) -> pd.DataFrame | np.ndarray:
     """Denoised expression per cell and gene, as in scvi-tools.
@@ -420,8 +436,10 @@ def get_normalized_expression(
         Posterior samples of z per cell (each gives one value, as in scvi-tools), averaged
         when ``return_mean``.
     return_numpy
-        Return an ndarray instead of a DataFrame (forced, with a warning, when samples are
-        kept).
+        Return an ndarray instead of a DataFrame. None (the default, as scvi-tools): a
+        DataFrame, but an ndarray when samples are kept (``n_samples > 1`` and
+        ``return_mean=False``), which a DataFrame cannot hold; False there gives the ndarray
+        with a warning, as scvi-tools.
     batch_size
         Cells per chunk.
 
@@ -442,10 +460,13 @@ def get_normalized_expression(
     if library_size != "latent" and not (
         isinstance(library_size, numbers.Real)
         and not isinstance(library_size, bool)
+        and math.isfinite(library_size)
         and library_size > 0
     ):
         raise ValueError(
-            f"library_size must be a positive number or 'latent', got {library_size!r}."
+            f"library_size must be a finite positive number or 'latent', got "
+            f"{library_size!r}; e.g. 1 for rho (rows sum to 1), 1e4 for counts per 10,000, "
+            "or 'latent' for the expected counts at each cell's own library."
         )
     gene_idx = model._gene_index(gene_list)
     values = inference.normalized_expression(
@@ -458,12 +479,12 @@ def get_normalized_expression(
         return_mean=return_mean,
     )
     if values.ndim == 3:
-        if not return_numpy:  # as scvi-tools: a DataFrame cannot hold the samples axis
+        if return_numpy is False:  # as scvi-tools: a DataFrame cannot hold the samples axis
             warnings.warn(
                 "get_normalized_expression keeps n_samples posterior samples "
                 "(return_mean=False), which a DataFrame cannot hold: returning an ndarray "
-                "(samples, cells, genes). Pass return_numpy=True to silence this, or "
-                "return_mean=True for a DataFrame of the mean.",
+                "(samples, cells, genes). Pass return_numpy=True or None to silence this, "
+                "or return_mean=True for a DataFrame of the mean.",
                 UserWarning,
                 stacklevel=2,
             )

@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scanpy as sc
 import scipy.sparse as sp
@@ -266,10 +268,12 @@ def test_de_takes_numpy_numbers(adata, saved_dir):
 # ---------------------------------------------------------------------- queries
 def test_bad_query_inputs(adata, saved_dir):
     model = scvae.SCVAE.load(saved_dir, adata)
-    with pytest.raises(IndexError, match=r"indices must lie in \[0, 80\); got 0\.\.80"):
+    with pytest.raises(
+        IndexError, match=r"indices must lie in \[-80, 80\) .*-1 is cell 79\); got 0\.\.80"
+    ):
         model.get_latent_representation(indices=[0, 80])
-    with pytest.raises(IndexError, match=r"got -1\.\.3"):
-        model.get_elbo(indices=[-1, 3])
+    with pytest.raises(IndexError, match=r"got -81\.\.3"):
+        model.get_elbo(indices=[-81, 3])
     no_key = adata.copy()
     del no_key.obs["batch"]
     with pytest.raises(RegistryError, match=r"batch_key='batch' is not a column of adata\.obs"):
@@ -289,8 +293,11 @@ def test_bad_query_inputs(adata, saved_dir):
         for empty in ([], (), np.array([], dtype=str)):
             with pytest.raises(ValueError, match=r"gene_list is empty.*gene_list=None for all"):
                 query(gene_list=empty)
-    with pytest.raises(ValueError, match=r"library_size must be a positive number or 'latent'"):
-        model.get_normalized_expression(library_size=-1)
+    for bad in (-1, 0, float("inf"), float("nan"), np.float32(np.inf), True, "1e4"):
+        with pytest.raises(
+            ValueError, match=r"library_size must be a finite positive number or 'latent', got"
+        ):
+            model.get_normalized_expression(indices=[0], library_size=bad)
     with pytest.raises(ValueError, match=r"transform_batch \['b9'\] is not a registered batch"):
         model.get_normalized_expression(transform_batch="b9")
     with pytest.raises(RegistryError, match=r"genes differ.*another order"):
@@ -298,6 +305,49 @@ def test_bad_query_inputs(adata, saved_dir):
     for empty in ([], np.zeros(adata.n_obs, dtype=bool)):
         with pytest.raises(IndexError, match="indices selects no cells"):
             model.get_elbo(indices=empty)
+
+
+def test_negative_positions_count_from_the_end_in_every_query_and_2d_is_refused(adata, saved_dir):
+    # as numpy and scvi-tools: -1 is the last cell
+    model = scvae.SCVAE.load(saved_dir, adata)
+    np.testing.assert_array_equal(
+        model.get_latent_representation(indices=[-1, 0]),
+        model.get_latent_representation(indices=[79, 0]),
+    )
+    expr = model.get_normalized_expression(indices=[-2, -1])
+    assert expr.index.tolist() == adata.obs_names[[78, 79]].tolist()
+    torch.manual_seed(0)
+    a = model.get_elbo(indices=[-1, 3], return_mean=False)
+    torch.manual_seed(0)
+    np.testing.assert_array_equal(a, model.get_elbo(indices=[79, 3], return_mean=False))
+    assert model.get_latent_library_size(indices=[-80]).shape == (1, 1)
+    table = model.differential_expression(idx1=[-1, -2, -3], idx2=[0, 1, 2], seed=0)
+    same = model.differential_expression(idx1=[79, 78, 77], idx2=[0, 1, 2], seed=0)
+    pd.testing.assert_frame_equal(table, same)
+    for query in (
+        model.get_latent_representation,
+        model.get_elbo,
+        model.get_normalized_expression,
+        model.posterior_predictive_sample,
+    ):
+        for flat_by_mistake in (np.array([[0, 1], [2, 3]]), np.ones((80, 1), dtype=bool)):
+            with pytest.raises(IndexError, match=r"indices must be one-dimensional.*shape \("):
+                query(indices=flat_by_mistake)
+
+
+def test_return_numpy_none_is_scvi_tools_default(adata, saved_dir):
+    # None: a DataFrame, or silently an ndarray when the samples are kept; False there warns
+    model = scvae.SCVAE.load(saved_dir, adata)
+    assert isinstance(model.get_normalized_expression(indices=[0, 1]), pd.DataFrame)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = model.get_normalized_expression(indices=[0, 1], n_samples=3, return_mean=False)
+    assert isinstance(kept, np.ndarray) and kept.shape == (3, 2, adata.n_vars)
+    with pytest.warns(UserWarning, match="a DataFrame cannot hold"):
+        model.get_normalized_expression(
+            indices=[0, 1], n_samples=3, return_mean=False, return_numpy=False
+        )
+    assert isinstance(model.get_normalized_expression(indices=[0], return_numpy=True), np.ndarray)
 
 
 def test_every_query_checks_batch_size_the_same_way(adata, saved_dir):

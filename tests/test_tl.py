@@ -279,8 +279,9 @@ def test_normalized_expression_copy_and_errors(adata_model):
     assert "copied" in out.layers and set(adata.layers) == before
     with pytest.raises(ValueError, match=r"transform_batch \['nope'\] is not a registered batch"):
         scvae.tl.normalized_expression(adata, model, transform_batch="nope")
-    with pytest.raises(ValueError, match="library_size must be a positive number"):
-        scvae.tl.normalized_expression(adata, model, library_size=0)
+    for bad in (0, float("inf")):
+        with pytest.raises(ValueError, match="library_size must be a finite positive number"):
+            scvae.tl.normalized_expression(adata, model, library_size=bad)
     with pytest.raises(ValueError, match="layer_added must be a non-empty string"):
         scvae.tl.normalized_expression(adata, model, layer_added="")
     with pytest.raises(scvae.data.RegistryError):
