@@ -17,7 +17,7 @@ import torch
 
 from scvae import de, de_group
 from scvae._settings import settings
-from scvae.queries import _warn_if_untrained
+from scvae.queries import _untrained_warned, _warn_if_untrained
 
 # Posterior samples of z averaged per cell in mode="group" (rho, likelihood parameters).
 GROUP_POSTERIOR_SAMPLES = 10
@@ -205,7 +205,7 @@ def differential_expression(
 
     seed = settings.seed if seed is None else seed
     cuda = [model.device.index or 0] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
+    with torch.random.fork_rng(devices=cuda), _untrained_warned():  # warned once, above
         torch.manual_seed(seed)
         return de.run(
             comparisons,

@@ -674,7 +674,7 @@ class SCVAE:
 
     def _finite_in_evaluation(self, train_idx: np.ndarray, n_cells: int = 256) -> bool:
         """Whether the module, in evaluation mode, gives a finite ELBO on some training cells."""
-        with torch.no_grad():
+        with torch.no_grad(), queries._untrained_warned():  # a check, not the user's query
             elbo = self.get_elbo(indices=train_idx[:n_cells], return_mean=False)
         return bool(np.isfinite(elbo).all())
 

@@ -8,6 +8,8 @@ can replace them on the model.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
 import warnings
@@ -95,13 +97,28 @@ def cell_indices(indices: Sequence[int] | np.ndarray | None, n_obs: int) -> np.n
     return np.where(idx < 0, idx + n_obs, idx)
 
 
+# Set while a query runs other queries (DE, the training loop's checks): they warn once.
+_QUIET = contextvars.ContextVar("scvae_quiet_untrained", default=False)
+
+
+@contextlib.contextmanager
+def _untrained_warned() -> Iterator[None]:
+    """Within this block, queries do not warn again that the model is untrained."""
+    token = _QUIET.set(True)
+    try:
+        yield
+    finally:
+        _QUIET.reset(token)
+
+
 def _warn_if_untrained(model: SCVAE, query: str) -> None:
     """Warn that an untrained model's encoder is random (scvi-tools refuses the query).
 
-    A query model from ``load_query_data`` carries the reference's encoder, so it is not
-    warned about before its own training, unless that reference was never trained.
+    Every query calls it. A query model from ``load_query_data`` carries the reference's
+    encoder, so it is not warned about before its own training, unless that reference was
+    never trained.
     """
-    if model.is_trained:
+    if model.is_trained or _QUIET.get():
         return
     if getattr(model, "frozen", None) is None:
         warnings.warn(
@@ -341,9 +358,11 @@ def get_elbo(
     --------
     >>> import scvae
     >>> model = scvae.SCVAE(scvae.data.simulate(100, 30, seed=0))
+    >>> model.train(max_epochs=1, progress_bar=False)
     >>> model.get_elbo() < 0
     True
     """
+    _warn_if_untrained(model, "get_elbo")
     recon, kl = inference.loss_terms(model.module, model._chunks(adata, indices, batch_size))
     elbo = -(recon + kl)
     return float(elbo.mean()) if return_mean else elbo
@@ -369,9 +388,11 @@ def get_reconstruction_error(
     --------
     >>> import scvae
     >>> model = scvae.SCVAE(scvae.data.simulate(100, 30, seed=0))
+    >>> model.train(max_epochs=1, progress_bar=False)
     >>> model.get_reconstruction_error() > 0
     True
     """
+    _warn_if_untrained(model, "get_reconstruction_error")
     recon, _ = inference.loss_terms(model.module, model._chunks(adata, indices, batch_size))
     return float(recon.mean()) if return_mean else recon
 
@@ -394,9 +415,11 @@ def get_marginal_ll(
     --------
     >>> import scvae
     >>> model = scvae.SCVAE(scvae.data.simulate(50, 30, seed=0))
+    >>> model.train(max_epochs=1, progress_bar=False)
     >>> model.get_marginal_ll(n_mc_samples=20) < 0
     True
     """
+    _warn_if_untrained(model, "get_marginal_ll")
     n_mc_samples = _count("n_mc_samples", n_mc_samples)
     size = model._sampling_batch_size(batch_size, min(n_mc_samples, 100))
     values = inference.marginal_ll(model.module, model._chunks(adata, indices, size), n_mc_samples)
@@ -413,7 +436,7 @@ def get_normalized_expression(
     library_size: float | str = 1,
     n_samples: int = 1,
     return_mean: bool = True,
-    return_numpy: bool | None = None,
+    return_numpy: bool | None = False,
     batch_size: int | None = None,
 ) -> pd.DataFrame | np.ndarray:
     """Denoised expression per cell and gene, as in scvi-tools.
@@ -436,10 +459,10 @@ def get_normalized_expression(
         Posterior samples of z per cell (each gives one value, as in scvi-tools), averaged
         when ``return_mean``.
     return_numpy
-        Return an ndarray instead of a DataFrame. None (the default, as scvi-tools): a
-        DataFrame, but an ndarray when samples are kept (``n_samples > 1`` and
-        ``return_mean=False``), which a DataFrame cannot hold; False there gives the ndarray
-        with a warning, as scvi-tools.
+        Return an ndarray instead of a DataFrame. False (the default, as CONTRACT.md fixes
+        it) and None give a DataFrame, but an ndarray when samples are kept
+        (``n_samples > 1`` and ``return_mean=False``), which a DataFrame cannot hold. There
+        False warns and None does not, as in scvi-tools, whose default is None.
     batch_size
         Cells per chunk.
 
@@ -452,10 +475,12 @@ def get_normalized_expression(
     --------
     >>> import scvae
     >>> model = scvae.SCVAE(scvae.data.simulate(60, 20, seed=0))
+    >>> model.train(max_epochs=1, progress_bar=False)
     >>> expr = model.get_normalized_expression()
     >>> expr.shape, bool(np.allclose(expr.sum(1), 1, atol=1e-4))
     ((60, 20), True)
     """
+    _warn_if_untrained(model, "get_normalized_expression")
     n_samples = _count("n_samples", n_samples)
     if library_size != "latent" and not (
         isinstance(library_size, numbers.Real)
@@ -515,9 +540,11 @@ def get_likelihood_parameters(
     --------
     >>> import scvae
     >>> model = scvae.SCVAE(scvae.data.simulate(40, 15, seed=0))
+    >>> model.train(max_epochs=1, progress_bar=False)
     >>> sorted(model.get_likelihood_parameters())
     ['dispersions', 'dropout', 'mean']
     """
+    _warn_if_untrained(model, "get_likelihood_parameters")
     n_samples = _count("n_samples", n_samples)
     return inference.likelihood_parameters(
         model.module,
@@ -546,9 +573,11 @@ def get_latent_library_size(
     >>> import scvae
     >>> adata = scvae.data.simulate(30, 10, seed=0)
     >>> model = scvae.SCVAE(adata)
+    >>> model.train(max_epochs=1, progress_bar=False)
     >>> bool(np.allclose(model.get_latent_library_size()[:, 0], adata.X.sum(1).A1))
     True
     """
+    _warn_if_untrained(model, "get_latent_library_size")
     return inference.latent_library_size(
         model.module, model._chunks(adata, indices, batch_size), give_mean=give_mean
     )
@@ -592,11 +621,13 @@ def posterior_predictive_sample(
     --------
     >>> import scvae
     >>> model = scvae.SCVAE(scvae.data.simulate(40, 15, seed=0))
+    >>> model.train(max_epochs=1, progress_bar=False)
     >>> model.posterior_predictive_sample().shape
     (40, 15)
     >>> model.posterior_predictive_sample(n_samples=3).todense().shape
     (40, 15, 3)
     """
+    _warn_if_untrained(model, "posterior_predictive_sample")
     n_samples = _count("n_samples", n_samples)
     return inference.posterior_predictive(
         model.module,
@@ -629,9 +660,11 @@ def get_feature_correlation_matrix(
     --------
     >>> import scvae
     >>> model = scvae.SCVAE(scvae.data.simulate(40, 6, seed=0))
+    >>> model.train(max_epochs=1, progress_bar=False)
     >>> model.get_feature_correlation_matrix(n_samples=2).shape
     (6, 6)
     """
+    _warn_if_untrained(model, "get_feature_correlation_matrix")
     if correlation_type not in ("spearman", "pearson"):
         raise ValueError(
             f"correlation_type must be 'spearman' or 'pearson', got {correlation_type!r}."

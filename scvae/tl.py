@@ -261,6 +261,7 @@ def normalized_expression(
     >>> import numpy as np, scvae
     >>> adata = scvae.data.simulate(60, 20, seed=0)
     >>> model = scvae.SCVAE(adata)
+    >>> model.train(max_epochs=1, progress_bar=False)
     >>> scvae.tl.normalized_expression(adata, model)
     >>> bool(np.allclose(adata.layers["scvae_normalized"].sum(1), 1e4, rtol=1e-3))
     True

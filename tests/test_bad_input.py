@@ -335,18 +335,19 @@ def test_negative_positions_count_from_the_end_in_every_query_and_2d_is_refused(
                 query(indices=flat_by_mistake)
 
 
-def test_return_numpy_none_is_scvi_tools_default(adata, saved_dir):
-    # None: a DataFrame, or silently an ndarray when the samples are kept; False there warns
+def test_return_numpy_false_default_warns_where_none_does_not(adata, saved_dir):
+    # as scvi-tools: kept samples force an ndarray, with a warning for False (CONTRACT.md's
+    # default) and silently for None (scvi-tools' default)
     model = scvae.SCVAE.load(saved_dir, adata)
     assert isinstance(model.get_normalized_expression(indices=[0, 1]), pd.DataFrame)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        kept = model.get_normalized_expression(indices=[0, 1], n_samples=3, return_mean=False)
+        kept = model.get_normalized_expression(
+            indices=[0, 1], n_samples=3, return_mean=False, return_numpy=None
+        )
     assert isinstance(kept, np.ndarray) and kept.shape == (3, 2, adata.n_vars)
     with pytest.warns(UserWarning, match="a DataFrame cannot hold"):
-        model.get_normalized_expression(
-            indices=[0, 1], n_samples=3, return_mean=False, return_numpy=False
-        )
+        model.get_normalized_expression(indices=[0, 1], n_samples=3, return_mean=False)
     assert isinstance(model.get_normalized_expression(indices=[0], return_numpy=True), np.ndarray)
 
 

@@ -425,9 +425,32 @@ def test_early_stopping_without_validation_cells_is_refused(sim):
     assert not model.is_trained
 
 
-def test_untrained_latent_warns(sim):
-    with pytest.warns(UserWarning, match="not been trained: its encoder is random"):
-        scvae.SCVAE(sim[:50].copy(), n_hidden=16).get_latent_representation()
+@pytest.mark.parametrize(
+    "query",
+    [
+        "get_latent_representation",
+        "get_elbo",
+        "get_reconstruction_error",
+        "get_marginal_ll",
+        "get_normalized_expression",
+        "get_likelihood_parameters",
+        "get_latent_library_size",
+        "posterior_predictive_sample",
+        "get_feature_correlation_matrix",
+    ],
+)
+def test_every_query_of_an_untrained_model_warns_once(sim, trained, query):
+    import warnings
+
+    untrained = scvae.SCVAE(sim[:50].copy(), n_hidden=16)
+    options = {"n_mc_samples": 5} if query == "get_marginal_ll" else {}
+    with pytest.warns(UserWarning, match=f"{query} on a model that has not been trained") as got:
+        getattr(untrained, query)(indices=[0, 1], **options)
+    assert len([w for w in got if "not been trained" in str(w.message)]) == 1
+    assert got[0].filename == __file__  # the caller's line
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not been trained")  # trained: no warning
+        getattr(trained, query)(indices=[0, 1], **options)
 
 
 def test_sample_counts_numbers_and_single_genes_are_checked(trained):

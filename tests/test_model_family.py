@@ -262,7 +262,7 @@ def test_normalized_expression_options(trained, sim):
     np.testing.assert_allclose(latent, rho.to_numpy() * totals, rtol=1e-4)
     with pytest.warns(UserWarning, match="returning an ndarray") as caught:
         samples = trained.get_normalized_expression(
-            n_samples=3, return_mean=False, indices=range(5), return_numpy=False
+            n_samples=3, return_mean=False, indices=range(5)
         )
     assert caught[0].filename == __file__  # the warning points at the caller
     assert samples.shape == (3, 5, sim.n_vars)
