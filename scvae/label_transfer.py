@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 from sklearn.neighbors import NearestNeighbors
 
+from scvae.data.registry import CategoryMatcher
+
 UNKNOWN = "Unknown"
 
 
@@ -20,7 +22,7 @@ def transfer_labels(
     n_neighbors: int = 15,
     uncertainty_threshold: float | None = None,
     key_added: str | None = None,
-    unlabeled_category: str | None = None,
+    unlabeled_category: str | float | None = None,
 ) -> pd.DataFrame:
     """Predict each query cell's label from its nearest reference cells in the latent.
 
@@ -120,7 +122,8 @@ def transfer_labels(
                 "drop those cells."
             )
     if unlabeled_category is not None:
-        labelled = (labels.astype(str) != str(unlabeled_category)).to_numpy()
+        # matched as the batches are: -1 finds the label -1.0 of a float column
+        labelled = CategoryMatcher([str(unlabeled_category)]).codes(labels)[0] < 0
         if not labelled.any():
             raise ValueError(
                 f"Every reference cell is labelled {unlabeled_category!r} (unlabeled_category), "

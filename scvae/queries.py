@@ -24,6 +24,7 @@ import torch
 
 from scvae import inference
 from scvae._settings import settings
+from scvae.data.registry import CategoryMatcher
 from scvae.module import Covariates
 
 if TYPE_CHECKING:
@@ -253,10 +254,12 @@ def _batch_codes(model: SCVAE, transform_batch: str | Sequence[str] | None) -> l
             "batch names only, or None alone."
         )
     known = model.registry.batch_categories
-    unknown = [str(b) for b in names if str(b) not in known]
+    matcher = CategoryMatcher(known)  # as the cells' batches: 1.0 is the batch "1"
+    codes = [matcher.code(b) for b in names]
+    unknown = [str(b) for b, c in zip(names, codes, strict=True) if c < 0]
     if unknown:
         raise ValueError(f"transform_batch {unknown} is not a registered batch (batches: {known}).")
-    return [known.index(str(b)) for b in names]
+    return codes
 
 
 def _gene_index(model: SCVAE, gene_list: Sequence[str] | None) -> np.ndarray | None:

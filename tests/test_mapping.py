@@ -8,6 +8,7 @@ import warnings
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -370,6 +371,15 @@ def test_query_batches_match_the_reference_as_numbers(split):
     )
 
 
+def test_category_matching_is_exact_for_large_integers_and_leaves_padded_text_alone():
+    # run ids beyond float precision stay apart; "01" is text, as pandas' categorical
+    matcher = scvae.data.registry.CategoryMatcher(["20240101120000122", "20240101120000123"])
+    assert matcher.code(20240101120000124) == -1
+    assert matcher.code(np.int64(20240101120000123)) == 1
+    assert scvae.data.registry.CategoryMatcher(["01", "02"]).code(1) == -1
+    assert pd.Categorical([1], categories=["01", "02"]).codes.tolist() == [-1]
+
+
 def test_prepare_query_copies_uns_deeply(split, reference_model):
     query = split[1].copy()
     query.uns["nested"] = {"inner": {"value": 1}, "list": [1, 2]}
@@ -478,6 +488,9 @@ def test_transfer_labels_unlabeled_reference_cells_do_not_vote():
     out = transfer_labels(ref, query, "cell_type", n_neighbors=2, unlabeled_category="unlabeled")
     assert out["cell_type"].iloc[0] == "A"
     assert out["cell_type"].cat.categories.tolist() == ["A", "B"]
+    ref.obs["code"] = [-1.0, -1.0, 1.0, 2.0]  # a float column, the placeholder given as -1
+    out = transfer_labels(ref, query, "code", n_neighbors=2, unlabeled_category=-1)
+    assert out["code"].iloc[0] == 1.0
     ref.obs["cell_type"] = "unlabeled"
     with pytest.raises(ValueError, match="Every reference cell is labelled 'unlabeled'"):
         transfer_labels(ref, query, "cell_type", unlabeled_category="unlabeled")

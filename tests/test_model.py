@@ -486,6 +486,9 @@ def test_transform_batch_takes_integer_categories_and_none(sim):
     torch.manual_seed(0)
     by_name = model.get_normalized_expression(indices=[0, 1], transform_batch="1")
     pd.testing.assert_frame_equal(by_int, by_name)
+    torch.manual_seed(0)  # a float column's value, as the cells' batches are matched
+    by_float = model.get_normalized_expression(indices=[0, 1], transform_batch=np.float64(1.0))
+    pd.testing.assert_frame_equal(by_int, by_float)
     torch.manual_seed(0)
     own = model.get_normalized_expression(indices=[0, 1], transform_batch=[None])
     torch.manual_seed(0)

@@ -557,47 +557,68 @@ def _categories(adata: ad.AnnData, key: str | None, what: str) -> list[str]:
     return sorted(map(str, column.unique()))
 
 
-def _as_number(value: Any) -> float | None:
-    """``value`` as a finite float when it is a real number (booleans are not), else None."""
+def _as_number(value: Any) -> int | float | None:
+    """``value`` as an exact number key when it is a real, finite number (booleans are not):
+    an int for whole numbers (so large integers are not rounded, as floats would be), else
+    a float."""
     if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
         return None
+    if isinstance(value, int | np.integer):
+        return int(value)
     number = float(value)
-    return number if np.isfinite(number) else None
+    if not np.isfinite(number):
+        return None
+    return int(number) if number.is_integer() else number
+
+
+def _text_number(text: str) -> int | float | None:
+    """The number a category's text is the canonical writing of ("1", "-3", "1.0", "2.5"),
+    else None: "01", "+1", " 1" or "1e3" stay text, as in pandas' matching."""
+    try:
+        if text == str(int(text)):
+            return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    if text not in (repr(number), str(number)) or not np.isfinite(number):
+        return None
+    return int(number) if number.is_integer() else number
 
 
 class CategoryMatcher:
     """Finds a value's position among registered categories (text, as registered).
 
     A value matches the category with its text (``str(value)``); a number whose text is no
-    category matches the category that reads as the same number, so a float column's 1.0
-    finds the category "1" registered from an integer 1 (and an integer 1 finds "1.0"), as
-    pandas' categorical matching does in scvi-tools. A number two categories read as is
-    ambiguous and matches neither.
+    category matches the category that is the canonical writing of the same number, so a
+    float column's 1.0 finds the category "1" registered from an integer 1 (and an integer 1
+    finds "1.0"), as pandas' categorical matching does in scvi-tools. Whole numbers are
+    compared exactly (large integers are not rounded); "01" or "+1" are text, not numbers. A
+    number two categories read as is ambiguous and matches neither.
 
     Examples
     --------
-    >>> m = CategoryMatcher(["1", "2", "b"])
+    >>> m = CategoryMatcher(["1", "2", "b", "01"])
     >>> m.code(1.0), m.code(np.int64(2)), m.code("b"), m.code(3.0), m.code("1.0")
     (0, 1, 2, -1, -1)
+    >>> CategoryMatcher(["20240101120000123"]).code(20240101120000124)
+    -1
     """
 
     def __init__(self, categories: list[str]) -> None:
         self.exact: dict[str, int] = {}
-        self.numeric: dict[float, int] = {}
-        ambiguous: set[float] = set()
+        self.numeric: dict[int | float, int] = {}
+        ambiguous: set[int | float] = set()
         for i, category in enumerate(categories):
             self.add(category, i, ambiguous)
 
-    def add(self, category: str, code: int, ambiguous: set[float] | None = None) -> None:
+    def add(self, category: str, code: int, ambiguous: set[int | float] | None = None) -> None:
         """Register one more category under ``code``."""
         self.exact.setdefault(category, code)
-        try:  # only plain number texts ("1", "1.5", "1e3"), not " 1" or "1_000"
-            number = (
-                float(category) if category == category.strip() and "_" not in category else None
-            )
-        except ValueError:
-            number = None
-        if number is None or not np.isfinite(number):
+        number = _text_number(category)
+        if number is None:
             return
         if ambiguous is not None and (number in self.numeric or number in ambiguous):
             self.numeric.pop(number, None)
