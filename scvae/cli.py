@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import os
 import re
 import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,20 +52,32 @@ def _command_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, bool
     return flags
 
 
-def _as_flags(message: str, command: str, flags: dict[str, tuple[str, bool]]) -> str:
+def _as_flags(
+    message: str,
+    command: str,
+    flags: dict[str, tuple[str, bool]],
+    paths: Sequence[str] = (),
+) -> str:
     """``message`` with the Python option names of this command as its flags: ``layer='x'``
     becomes ``--layer x``, ``allow_non_integer=True`` ``--allow-non-integer``, ``n_latent``
     ``--n-latent``. A one-word name (``layer``, ``seed``) is rewritten only as ``name=...``
-    or ``name must``, as such words also occur in plain English.
+    or ``name must``, as such words also occur in plain English. The run's own ``paths``
+    and any word inside a path (next to a ``/``) are left as they are.
 
     Examples
     --------
     >>> flags = {"batch_key": ("--batch-key", False), "layer": ("--layer", False)}
     >>> _as_flags("batch_key='nope' is not a column; or pass layer=None.", "fit", flags)
     '--batch-key nope is not a column; or pass no --layer.'
+    >>> path = "runs/layer=2/in.h5ad"
+    >>> _as_flags(f"{path} is not an h5ad file", "fit", flags, [path])
+    'runs/layer=2/in.h5ad is not an h5ad file'
     """
+    kept = sorted({str(p) for p in paths if str(p)}, key=len, reverse=True)
+    for i, path in enumerate(kept):  # longest first, so a path's folder stays inside it
+        message = message.replace(path, f"\x00{i}\x00")
     for name, (flag, switch) in flags.items():
-        start = rf"(?<![\w.\[\'\"-]){re.escape(name)}"
+        start = rf"(?<![\w.\[\'\"/\x00-]){re.escape(name)}"
 
         def literal(match: re.Match, flag: str = flag, switch: bool = switch) -> str:
             value = match.group("value")
@@ -82,11 +93,17 @@ def _as_flags(message: str, command: str, flags: dict[str, tuple[str, bool]]) ->
                 shown = value
             return f"{flag} {shlex.quote(str(shown))}"
 
-        message = re.sub(start + "=" + _LITERAL, literal, message)
-        bare = start + r"(?![\w(=])" if "_" in name else start + r"(?= must )"
+        message = re.sub(start + "=" + _LITERAL + r"(?![/\w])", literal, message)
+        bare = start + r"(?![\w(=/.])" if "_" in name else start + r"(?= must )"
         message = re.sub(bare, flag, message)
         message = message.replace(f"{flag} (scvae {command}: {flag})", flag)
+    for i, path in enumerate(kept):
+        message = message.replace(f"\x00{i}\x00", path)
     return message
+
+
+# the arguments that hold paths, whose words are never read as option names
+_PATH_ARGUMENTS = ("input", "output", "model_dir", "plots", "out")
 
 
 # ------------------------------------------------------------------ files
@@ -165,12 +182,10 @@ def _read(path: str) -> ad.AnnData:
 def _load_model(model_dir: Path, adata: ad.AnnData, device: str) -> SCVAE:
     """The model saved in ``model_dir`` with its own class (SCVAE or LDVAE)."""
     import scvae
+    from scvae.mapping import _saved_class
 
-    try:
-        saved = json.loads((model_dir / "model.json").read_text()).get("model_class")
-    except (OSError, ValueError, AttributeError):
-        saved = None  # SCVAE.load names what is wrong with the directory
-    cls = scvae.LDVAE if saved == "LDVAE" else scvae.SCVAE
+    # None: SCVAE.load names what is wrong with the directory
+    cls = _saved_class(model_dir) or scvae.SCVAE
     return cls.load(model_dir, adata, device=device)
 
 
@@ -563,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     def fail(err: BaseException | str) -> None:
         message = " ".join(str(err).split())  # one line
         if not isinstance(err, CLIError | str):  # scvae's own message names Python options
-            message = _as_flags(message, args.command, args.flags)
+            paths = [getattr(args, k, None) for k in _PATH_ARGUMENTS]
+            message = _as_flags(message, args.command, args.flags, [p for p in paths if p])
         print(f"scvae {args.command}: error: {message}", file=sys.stderr)
 
     try:

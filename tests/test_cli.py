@@ -611,6 +611,20 @@ def test_messages_name_flags_not_python_options():
     }
     for message, expected in cases.items():
         assert _as_flags(message, "fit", flags) == expected
+    # words of paths are not options: a sweep's folders, or a folder named like one
+    path = "runs/max_epochs=50/in.h5ad"
+    assert _as_flags(f"{path} is not an h5ad file", "fit", flags, [path]).startswith(path)
+    assert _as_flags("/data/model_dir/x and ./batch_key.h5ad", "fit", flags) == (
+        "/data/model_dir/x and ./batch_key.h5ad"
+    )
+
+
+def test_a_path_like_an_option_reaches_the_message_unchanged(tmp_path, capsys):
+    folder = tmp_path / "seed=1"
+    folder.mkdir()
+    (folder / "junk.h5ad").write_text("not hdf5")
+    assert main(["fit", str(folder / "junk.h5ad"), "-o", str(tmp_path / "o.h5ad")]) == 2
+    assert f"{folder / 'junk.h5ad'} is not an h5ad file" in capsys.readouterr().err
 
 
 def test_python_dash_m_scvae_is_the_command(tmp_path):
