@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import numbers
 import random
@@ -22,6 +23,10 @@ if not logger.handlers:
 # numpy's global generator takes seeds up to 2**32 - 1 (so does Lightning's seed_everything,
 # which scvi.settings.seed calls)
 SEED_MAX = 2**32 - 1
+# tl.fit's seed for the initial weights of the model it builds, per thread (None: settings.seed)
+_WEIGHTS_SEED: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "scvae_weights_seed", default=None
+)
 
 
 def _seed_everything(seed: int) -> None:
@@ -93,25 +98,29 @@ class Settings:
 
     @contextmanager
     def _weights_seed(self, seed: int) -> Iterator[None]:
-        """``seed`` as the settings seed inside the block (the seed of a new model's initial
-        weights) without seeding the global generators; the previous value afterwards.
+        """``seed`` as the seed of new models' initial weights inside the block, in this
+        thread only (``settings.seed`` itself is untouched, and nothing is seeded).
 
         Examples
         --------
         >>> import scvae
         >>> with scvae.settings._weights_seed(7):
-        ...     scvae.settings.seed
-        7
+        ...     scvae.settings._seed_of_weights(), scvae.settings.seed
+        (7, 0)
         """
         whole = isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
         if not (whole and seed >= 0):
             raise ValueError(f"seed must be a whole number >= 0, got {seed!r}.")
-        before = self.seed
-        object.__setattr__(self, "seed", int(seed))
+        token = _WEIGHTS_SEED.set(int(seed))
         try:
             yield
         finally:
-            object.__setattr__(self, "seed", before)
+            _WEIGHTS_SEED.reset(token)
+
+    def _seed_of_weights(self) -> int:
+        """The seed of a new model's initial weights: ``_weights_seed``'s, else ``seed``."""
+        lent = _WEIGHTS_SEED.get()
+        return self.seed if lent is None else lent
 
     @property
     def verbosity(self) -> str:

@@ -318,7 +318,7 @@ class SCVAE:
         # Initial weights from scvae.settings.seed, so the same seeds give the same model
         # whatever else used torch's global generator before.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(settings.seed)
+            torch.manual_seed(settings._seed_of_weights())
             module = VAE(config)
         self._setup(adata, registry, module)
 

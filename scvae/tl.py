@@ -175,8 +175,8 @@ def fit(
         "use_layer_norm": use_layer_norm,
     }
     seed = settings.seed if seed is None else seed
-    # the initial weights are drawn with settings.seed; set for this model only, without
-    # seeding the caller's global generators (as setting scvae.settings.seed does)
+    # the initial weights from this seed, for this model and thread only: settings.seed is
+    # left as it is and the caller's global generators are not seeded (as setting it would)
     with settings._weights_seed(seed):
         model = SCVAE(adata, **model_options)
     model.train(

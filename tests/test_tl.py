@@ -215,6 +215,31 @@ def test_fit_seed_is_the_whole_run_and_settings_are_restored(small):
     assert not np.array_equal(a.get_latent_representation(), c.get_latent_representation())
 
 
+def test_a_fit_seed_is_lent_to_its_own_thread_only(small):
+    import threading
+
+    seen = {}
+    inside, done = threading.Event(), threading.Event()
+
+    def other() -> None:
+        inside.wait()
+        seen["other"] = scvae.settings._seed_of_weights()
+        seen["model"] = scvae.SCVAE(small.copy(), n_hidden=8)
+        done.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with scvae.settings._weights_seed(7):
+        inside.set()
+        done.wait()
+        assert scvae.settings._seed_of_weights() == 7
+    thread.join()
+    assert seen["other"] == 0 and scvae.settings.seed == 0  # not lent to the other thread
+    own = scvae.SCVAE(small.copy(), n_hidden=8)
+    for key, value in own.module.state_dict().items():
+        assert torch.equal(value, seen["model"].module.state_dict()[key]), key
+
+
 def test_fit_copy_leaves_the_input_alone(small):
     adata = small.copy()
     out, model = scvae.tl.fit(adata, max_epochs=2, copy=True)
