@@ -87,7 +87,7 @@ def load_query_data(
     running statistics fitted to the reference's batches.
 
     Warnings (:class:`UserWarning`): a reference that was never trained (its encoder is
-    random; until the query model is trained, ``get_latent_representation`` warns too,
+    random; until the query model is trained, its queries warn too,
     where scvi-tools raises), and a query with no new batch. scvae keeps the columns of
     the reference's batches and categorical covariates frozen (scvi-tools trains them),
     so a query of reference batches only gets nothing that fits it to the query's cells:

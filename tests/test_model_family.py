@@ -296,6 +296,9 @@ def test_posterior_predictive_sample_is_sparse_counts_with_the_right_mean(traine
     assert isinstance(samples, sp.coo_array) and samples.shape == (100, 150, 30)
     assert samples.dtype == np.float32 and 0 < samples.nnz < 100 * 150 * 30
     stack = np.moveaxis(samples.todense(), 2, 0)
+    # as scvi-tools' GCXS: one sample by indexing, a sum over the samples axis
+    np.testing.assert_array_equal(samples[..., 3].toarray(), stack[3])
+    np.testing.assert_array_equal(np.asarray(samples.sum(axis=2)), stack.sum(0))
     assert (stack >= 0).all() and np.array_equal(stack, np.round(stack))
     mean = trained.get_likelihood_parameters(indices=range(100), n_samples=200, give_mean=True)
     pi = mean["dropout"]
