@@ -75,11 +75,16 @@ def load_query_data(
 
     The query's batches that the reference does not know are added as new batch
     categories (codes after the reference's; the library prior of each from the query's
-    cells); cells of a batch the reference knows keep that batch's code. Then everything
-    the reference learnt is frozen except what the new batches need (see
-    :mod:`scvae.surgery`; the defaults are scvi-tools'), and ``train`` fits the new
-    columns on the query's cells alone. The reference model and its files are not
-    changed.
+    cells); cells of a batch the reference knows keep that batch's code. Values of a
+    categorical covariate (``categorical_covariate_keys``) that the reference does not know,
+    e.g. a new donor, are added to that covariate's categories the same way (after the
+    reference's, in order: scvi-tools' ``extend_categories=True``); the query may lack some
+    of the reference's values. Then everything the reference learnt is frozen except what
+    the new categories need (their columns; see :mod:`scvae.surgery`; the defaults are
+    scvi-tools'), and ``train`` fits them on the query's cells alone. The reference model
+    and its files are not changed, and the query model gives the reference's cells the
+    reference's latent until trained (and afterwards too, for cells of reference categories,
+    unless options that train more are given).
 
     Mapping needs a reference trained with ``encode_covariates=True`` (otherwise its
     encoder never sees the batch and the query's latent cannot move: refused), and works
@@ -87,17 +92,19 @@ def load_query_data(
     running statistics fitted to the reference's batches.
 
     Warnings (:class:`UserWarning`): a reference that was never trained (its encoder is
-    random; until the query model is trained, its queries warn too,
-    where scvi-tools raises), and a query with no new batch. scvae keeps the columns of
-    the reference's batches and categorical covariates frozen (scvi-tools trains them),
-    so a query of reference batches only gets nothing that fits it to the query's cells:
-    the warning names what ``train`` would still fit (e.g. the decoder's batch norm).
+    random; until the query model is trained, its queries warn too, where scvi-tools
+    raises), and a query with no new batch or covariate value. scvae keeps the columns of
+    the reference's batches and categorical covariate values frozen (scvi-tools trains
+    them), so a query of reference categories only gets nothing that fits it to the
+    query's cells: the warning names what ``train`` would still fit (e.g. the decoder's
+    batch norm).
 
     Parameters
     ----------
     adata
         The query's raw counts with the reference's genes in its order (see
-        :meth:`prepare_query_anndata`) and the reference's ``batch_key`` column.
+        :meth:`prepare_query_anndata`) and the reference's ``batch_key`` and
+        ``categorical_covariate_keys`` columns.
     reference_model
         The reference, as a model or a directory saved by :meth:`save`.
     device
@@ -123,6 +130,18 @@ def load_query_data(
     >>> model = scvae.SCVAE.load_query_data(query, ref)
     >>> model.registry.batch_categories
     ['batch0', 'batch1', 'lab2']
+
+    A new value of a categorical covariate gets a category (and trainable columns) too:
+
+    >>> ref_data.obs["donor"] = ["d1", "d2"] * 50
+    >>> ref = scvae.SCVAE(
+    ...     ref_data, batch_key="batch", categorical_covariate_keys=["donor"],
+    ...     encode_covariates=True,
+    ... )
+    >>> ref.train(max_epochs=1, progress_bar=False)
+    >>> query.obs["donor"] = "d3"
+    >>> scvae.SCVAE.load_query_data(query, ref).registry.categorical_covariate_categories
+    {'donor': ['d1', 'd2', 'd3']}
     >>> model.train(max_epochs=1, weight_decay=0.0, progress_bar=False)
     """
     from scvae.model import _refuse_backed_view  # at call time, as in _reference
@@ -143,6 +162,11 @@ def load_query_data(
         [np.asarray(block.sum(axis=1)).ravel() for block in registry.check_blocks(adata)]
     )
     n_ref = reference.registry.n_batch
+    ref_cats = reference.registry.n_cats_per_cov
+    new_cats = {  # each categorical covariate's values the reference lacks
+        key: registry.categorical_covariate_categories[key][n:]
+        for key, n in zip(registry.categorical_covariate_keys, ref_cats, strict=True)
+    }
     means, variances = library_prior(
         totals, registry.batch_codes(adata), range(n_ref, registry.n_batch)
     )
@@ -151,6 +175,7 @@ def load_query_data(
         len(new),
         library_log_means=torch.from_numpy(means),
         library_log_vars=torch.from_numpy(variances),
+        new_cats_per_cov=[len(v) for v in new_cats.values()],
     )
     freeze = surgery.FreezeConfig(
         unfrozen=unfrozen,
@@ -163,7 +188,9 @@ def load_query_data(
     model = cls.__new__(cls)
     model._decoder_bias = module.config.decoder_bias
     model._setup(adata, registry, module.to(resolve_device(device)))
-    model.frozen = surgery.freeze_reference(model.module, n_ref, freeze)
+    model.frozen = surgery.freeze_reference(
+        model.module, n_ref, freeze, reference_cats_per_cov=ref_cats
+    )
     model._untrained_reference = not reference.is_trained
     if not reference.is_trained:
         warnings.warn(
@@ -173,7 +200,7 @@ def load_query_data(
             UserWarning,
             stacklevel=2,
         )
-    if not new and not unfrozen:
+    if not new and not any(new_cats.values()) and not unfrozen:
         parts = surgery.trainable_modules(model.module, model.frozen)
         fits = f"only {', '.join(parts)}" if parts else "nothing (every weight is frozen)"
         if not any(part.startswith("z_encoder.") for part in parts):
@@ -181,12 +208,17 @@ def load_query_data(
                 ", and the query's latent stays the reference's "
                 "(reference_model.get_latent_representation(query) gives it without training)"
             )
+        covariates = (
+            " nor any value of its categorical covariates"
+            if registry.categorical_covariate_keys
+            else ""
+        )
         warnings.warn(
             f"None of the query's batches is new (all are in the reference's "
-            f"adata.obs[{registry.batch_key!r}]), so mapping adds no columns to train. scvae "
-            "keeps the reference's batch and covariate columns frozen (scvi-tools trains "
-            f"them): model.train() fits {fits}. To fit the query's own batch effect, give its "
-            "cells a new batch name.",
+            f"adata.obs[{registry.batch_key!r}]){covariates}, so mapping adds no columns to "
+            "train. scvae keeps the reference's batch and covariate columns frozen (scvi-tools "
+            f"trains them): model.train() fits {fits}. To fit the query's own batch effect, "
+            "give its cells a new batch name.",
             UserWarning,
             stacklevel=2,
         )
@@ -199,6 +231,15 @@ def load_query_data(
         n_ref,
         int((registry.batch_codes(adata) < n_ref).sum()),
     )
+    for key, values in new_cats.items():
+        if values:
+            logger.info(
+                "Categorical covariate %r: %d new value(s) %s added after the reference's %d.",
+                key,
+                len(values),
+                values,
+                len(reference.registry.categorical_covariate_categories[key]),
+            )
     return model
 
 

@@ -1,23 +1,25 @@
 """Model surgery for reference mapping (scArches, Lotfollahi et al. 2022). Tensors only.
 
-A reference module trained on batches ``0 .. B-1`` is given ``k`` more batch categories:
+A reference module trained on batches ``0 .. B-1`` (and categorical covariates with ``C_j``
+categories each) is given ``k`` more batch categories and ``k_j`` more categories of
+covariate ``j`` (scvi-tools' ``extend_categories``):
 
-* every linear layer that takes the batch one-hot (the first layer of each network that gets
-  the batch, and every injected layer) gets ``k`` more input columns, placed after the
-  reference's batch columns (categorical covariates keep their columns after them); a
-  reference with a single batch had no batch column, so its batch gets a zero column, which
-  reproduces the reference exactly;
+* every linear layer that takes the categorical one-hots (the first layer of each network
+  that gets them, and every injected layer) gets the new input columns, each after the
+  reference's columns of its own block (``[inputs, batch, covariate 1, covariate 2, ...]``
+  keeps that layout); a block of a single reference category had no column, so that category
+  gets a zero column, which reproduces the reference exactly;
 * per gene-batch dispersion gets ``k`` more columns; the library prior gets ``k`` more entries.
 
-New columns start at the mean of the reference's batch columns (the new batch starts as an
-average reference batch; zero for a single-batch reference). :func:`freeze_reference` then
-freezes the reference's weights with scvi-tools' ``load_query_data`` option defaults, except
-that in those layers only the new batch columns get gradients, where scvi-tools trains every
-categorical column, the reference's batches and covariates included (a gradient mask, and the
-frozen entries are put back before each forward pass and before ``state_dict``, so weight
-decay cannot move them either); the encoders' batch norms are frozen (affine and running
-statistics); the decoder's batch-norm affine parameters and the library encoder train;
-everything else is fixed.
+New columns start at the mean of the reference's columns of their block (a new batch or donor
+starts as an average reference one; zero for a block of a single reference category).
+:func:`freeze_reference` then freezes the reference's weights with scvi-tools'
+``load_query_data`` option defaults, except that in those layers only the new columns get
+gradients, where scvi-tools trains every categorical column, the reference's batches and
+covariates included (a gradient mask, and the frozen entries are put back before each forward
+pass and before ``state_dict``, so weight decay cannot move them either); the encoders' batch
+norms are frozen (affine and running statistics); the decoder's batch-norm affine parameters
+and the library encoder train; everything else is fixed.
 
 Examples
 --------
@@ -33,7 +35,7 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -103,17 +105,20 @@ def check_mappable(module: VAE, *, model_class: str = "SCVAE") -> None:
         )
 
 
-def batch_layers(module: nn.Module) -> dict[str, tuple[nn.Linear, int, int]]:
-    """Linear layers that take the batch one-hot: ``name -> (layer, offset, n_batch_columns)``.
+def categorical_layers(module: nn.Module) -> dict[str, tuple[nn.Linear, int, list[int]]]:
+    """Linear layers that take the categorical one-hots: ``name -> (layer, offset, widths)``.
 
-    ``offset`` is the first batch column (the layer's other inputs come before it); the batch
-    is the first entry of each ``FCLayers``' categorical list (``ModuleConfig.n_cat_list``).
+    ``offset`` is the first categorical column (the layer's other inputs come before it);
+    ``widths`` are the columns of each block in ``ModuleConfig.n_cat_list`` order (the batch
+    first, then each categorical covariate; 0 for a block of a single category, which has no
+    column).
 
     Examples
     --------
     >>> from scvae.module import VAE, ModuleConfig
-    >>> sorted(batch_layers(VAE(ModuleConfig(n_input=5, n_batch=3))))
-    ['decoder.px_decoder.layers.0.0']
+    >>> layers = categorical_layers(VAE(ModuleConfig(n_input=5, n_batch=3, n_cats_per_cov=(1, 2))))
+    >>> layers["decoder.px_decoder.layers.0.0"][1:]
+    (10, [3, 0, 2])
     """
     found = {}
     for name, fc in module.named_modules():
@@ -126,19 +131,56 @@ def batch_layers(module: nn.Module) -> dict[str, tuple[nn.Linear, int, int]]:
                 found[f"{name}.layers.{i}.0"] = (
                     linear,
                     linear.in_features - n_cov,
-                    fc.n_cat_list[0],
+                    list(fc.n_cat_list),
                 )
     return found
 
 
-def _widen(old: torch.Tensor, offset: int, n_cols: int, n_old: int, n_new: int) -> torch.Tensor:
-    """Columns ``[offset, offset + n_cols)`` of ``old`` are the ``n_old`` batches (none when
-    ``n_old == 1``); return the matrix with ``n_new`` batch columns there."""
-    block = old[:, offset : offset + n_cols]
-    if n_cols == 0:  # a single reference batch had no column: zero reproduces the reference
-        block = torch.zeros(old.shape[0], n_old, dtype=old.dtype, device=old.device)
+def batch_layers(module: nn.Module) -> dict[str, tuple[nn.Linear, int, int]]:
+    """Linear layers that take the batch one-hot: ``name -> (layer, offset, n_batch_columns)``.
+
+    ``offset`` is the first batch column (the layer's other inputs come before it); the batch
+    is the first entry of each ``FCLayers``' categorical list (``ModuleConfig.n_cat_list``).
+    :func:`categorical_layers` gives the covariates' blocks too.
+
+    Examples
+    --------
+    >>> from scvae.module import VAE, ModuleConfig
+    >>> sorted(batch_layers(VAE(ModuleConfig(n_input=5, n_batch=3))))
+    ['decoder.px_decoder.layers.0.0']
+    """
+    return {
+        name: (linear, offset, widths[0])
+        for name, (linear, offset, widths) in categorical_layers(module).items()
+    }
+
+
+def _widen_block(block: torch.Tensor, n_old: int, n_new: int) -> torch.Tensor:
+    """The ``block`` of the ``n_old`` reference categories' columns (none when ``n_old == 1``)
+    with columns for ``n_new`` categories: the new ones at the mean of the old ones."""
+    if n_new == n_old:
+        return block
+    if block.shape[1] == 0:  # a single reference category had no column: zero reproduces it
+        block = torch.zeros(block.shape[0], n_old, dtype=block.dtype, device=block.device)
     added = block.mean(dim=1, keepdim=True).expand(-1, n_new - n_old)
-    return torch.cat([old[:, :offset], block, added, old[:, offset + n_cols :]], dim=1)
+    return torch.cat([block, added], dim=1)
+
+
+def _widen(
+    old: torch.Tensor,
+    offset: int,
+    widths: Sequence[int],
+    n_old: Sequence[int],
+    n_new: Sequence[int],
+) -> torch.Tensor:
+    """``old`` with the categorical blocks from column ``offset`` on (``widths`` columns each,
+    for ``n_old`` categories each) widened to ``n_new`` categories each, block by block."""
+    parts, pos = [old[:, :offset]], offset
+    for width, before, after in zip(widths, n_old, n_new, strict=True):
+        parts.append(_widen_block(old[:, pos : pos + width], before, after))
+        pos += width
+    parts.append(old[:, pos:])
+    return torch.cat(parts, dim=1)
 
 
 @torch.no_grad()
@@ -148,8 +190,10 @@ def add_batches(
     *,
     library_log_means: torch.Tensor | None = None,
     library_log_vars: torch.Tensor | None = None,
+    new_cats_per_cov: Sequence[int] = (),
 ) -> VAE:
-    """A new module with ``n_new`` more batch categories; ``module`` is left untouched.
+    """A new module with ``n_new`` more batch categories (and ``new_cats_per_cov`` more
+    categories of each categorical covariate); ``module`` is left untouched.
 
     Parameters
     ----------
@@ -160,33 +204,51 @@ def add_batches(
     library_log_means, library_log_vars
         Library prior of the new batches, shape ``(n_new,)`` (None: the mean of the
         reference's).
+    new_cats_per_cov
+        Categories to add to each categorical covariate, in ``ModuleConfig.n_cats_per_cov``
+        order (codes after the reference's); empty: none.
 
     Returns
     -------
     A :class:`~scvae.module.VAE` in eval mode, on the reference's device, whose outputs for
-    the reference's batches equal the reference's.
+    the reference's categories equal the reference's.
 
     Examples
     --------
     >>> from scvae.module import VAE, ModuleConfig
     >>> add_batches(VAE(ModuleConfig(n_input=8)), 2).library_log_means.shape
     torch.Size([3])
+    >>> ref = VAE(ModuleConfig(n_input=8, n_batch=2, n_cats_per_cov=(2,)))
+    >>> add_batches(ref, 0, new_cats_per_cov=[1]).config.n_cats_per_cov
+    (3,)
     """
-    if n_new < 0:
-        raise ValueError(f"n_new must be >= 0, got {n_new}.")
+    old_cats = tuple(module.config.n_cats_per_cov)
+    added = tuple(int(k) for k in new_cats_per_cov) or (0,) * len(old_cats)
+    if len(added) != len(old_cats):
+        raise ValueError(
+            f"new_cats_per_cov has {len(added)} entries, but the module has {len(old_cats)} "
+            "categorical covariates: give one count per covariate."
+        )
+    if n_new < 0 or min(added, default=0) < 0:
+        raise ValueError(
+            f"Categories to add must be >= 0, got n_new={n_new}, new_cats_per_cov={added}."
+        )
     old_b = module.config.n_batch
     new_b = old_b + n_new
-    config = replace(module.config, n_batch=new_b)
+    new_cats = tuple(n + k for n, k in zip(old_cats, added, strict=True))
+    config = replace(module.config, n_batch=new_b, n_cats_per_cov=new_cats)
     with torch.random.fork_rng(devices=[]):
         query = VAE(config)
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    if n_new == 0:
+    if n_new == 0 and not any(added):
         query.load_state_dict(state, strict=True)
         return query.to(next(module.parameters()).device).eval()
-    for name, (linear, offset, n_cols) in batch_layers(module).items():
-        state[f"{name}.weight"] = _widen(linear.weight, offset, n_cols, old_b, new_b)
+    for name, (linear, offset, widths) in categorical_layers(module).items():
+        state[f"{name}.weight"] = _widen(
+            linear.weight, offset, widths, [old_b, *old_cats], [new_b, *new_cats]
+        )
     if config.dispersion == "gene-batch":
-        state["px_r"] = _widen(module.px_r, 0, old_b, old_b, new_b)
+        state["px_r"] = _widen_block(module.px_r, old_b, new_b)
     for key, given in zip(LIBRARY_KEYS, (library_log_means, library_log_vars), strict=True):
         old = getattr(module, key)
         extra = old.mean().expand(n_new) if given is None else torch.as_tensor(given)
@@ -250,9 +312,13 @@ def _role(name: str) -> str:
 
 
 def freeze_reference(
-    module: VAE, n_reference_batches: int, config: FreezeConfig | None = None
+    module: VAE,
+    n_reference_batches: int,
+    config: FreezeConfig | None = None,
+    *,
+    reference_cats_per_cov: Sequence[int] | None = None,
 ) -> FrozenReference:
-    """Freeze a widened module in place so only what the new batches need can train.
+    """Freeze a widened module in place so only what the new categories need can train.
 
     Parameters
     ----------
@@ -262,6 +328,9 @@ def freeze_reference(
         Batches of the reference (codes below this are the reference's and stay fixed).
     config
         What to freeze (:class:`FreezeConfig`, default scvi-tools' defaults).
+    reference_cats_per_cov
+        Categories of each categorical covariate in the reference (codes below these are the
+        reference's and their columns stay fixed); None: the module's own (no new ones).
 
     Returns
     -------
@@ -274,8 +343,21 @@ def freeze_reference(
     >>> f = freeze_reference(m, 2)
     >>> f.masked["z_encoder.encoder.layers.0.0.weight"][0].tolist()
     [False, False, False, False, False, False, False, False, True]
+    >>> ref = VAE(ModuleConfig(n_input=2, n_batch=2, n_cats_per_cov=(2,), encode_covariates=True))
+    >>> m = add_batches(ref, 0, new_cats_per_cov=[1])  # a third donor
+    >>> f = freeze_reference(m, 2, reference_cats_per_cov=[2])
+    >>> f.masked["z_encoder.encoder.layers.0.0.weight"][0].tolist()
+    [False, False, False, False, False, False, True]
     """
     config = FreezeConfig() if config is None else config
+    n_cats = module.config.n_cats_per_cov
+    ref_cats = list(n_cats if reference_cats_per_cov is None else reference_cats_per_cov)
+    if len(ref_cats) != len(n_cats) or any(r > n for r, n in zip(ref_cats, n_cats, strict=False)):
+        raise ValueError(
+            f"reference_cats_per_cov={ref_cats} does not fit the module's categorical "
+            f"covariates {list(n_cats)}: give the reference's number of categories of each."
+        )
+    n_reference = [n_reference_batches, *ref_cats]
     frozen = FrozenReference()
     params = dict(module.named_parameters())
 
@@ -295,7 +377,7 @@ def freeze_reference(
 
     train_whole("l_encoder")  # the library encoder trains whole, as in scvi-tools
     masks: dict[str, _Mask] = {}
-    for name, (linear, offset, n_cols) in batch_layers(module).items():
+    for name, (linear, offset, widths) in categorical_layers(module).items():
         role = _role(name)
         if role == "l_encoder":
             continue
@@ -307,7 +389,11 @@ def freeze_reference(
             train_whole(name)
             continue
         mask = torch.zeros_like(linear.weight, dtype=torch.bool)
-        mask[:, offset + n_reference_batches : offset + n_cols] = True
+        start = offset
+        for width, n_ref in zip(widths, n_reference, strict=True):
+            if width:  # a block of one category has no column
+                mask[:, start + n_ref : start + width] = True  # the new categories' columns
+            start += width
         masks[f"{name}.weight"] = _Mask(linear.weight, mask)
         frozen._handles.append(
             linear.register_forward_pre_hook(_restorer([masks[f"{name}.weight"]]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import warnings
 
@@ -389,19 +390,109 @@ def test_prepare_query_copies_uns_deeply(split, reference_model):
     assert query.uns["nested"] == {"inner": {"value": 1}, "list": [1, 2]}
 
 
-@UNTRAINED_REFERENCE
-def test_unseen_categorical_covariate_value_is_refused_with_the_options(split):
-    reference, query = split
-    reference, query = reference.copy(), query.copy()
+# ------------------------------------------ new categorical covariate values (a new donor)
+@pytest.fixture(scope="module")
+def donors(split):
+    """The reference's cells come from donors d1 and d2 (a covariate, not the batch); the
+    query's new batch lab2 from a new donor d3, its batch1 cells from d1 (no d2 cells)."""
+    reference, query = split[0].copy(), split[1].copy()
     reference.obs["donor"] = np.where(np.arange(reference.n_obs) % 2, "d1", "d2")
-    query.obs["donor"] = "d3"
-    ref = scvae.SCVAE(reference, batch_key="batch", categorical_covariate_keys=["donor"], **ARCHES)
-    with pytest.raises(RegistryError, match="cannot add categories") as info:
-        scvae.SCVAE.load_query_data(query, ref)
-    assert "'d3'" in str(info.value) and "batch_key" in str(info.value)
-    assert "recode" in str(info.value)
-    query.obs["donor"] = "d1"  # a value the reference knows maps as before
-    assert scvae.SCVAE.load_query_data(query, ref).registry.n_batch == 3
+    query.obs["donor"] = np.where(query.obs["batch"] == "lab2", "d3", "d1")
+    model = scvae.SCVAE(
+        reference, batch_key="batch", categorical_covariate_keys=["donor"], **ARCHES
+    )
+    model.train(max_epochs=10, seed=0)
+    return reference, query, model
+
+
+def test_new_donor_is_added_and_only_its_columns_train(donors, caplog):
+    reference, query, ref = donors
+    state = {k: v.clone() for k, v in ref.module.state_dict().items()}
+    with caplog.at_level(logging.INFO, logger="scvae"):
+        model = scvae.SCVAE.load_query_data(query, ref)
+    assert "Categorical covariate 'donor': 1 new value(s) ['d3'] added" in caplog.text
+    assert model.registry.categorical_covariate_categories == {"donor": ["d1", "d2", "d3"]}
+    assert model.module.config.n_cats_per_cov == (3,)
+    assert ref.registry.categorical_covariate_categories == {"donor": ["d1", "d2"]}
+    codes = model.registry.categorical_codes(query)[:, 0]
+    np.testing.assert_array_equal(codes, np.where(query.obs["donor"] == "d3", 2, 0))
+    # the columns that train: the new batch lab2 (batch block: 3 columns) and the new donor
+    for name, (_, offset, widths) in scvae.surgery.categorical_layers(model.module).items():
+        mask = model.frozen.masked[f"{name}.weight"]
+        assert widths == [3, 3]
+        assert torch.nonzero(mask[0]).ravel().tolist() == [offset + 2, offset + 5], name
+    start = {k: v.clone() for k, v in model.module.state_dict().items()}
+    model.train(max_epochs=3, seed=0)  # the default weight decay included
+    end = model.module.state_dict()
+    for name, value in end.items():
+        mask = model.frozen.masked.get(name)
+        if mask is None:
+            assert torch.equal(value, start[name]), name  # layer norm: nothing else trains
+        else:
+            assert torch.equal(value[~mask], start[name][~mask]), name
+            assert not torch.equal(value[mask], start[name][mask]), name
+    for key, value in ref.module.state_dict().items():  # the reference is untouched
+        assert torch.equal(value, state[key]), key
+
+
+def test_reference_latent_is_reproduced_through_a_query_model_with_a_new_donor(donors):
+    reference, query, ref = donors
+    expected = ref.get_latent_representation(reference)
+    model = scvae.SCVAE.load_query_data(query, ref)
+    np.testing.assert_array_equal(model.get_latent_representation(reference), expected)
+    known = query[query.obs["donor"] == "d1"].copy()  # a reference batch and donor
+    known_expected = ref.get_latent_representation(known)
+    model.train(max_epochs=3, seed=0)
+    np.testing.assert_array_equal(model.get_latent_representation(reference), expected)
+    np.testing.assert_array_equal(model.get_latent_representation(known), known_expected)
+
+
+def test_query_model_with_a_new_donor_saves_and_loads(donors, tmp_path):
+    _, query, ref = donors
+    model = scvae.SCVAE.load_query_data(query, ref)
+    model.train(max_epochs=2, seed=0)
+    model.save(tmp_path / "query")
+    description = json.loads((tmp_path / "query" / "model.json").read_text())
+    assert description["registry"]["categorical_covariate_categories"] == {
+        "donor": ["d1", "d2", "d3"]
+    }
+    loaded = scvae.SCVAE.load(tmp_path / "query", query)
+    assert loaded.registry.categorical_covariate_categories == {"donor": ["d1", "d2", "d3"]}
+    assert loaded.module.config.n_cats_per_cov == (3,)
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+    # the reference's model cannot read the new donor, and says which value
+    new_donor = query[query.obs["donor"] == "d3"].copy()
+    new_donor.obs["batch"] = "batch1"
+    with pytest.raises(RegistryError, match="'d3'"):
+        ref.get_latent_representation(new_donor)
+
+
+@UNTRAINED_REFERENCE
+def test_query_lacking_reference_donors_and_gene_label_dispersion(donors):
+    """A query of some reference values only keeps the reference's categories and codes;
+    labels (per gene-label dispersion) are the reference's, unchanged by a new donor."""
+    reference, query, _ = donors
+    only_d2 = reference[reference.obs["donor"] == "d2"].copy()
+    ref = scvae.SCVAE(
+        reference,
+        batch_key="batch",
+        labels_key="cell_type",
+        dispersion="gene-label",
+        categorical_covariate_keys=["donor"],
+        **ARCHES,
+    )
+    with pytest.warns(UserWarning, match="nor any value of its categorical covariates"):
+        model = scvae.SCVAE.load_query_data(only_d2, ref)
+    assert model.registry.categorical_covariate_categories == {"donor": ["d1", "d2"]}
+    assert set(model.registry.categorical_codes(only_d2)[:, 0]) == {1}
+    model = scvae.SCVAE.load_query_data(query, ref)
+    assert model.registry.categorical_covariate_categories == {"donor": ["d1", "d2", "d3"]}
+    assert model.registry.label_categories == ref.registry.label_categories
+    assert model.module.config.n_labels == ref.module.config.n_labels
+    assert torch.equal(model.module.px_r, ref.module.px_r)
+    assert "px_r" not in model.frozen.masked and not model.module.px_r.requires_grad
 
 
 @UNTRAINED_REFERENCE

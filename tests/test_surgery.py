@@ -149,3 +149,79 @@ def test_no_new_batches_is_a_copy():
     assert query is not ref
     for k, v in ref.state_dict().items():
         assert torch.equal(v, query.state_dict()[k])
+
+
+# ---------------------------------------------- new categorical covariate values (a new donor)
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize(("ref_cats", "added"), [((1,), (2,)), ((3, 2), (1, 2)), ((3, 2), (0, 1))])
+def test_new_covariate_categories_leave_reference_outputs_unchanged(name, ref_cats, added):
+    """scvi-tools appends new columns at the end of the weight matrix, which shifts the
+    reference's columns unless only the last covariate grew; scvae widens each block."""
+    options = {**CONFIGS[name], "n_cats_per_cov": ref_cats}
+    ref = _module(2, **options)
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    query = surgery.add_batches(ref, 1, new_cats_per_cov=added)
+    assert query.config.n_cats_per_cov == tuple(r + a for r, a in zip(ref_cats, added, strict=True))
+    assert query.config.n_batch == 3
+    x, batch, cov = _data(40, 2, ref_cats)
+    for a, b in zip(_outputs(ref, x, batch, cov), _outputs(query, x, batch, cov), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
+
+
+def test_new_covariate_columns_start_at_the_mean_of_their_block():
+    ref = _module(2, n_cats_per_cov=(3, 1))
+    query = surgery.add_batches(ref, 0, new_cats_per_cov=(1, 1))
+    layers = surgery.categorical_layers(query)
+    assert layers  # encoder and decoder
+    for name, (linear, offset, widths) in layers.items():
+        assert widths == [2, 4, 2]
+        old_linear, old_offset, old_widths = surgery.categorical_layers(ref)[name]
+        assert old_widths == [2, 3, 0] and old_offset == offset
+        old = old_linear.weight
+        w = linear.weight
+        torch.testing.assert_close(w[:, : offset + 2], old[:, : offset + 2], rtol=0, atol=0)
+        block = old[:, offset + 2 : offset + 5]
+        torch.testing.assert_close(w[:, offset + 2 : offset + 5], block, rtol=0, atol=0)
+        torch.testing.assert_close(w[:, offset + 5], block.mean(1))
+        # a single reference category had no column: its column and the new one are zero
+        assert torch.count_nonzero(w[:, offset + 6 : offset + 8]) == 0
+
+
+def test_wrong_covariate_counts_are_refused():
+    ref = _module(2, n_cats_per_cov=(3,))
+    with pytest.raises(ValueError, match="one count per covariate"):
+        surgery.add_batches(ref, 0, new_cats_per_cov=(1, 1))
+    with pytest.raises(ValueError, match=r"must be >= 0.*new_cats_per_cov=\(-1,\)"):
+        surgery.add_batches(ref, 0, new_cats_per_cov=(-1,))
+    query = surgery.add_batches(ref, 0, new_cats_per_cov=(1,))
+    with pytest.raises(ValueError, match=r"reference_cats_per_cov=\[5\] does not fit"):
+        surgery.freeze_reference(query, 2, reference_cats_per_cov=[5])
+
+
+def test_only_new_covariate_columns_train_even_with_weight_decay():
+    ref = _module(2, n_cats_per_cov=(2, 2), n_layers=2)
+    query = surgery.add_batches(ref, 1, new_cats_per_cov=(1, 0))
+    frozen = surgery.freeze_reference(query, 2, reference_cats_per_cov=(2, 2))
+    for name, (_, offset, widths) in surgery.categorical_layers(query).items():
+        if name.startswith("l_encoder"):
+            continue
+        mask = frozen.masked[f"{name}.weight"]
+        assert widths == [3, 3, 2]
+        trained_columns = torch.nonzero(mask[0]).ravel().tolist()
+        assert trained_columns == [offset + 2, offset + 5], name  # the new batch and donor
+        assert bool((mask == mask[0]).all())
+    start = {k: v.clone() for k, v in query.state_dict().items()}
+    x, batch, cov = _data(64, 3, (3, 2), seed=1)
+    params = [p for p in query.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-2, weight_decay=1e-2)
+    query.train()
+    for _ in range(5):
+        opt.zero_grad()
+        query(x, batch, cov).loss.backward()
+        opt.step()
+    query.eval()
+    end = query.state_dict()
+    for name, mask in frozen.masked.items():
+        torch.testing.assert_close(end[name][~mask], start[name][~mask], rtol=0, atol=0)
+        assert not torch.equal(end[name][mask], start[name][mask]), name

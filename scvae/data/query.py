@@ -1,5 +1,6 @@
 """A query AnnData for reference mapping: its genes put in the reference's order, its batches
-added to the reference's registry. AnnData and numpy only (the surgery is in scvae.surgery)."""
+and categorical covariate values added to the reference's registry. AnnData and numpy only
+(the surgery is in scvae.surgery)."""
 
 from __future__ import annotations
 
@@ -124,21 +125,29 @@ def new_categories(column: pd.Series, known: list[str]) -> list[str]:
 def query_registry(
     reference: Registry, adata: ad.AnnData, *, keep_labels: bool
 ) -> tuple[Registry, list[str]]:
-    """The reference's registry with the query's new batches appended; and those batches.
+    """The reference's registry with the query's new batches and new categorical covariate
+    values appended; and the new batches.
 
-    Query cells of a batch the reference knows keep its code. Labels are kept only when
-    ``keep_labels`` (they enter the model only with per gene-label dispersion); otherwise the
-    query model does not read them, so the query may lack them or have new ones.
+    Query cells of a batch the reference knows keep its code. Each categorical covariate
+    keeps the reference's categories, in order, and gets the query's values the reference
+    lacks after them (scvi-tools' ``extend_categories=True``), in the order of
+    :func:`new_categories`; a query may lack some of the reference's values. Labels are kept
+    only when ``keep_labels`` (they enter the model only with per gene-label dispersion);
+    otherwise the query model does not read them, so the query may lack them or have new
+    ones.
 
     Examples
     --------
     >>> import anndata as ad, numpy as np
     >>> q = ad.AnnData(np.ones((2, 1), dtype=np.float32))
     >>> q.obs["b"] = ["x", "z"]
+    >>> q.obs["donor"] = ["d3", "d1"]
     >>> ref = Registry(None, "b", None, ["x", "y"], ["0"], ["0"])
+    >>> ref.categorical_covariate_keys = ["donor"]
+    >>> ref.categorical_covariate_categories = {"donor": ["d1", "d2"]}
     >>> reg, new = query_registry(ref, q, keep_labels=False)
-    >>> reg.batch_categories, new
-    (['x', 'y', 'z'], ['z'])
+    >>> reg.batch_categories, new, reg.categorical_covariate_categories
+    (['x', 'y', 'z'], ['z'], {'donor': ['d1', 'd2', 'd3']})
     """
     key = reference.batch_key
     if key is None:
@@ -154,26 +163,17 @@ def query_registry(
     if adata.obs[key].isna().any():
         raise RegistryError(f"adata.obs[{key!r}] has missing values; name every cell's batch.")
     new = new_categories(adata.obs[key], reference.batch_categories)
+    covariate_categories = dict(reference.categorical_covariate_categories)
     for cov in reference.categorical_covariate_keys:
         if cov not in adata.obs or adata.obs[cov].isna().any():
             continue  # the registry's check names a missing column or value
         known = reference.categorical_covariate_categories[cov]
-        unseen = new_categories(adata.obs[cov], known)
-        if unseen:
-            raise RegistryError(
-                f"adata.obs[{cov!r}] (a categorical covariate) has values the reference was "
-                f"not trained with: {', '.join(map(repr, unseen[:5]))} (reference: "
-                f"{', '.join(map(repr, known[:10]))}). scvae's mapping cannot add categories "
-                "to a categorical covariate (scvi-tools' load_query_data adds them and trains "
-                "their columns); it adds new batches only. Either recode those cells to a "
-                f"value the reference knows, or train the reference with this factor in "
-                f"batch_key instead of categorical_covariate_keys (e.g. obs[{key!r}] + '_' + "
-                f"obs[{cov!r}]), so each new value comes as a new batch."
-            )
+        covariate_categories[cov] = [*known, *new_categories(adata.obs[cov], known)]
     registry = replace(
         reference,
         batch_categories=[*reference.batch_categories, *new],
         labels_key=reference.labels_key if keep_labels else None,
+        categorical_covariate_categories=covariate_categories,
     )
     return registry, new
 
