@@ -469,6 +469,68 @@ def test_query_model_with_a_new_donor_saves_and_loads(donors, tmp_path):
         ref.get_latent_representation(new_donor)
 
 
+def _repeat(values: list | pd.Categorical, n: int) -> list | pd.Categorical:
+    repeated = [values[i % len(values)] for i in range(n)]
+    if isinstance(values, pd.Categorical):
+        return pd.Categorical(repeated, categories=values.categories)
+    return repeated
+
+
+def _order_data(n: int, batches: list, donors: list, plates: list) -> ad.AnnData:
+    adata = ad.AnnData(np.ones((n, 4), dtype=np.float32))
+    adata.var_names = [f"g{i}" for i in range(4)]
+    for key, values in (("batch", batches), ("donor", donors), ("plate", plates)):
+        adata.obs[key] = _repeat(values, n)
+    return adata
+
+
+@UNTRAINED_REFERENCE
+@pytest.mark.parametrize(
+    ("column", "values", "expected"),
+    [
+        ("donor", ["d5", "d1", "d3", "d10"], ["d1", "d2", "d10", "d3", "d5"]),
+        ("plate", [10, 2, 3, 1], ["1", "3", "2", "10"]),
+        ("donor", pd.Categorical(["zz", "d1", "aa"], ["zz", "d1", "aa"]), ["d1", "d2", "aa", "zz"]),
+        ("donor", ["d4"], ["d1", "d2", "d4"]),
+        ("batch", ["zz", "b10", "b3", "b1"], ["b1", "b2", "b10", "b3", "zz"]),
+        ("batch", pd.Categorical(["zz", "aa", "b1"], ["zz", "aa", "b1"]), ["b1", "b2", "aa", "zz"]),
+    ],
+)
+def test_new_categories_come_in_scvi_tools_order(column, values, expected):
+    """The categories scvi-tools 1.4.2 gives the same query (pinned, as for scib-metrics):
+    ``SCVI.setup_anndata(ref, batch_key="batch", categorical_covariate_keys=["donor",
+    "plate"])`` on a reference of batches b1, b2, donors d2, d1 and plates 3, 1, then
+    ``SCVI.load_query_data(query, ref_model)``; its registry's ``categorical_mapping``
+    (batch) or ``extra_categorical_covs`` mappings: the new values sorted by value
+    (``np.unique``), numbers as numbers, a categorical column's own order ignored."""
+    ref_data = _order_data(60, ["b1", "b2"], ["d2", "d1"], [3, 1])
+    ref = scvae.SCVAE(
+        ref_data, batch_key="batch", categorical_covariate_keys=["donor", "plate"], **ARCHES
+    )
+    assert ref.registry.categorical_covariate_categories == {
+        "donor": ["d1", "d2"],
+        "plate": ["1", "3"],
+    }
+    query = _order_data(30, ["b1"], ["d1"], [1])
+    query.obs[column] = _repeat(values, 30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a query of no new batch warns
+        model = scvae.SCVAE.load_query_data(query, ref)
+    registry = model.registry
+    got = (
+        registry.batch_categories
+        if column == "batch"
+        else registry.categorical_covariate_categories[column]
+    )
+    assert got == expected
+    codes = (
+        registry.batch_codes(query)
+        if column == "batch"
+        else registry.categorical_codes(query)[:, ["donor", "plate"].index(column)]
+    )
+    np.testing.assert_array_equal(np.asarray(got)[codes], query.obs[column].astype(str))
+
+
 @UNTRAINED_REFERENCE
 def test_query_lacking_reference_donors_and_gene_label_dispersion(donors):
     """A query of some reference values only keeps the reference's categories and codes;

@@ -99,20 +99,23 @@ def new_categories(column: pd.Series, known: list[str]) -> list[str]:
     """The values of ``column`` that match none of the ``known`` categories, as text.
 
     Values are matched as :class:`~scvae.data.registry.CategoryMatcher` does (numbers as
-    numbers: a float 1.0 is the known integer category "1"). New ones come in the column's
-    category order (a categorical column) or sorted by text, once each.
+    numbers: a float 1.0 is the known integer category "1"). New ones come sorted by value,
+    once each, the order in which scvi-tools' ``load_query_data`` appends them
+    (``np.unique``): numbers in numeric order, text in text order (a categorical column's
+    category order is not used, as there), values of mixed types by their text.
 
     Examples
     --------
     >>> new_categories(pd.Series([1.0, 3.0, 3.0]), ["1", "2"])
     ['3.0']
+    >>> new_categories(pd.Series([10, 2, 1]), ["1"]), new_categories(pd.Series(["d10", "d3"]), [])
+    (['2', '10'], ['d10', 'd3'])
     """
     matcher = CategoryMatcher(known)
     _, unmatched = matcher.codes(column)
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        order = {c: i for i, c in enumerate(column.cat.categories)}
-        unmatched.sort(key=lambda v: order[v])
-    else:
+    try:
+        unmatched.sort()
+    except TypeError:  # e.g. numbers and text in one object column
         unmatched.sort(key=str)
     new: list[str] = []
     for value in unmatched:
@@ -130,8 +133,8 @@ def query_registry(
 
     Query cells of a batch the reference knows keep its code. Each categorical covariate
     keeps the reference's categories, in order, and gets the query's values the reference
-    lacks after them (scvi-tools' ``extend_categories=True``), in the order of
-    :func:`new_categories`; a query may lack some of the reference's values. Labels are kept
+    lacks after them (scvi-tools' ``extend_categories=True``), in scvi-tools' order (see
+    :func:`new_categories`); a query may lack some of the reference's values. Labels are kept
     only when ``keep_labels`` (they enter the model only with per gene-label dispersion);
     otherwise the query model does not read them, so the query may lack them or have new
     ones.
