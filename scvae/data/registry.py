@@ -554,7 +554,9 @@ def _categories(adata: ad.AnnData, key: str | None, what: str) -> list[str]:
     if isinstance(column.dtype, pd.CategoricalDtype):
         present = set(column.astype(str))
         return [str(c) for c in column.cat.categories if str(c) in present]
-    return sorted(map(str, column.unique()))
+    # in the order scvi-tools' setup_anndata gives (pandas' categories: numbers as numbers,
+    # so batch 10 comes after batch 2), as text
+    return [str(c) for c in pd.Categorical(column.unique()).categories]
 
 
 def _as_number(value: Any) -> int | float | None:

@@ -158,3 +158,15 @@ def test_query_errors_count_every_bad_cell_and_give_a_fix_that_applies(counts):
     with pytest.raises(RegistryError, match="registered on integer counts") as err:
         model.get_elbo(fractional)
     assert "allow_non_integer=True" not in str(err.value)  # not an option of a query
+
+
+def test_numeric_batches_registered_in_numeric_order_as_scvi_tools(counts):
+    # scvi-tools' setup_anndata takes pandas' categories: batch 10 after batch 2
+    counts = counts.copy()
+    counts.obs["run"] = np.resize([10, 2, 1], counts.n_obs)
+    registry = register(counts, batch_key="run")
+    assert registry.batch_categories == ["1", "2", "10"]
+    assert registry.batch_categories == [
+        str(c) for c in counts.obs["run"].astype("category").cat.categories
+    ]
+    np.testing.assert_array_equal(registry.batch_codes(counts), np.resize([2, 1, 0], counts.n_obs))
