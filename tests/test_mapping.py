@@ -555,6 +555,10 @@ def test_query_lacking_reference_donors_and_gene_label_dispersion(donors):
     assert model.module.config.n_labels == ref.module.config.n_labels
     assert torch.equal(model.module.px_r, ref.module.px_r)
     assert "px_r" not in model.frozen.masked and not model.module.px_r.requires_grad
+    relabelled = query.copy()  # a label the reference lacks has no dispersion: named
+    relabelled.obs["cell_type"] = "a new type"
+    with pytest.raises(RegistryError, match=r"labels the reference does not know: 'a new type'"):
+        scvae.SCVAE.load_query_data(relabelled, ref)
 
 
 @UNTRAINED_REFERENCE

@@ -172,6 +172,18 @@ def query_registry(
             continue  # the registry's check names a missing column or value
         known = reference.categorical_covariate_categories[cov]
         covariate_categories[cov] = [*known, *new_categories(adata.obs[cov], known)]
+    labels = reference.labels_key
+    if keep_labels and labels in adata.obs and not adata.obs[labels].isna().any():
+        unseen = new_categories(adata.obs[labels], reference.label_categories)
+        if unseen:  # each label has its own dispersion, fitted to the reference's cells
+            raise RegistryError(
+                f"adata.obs[{labels!r}] has labels the reference does not know: "
+                f"{', '.join(map(repr, unseen[:5]))} (reference: "
+                f"{', '.join(map(repr, reference.label_categories[:10]))}). The reference "
+                "has a dispersion per label (dispersion='gene-label'), and mapping does not add "
+                "labels. Give those cells one of the reference's labels, or map onto a "
+                "reference trained with another dispersion (its query may carry any labels)."
+            )
     registry = replace(
         reference,
         batch_categories=[*reference.batch_categories, *new],
