@@ -190,6 +190,42 @@ def gather_rng_states(device: torch.device, world: World) -> list[dict[str, torc
     return [{k: v.cpu() for k, v in s.items()} for s in states]
 
 
+def check_same_run(fingerprint: dict[str, Any], world: World) -> None:
+    """Refuse, on every rank at once, a run whose ranks were given different data or options.
+
+    Each rank describes its run (cells, registration, options: plain values or digests); the
+    descriptions are gathered (one collective) and compared with rank 0's. Ranks with other
+    cells would take another number of steps and wait on each other until the process
+    group's timeout; ranks with the same number of cells but other genes or options would
+    train on a mixture. Both are turned into a ValueError naming what differs.
+
+    Examples
+    --------
+    >>> check_same_run({"cells": 100}, World())  # alone: nothing to compare
+    """
+    if not world.distributed:
+        return
+    runs: list[Any] = [None] * world.size
+    dist.all_gather_object(runs, fingerprint)
+    first = runs[0]
+    differences = [
+        f"rank {rank} has {key} {run.get(key)!r} where rank 0 has {first.get(key)!r}"
+        for rank, run in enumerate(runs[1:], start=1)
+        for key in dict.fromkeys([*first, *run])
+        if run.get(key) != first.get(key)
+    ]
+    if differences:
+        shown = "; ".join(differences[:4]) + (
+            f"; and {len(differences) - 4} more" if len(differences) > 4 else ""
+        )
+        raise ValueError(
+            f"The {world.size} training processes were not given the same run: {shown}. "
+            "Every rank must load the same AnnData (same cells, genes and counts), set the "
+            "model up the same way and call train() with the same options (seed included); "
+            "each rank takes its own share of the cells itself."
+        )
+
+
 def sync_buffers(module: torch.nn.Module, world: World) -> None:
     """Copy rank 0's buffers (batch-norm statistics) to every rank."""
     if world.distributed:

@@ -561,6 +561,21 @@ class SCVAE:
         distributed.init_from_env(dev)
         world = distributed.current_world()
         dev = distributed.rank_device(dev, world)
+        if world.distributed and dev.type == "cuda":
+            # NCCL's object collectives (this check, checkpoints' random states) use the
+            # current device: without this every rank of a node would use cuda:0
+            torch.cuda.set_device(dev)
+        if world.distributed:  # before any other collective: ranks given other runs would hang
+            options_here = {
+                **{k: v for k, v in config.to_dict().items() if k != "progress_bar"},
+                "train_size": train_size,
+                "validation_size": validation_size,
+                "backed_block_rows": backed_block_rows,
+                "backed_buffer_blocks": backed_buffer_blocks,
+                "device type": dev.type,
+                "split (digest)": _digest([train_idx, val_idx])[:12],
+            }
+            distributed.check_same_run(self._run_fingerprint(options_here), world)
         _check_cells_per_step(batch_size, len(train_idx), world.size)
         adata = self.registry_adata()
         counts = self._training_counts(adata)
@@ -689,6 +704,34 @@ class SCVAE:
         self.is_trained = True
         self.train_indices, self.validation_indices = train_idx, val_idx
         self.train_config = train_config
+
+    def _run_fingerprint(self, train_options: dict[str, Any]) -> dict[str, Any]:
+        """What the ranks of a distributed run must share (compared by
+        :func:`scvae.distributed.check_same_run`): versions, the data's shape, stored
+        non-zeros and registration, the model's and ``train``'s options."""
+        import json
+
+        from scvae import __version__
+
+        adata = self.registry_adata()
+        layer = self.registry.layer
+        counts = adata.X if layer is None else adata.layers[layer]
+        nonzeros = None
+        if hasattr(counts, "nnz"):  # scipy sparse
+            nonzeros = int(counts.nnz)
+        elif is_on_disk(counts) and hasattr(counts, "group"):  # anndata's on-disk CSR / CSC
+            nonzeros = int(counts.group["indptr"][-1])
+        registration = json.dumps(self.registry.to_dict(), sort_keys=True, default=str)
+        return {
+            "scvae version": __version__,
+            "torch version": torch.__version__,
+            "cells": adata.n_obs,
+            "genes": adata.n_vars,
+            "stored non-zero counts": nonzeros,
+            "registration (digest)": hashlib.sha256(registration.encode()).hexdigest()[:12],
+            **{f"model option {k}": v for k, v in self.module.config.to_dict().items()},
+            **{f"train option {k}": v for k, v in train_options.items()},
+        }
 
     def _training_counts(self, adata: ad.AnnData) -> Any:
         """The registered counts, checked block by block: the AnnData's own matrix (no copy of

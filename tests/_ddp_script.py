@@ -1,5 +1,10 @@
-"""Run by tests/test_distributed.py under torchrun: train on every rank, save each one's end."""
+"""Run by tests/test_distributed.py under torchrun: train on every rank, save each one's end.
 
+With a second argument ``mismatch``, rank 1 is given other cells and another learning rate
+(what the ranks of a badly written script would do): train() must refuse, not hang.
+"""
+
+import os
 import sys
 from pathlib import Path
 
@@ -12,9 +17,17 @@ import scvae
 def main() -> None:
     out = Path(sys.argv[1])
     scvae.settings.verbosity = "warning"
-    adata = scvae.data.simulate(400, 40, seed=0)
+    odd = sys.argv[2:] == ["mismatch"] and os.environ["RANK"] == "1"
+    adata = scvae.data.simulate(300 if odd else 400, 40, seed=0)
     model = scvae.SCVAE(adata, n_latent=4, n_hidden=32)
-    model.train(max_epochs=4, batch_size=64, progress_bar=False, early_stopping=True, seed=0)
+    model.train(
+        max_epochs=4,
+        batch_size=64,
+        lr=2e-3 if odd else 1e-3,
+        progress_bar=False,
+        early_stopping=True,
+        seed=0,
+    )
     rank = torch.distributed.get_rank()
     weights = {k: v.contiguous() for k, v in model.module.state_dict().items()}
     save_file(weights, out / f"{rank}.st")

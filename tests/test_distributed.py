@@ -79,6 +79,27 @@ def torchrun_out(tmp_path_factory):
     return out
 
 
+def test_ranks_given_other_data_are_refused_by_name_instead_of_hanging(tmp_path):
+    # rank 1 loads 300 cells and lr 2e-3 where rank 0 has 400 and 1e-3: before the check the
+    # ranks took different numbers of steps and waited on each other until gloo's timeout
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        str(SCRIPT),
+        str(tmp_path),
+        "mismatch",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "rank 1 has cells 300 where rank 0 has 400" in done.stderr
+    assert "rank 1 has train option lr 0.002 where rank 0 has 0.001" in done.stderr
+    assert not list(tmp_path.iterdir())  # no rank trained or saved
+
+
 def test_torchrun_two_processes_end_identical(torchrun_out):
     w0, w1 = load_file(torchrun_out / "0.st"), load_file(torchrun_out / "1.st")
     assert w0.keys() == w1.keys()
