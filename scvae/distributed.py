@@ -21,10 +21,14 @@ each epoch, so all ranks end with identical weights and buffers.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import pickle
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,16 +255,19 @@ def launch(
 
     if isinstance(n_processes, bool) or not isinstance(n_processes, int) or n_processes < 1:
         raise ValueError(f"n_processes must be a whole number >= 1, got {n_processes!r}.")
-    with tempfile.TemporaryDirectory(prefix="scvae-ddp-") as tmp:
+    with _sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="scvae-ddp-") as tmp:
         init_method = Path(tmp, "rendezvous").as_uri()
+        others = set(multiprocessing.active_children())
         try:
-            mp.start_processes(
+            context = mp.start_processes(
                 _run,
                 args=(n_processes, init_method, target, payload, tmp),
                 nprocs=n_processes,
-                join=True,
+                join=False,
                 start_method="spawn",
             )
+            while not context.join():
+                pass
         except mp.ProcessRaisedException as err:
             failure = RuntimeError(f"A training process failed (rank {err.error_index}):\n{err}")
             original = _load_error(Path(tmp, f"error-{err.error_index}.pickle"))
@@ -272,6 +279,55 @@ def launch(
                 f"Training process {err.error_index} died (exit code {err.exit_code}), e.g. "
                 "out of memory; the others were stopped."
             ) from None
+        finally:
+            # interrupted here (Ctrl-C, a notebook's interrupt, SIGTERM), even while the
+            # workers were being started: stop them before their folder is removed; left
+            # alone they would train on as orphans, or wait for a missing rank while this
+            # process waits for them at exit
+            ours = [p for p in multiprocessing.active_children() if p not in others]
+            for process in ours:
+                process.terminate()
+            for process in ours:
+                process.join(timeout=30)
+
+
+@contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """While the workers run, SIGTERM to this process raises SystemExit (exit status 143, as
+    the default action) instead of ending it on the spot, so the workers are stopped and the
+    temporary folders removed. Only where Python's default action was in place, in the main
+    thread; the default is put back after."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _exit_with_launcher() -> None:
+    """In a spawned worker: end this process as soon as the one that launched it is gone
+    (killed without a chance to stop its workers), instead of training on as an orphan."""
+    from multiprocessing import connection
+
+    launcher = multiprocessing.parent_process()
+    if launcher is None:
+        return
+
+    def watch() -> None:
+        connection.wait([launcher.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="scvae-launcher-watch", daemon=True).start()
 
 
 def _run(
@@ -282,6 +338,7 @@ def _run(
     payload: Any,
     error_dir: str,
 ) -> None:
+    _exit_with_launcher()
     try:
         target(rank, world_size, init_method, payload)
     except BaseException as err:

@@ -231,3 +231,79 @@ def test_refused_before_any_process_starts(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="inside a process group"):
         scvae.SCVAE(adata, n_hidden=8).train(max_epochs=1, n_processes=2)
+
+
+_LONG_RUN = """
+import scvae
+if __name__ == "__main__":
+    adata = scvae.data.simulate(2000, 100, seed=0)
+    scvae.SCVAE(adata, n_hidden=16).train(max_epochs=10_000, n_processes=2, progress_bar=False)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT", "SIGKILL"])
+def test_workers_end_with_their_launcher_and_leave_no_folders(tmp_path, signum):
+    # before: killing (SIGTERM) or interrupting (a notebook's SIGINT to the kernel alone) the
+    # process that called train(n_processes=2) left both workers training on as orphans and
+    # their temporary folders behind
+    import signal
+    import time
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _LONG_RUN],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list(tmp.glob("scvae-ddp-*/rendezvous")):
+            assert launcher.poll() is None, "the training run ended before it was signalled"
+            time.sleep(0.2)
+        time.sleep(2)  # the workers train now
+        workers = [p for p in _children(launcher.pid) if "spawn_main" in _cmdline(p)]
+        assert len(workers) == 2
+        launcher.send_signal(getattr(signal, signum))
+        launcher.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(map(_alive, workers)):
+            time.sleep(0.2)
+        assert not any(map(_alive, workers))
+        if signum != "SIGKILL":  # no process can clean up after SIGKILL
+            assert not list(tmp.iterdir())
+            assert launcher.returncode != 0
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
