@@ -126,13 +126,18 @@ def rank_device(device: torch.device, world: World) -> torch.device:
     return torch.device("cuda", local % max(1, torch.cuda.device_count()))
 
 
-def wrap(module: torch.nn.Module, world: World) -> torch.nn.Module:
+def wrap(
+    module: torch.nn.Module, world: World, *, unused_parameters: bool = True
+) -> torch.nn.Module:
     """The module in ``DistributedDataParallel`` when several processes train, else itself.
 
     Parameters are broadcast from rank 0 here, so every rank starts from rank 0's weights.
-    Parameters that get no gradient are allowed (``find_unused_parameters``; e.g. theta of a
-    Poisson model). (``static_graph=True`` would save that graph traversal, but its first
-    backward pass leaves the local, unaveraged gradients in place: checked, so not used.)
+    ``unused_parameters``: whether some trainable parameter gets no gradient from the loss
+    (e.g. theta of a Poisson model, the dropout head of an NB one); DDP then looks for them
+    in the graph at every step (``find_unused_parameters``), which costs a traversal and, when
+    there are none, a warning from every rank. (``static_graph=True`` would save that
+    traversal, but its first backward pass leaves the local, unaveraged gradients in place:
+    checked, so not used.)
     """
     if not world.distributed:
         return module
@@ -140,7 +145,7 @@ def wrap(module: torch.nn.Module, world: World) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(
         module,
         device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=True,
+        find_unused_parameters=unused_parameters,
     )
 
 

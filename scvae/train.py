@@ -304,6 +304,36 @@ def _divergence_message(
     )
 
 
+def _has_unused_parameters(
+    module: VAE,
+    counts: CountSource,
+    batch_codes: torch.Tensor,
+    covariates: Covariates,
+    train_idx: np.ndarray,
+) -> bool:
+    """Whether some trainable parameter gets no gradient from the loss (theta of a Poisson
+    model, the dropout head of an NB one), found from one loss of two training cells. Nothing
+    changes: evaluation mode (no batch-norm update), the random state put back, gradients
+    returned rather than stored."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    idx = torch.as_tensor(np.asarray(train_idx)[:2], dtype=torch.long, device=counts.device)
+    if not params or not len(idx):
+        return False
+    cuda = [counts.device.index or 0] if counts.device.type == "cuda" else []
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            cells, x, nonzero = next(iter(counts.batches(idx, len(idx), shuffle=False)))
+            out = module(
+                x, batch_codes[cells], covariates.take(cells), kl_weight=1.0, nonzero=nonzero
+            )
+            grads = torch.autograd.grad(out.loss, params, allow_unused=True)
+    finally:
+        module.train(was_training)
+    return any(g is None for g in grads)
+
+
 def fit(
     module: VAE,
     counts: CountSource,
@@ -367,7 +397,12 @@ def fit(
     optimizer = make_optimizer(
         params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay
     )
-    net = wrap(module, world)  # DistributedDataParallel with several processes
+    net = wrap(  # DistributedDataParallel with several processes
+        module,
+        world,
+        unused_parameters=world.distributed
+        and _has_unused_parameters(module, counts, batch_codes, covariates, train_idx),
+    )
     run_step = StepRunner(net, device, config.precision, compile=config.compile)
     scheduler = (
         torch.optim.lr_scheduler.ReduceLROnPlateau(

@@ -76,7 +76,21 @@ def torchrun_out(tmp_path_factory):
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    (out / "stderr.txt").write_text(done.stderr)
     return out
+
+
+def test_ddp_looks_for_unused_parameters_only_where_there_are_some(torchrun_out, tmp_path):
+    # the default ZINB model uses every parameter: DDP used to be told to search the graph
+    # for unused ones at every step anyway, and every rank warned about it
+    assert (
+        "find_unused_parameters=True was specified" not in (torchrun_out / "stderr.txt").read_text()
+    )
+    # a Poisson model has an unused theta and dropout head: DDP must be told, or it fails
+    adata = scvae.data.simulate(200, 30, seed=0)
+    model = scvae.SCVAE(adata, gene_likelihood="poisson", n_hidden=16)
+    model.train(max_epochs=2, batch_size=64, n_processes=2, progress_bar=False)
+    assert model.is_trained and np.isfinite(model.history["elbo_train"]).all()
 
 
 def test_ranks_given_other_data_are_refused_by_name_instead_of_hanging(tmp_path):
