@@ -726,6 +726,10 @@ class SCVAE:
             "scvae version": __version__,
             "torch version": torch.__version__,
             "cells": adata.n_obs,
+            # the same cells in the same order: each rank takes its share by position
+            "cell names (digest)": hashlib.sha256(
+                "\0".join(map(str, adata.obs_names)).encode()
+            ).hexdigest()[:12],
             "genes": adata.n_vars,
             "stored non-zero counts": nonzeros,
             "registration (digest)": hashlib.sha256(registration.encode()).hexdigest()[:12],
