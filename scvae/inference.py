@@ -231,34 +231,75 @@ def posterior_predictive(
 
     ``n_samples=1``: a CSR array ``(cells, genes)``; otherwise an N-D COO array
     ``(cells, genes, n_samples)`` (scipy >= 1.15). Only the non-zero draws are kept, chunk
-    by chunk.
+    by chunk, appended to the result's own arrays (:class:`_Growing`), so memory stays near
+    the result's size rather than twice it (chunks kept, then concatenated).
     """
-    rows: list[sp.csr_array] = []
-    coords: list[tuple[np.ndarray, ...]] = []
-    values: list[np.ndarray] = []
-    n_cells = 0
     n_genes = module.config.n_input if gene_idx is None else len(gene_idx)
+    values = _Growing(np.float32)
+    # CSR: gene of each non-zero and non-zeros per row; N-D COO: cell, gene and sample
+    # (int64, the coordinates' type there, so scipy does not copy them)
+    first = _Growing(np.int32 if n_samples == 1 else np.int64)
+    second = _Growing(np.int64)
+    third = _Growing(np.int64)
+    n_cells = 0
     for x, b, cov in chunks:
         inf = module.inference(x, b, cov, n_samples=n_samples)
         counts = module.generative(inf["z"], inf["library"], b, cov)["px"].sample()
         if gene_idx is not None:
             counts = counts[..., torch.as_tensor(gene_idx, device=counts.device)]
         if n_samples == 1:
-            rows.append(sp.csr_array(counts.cpu().numpy()))
+            part = sp.csr_array(counts.cpu().numpy())
+            values.extend(part.data)
+            first.extend(part.indices)
+            second.extend(np.diff(part.indptr))
         else:  # (samples, cells, genes) -> (cells, genes, samples), as scvi-tools
             dense = counts.permute(1, 2, 0).cpu().numpy()
             cell, gene, sample = np.nonzero(dense)
-            values.append(dense[cell, gene, sample])
-            coords.append((cell + n_cells, gene, sample))
+            values.extend(dense[cell, gene, sample])
+            first.extend(cell + n_cells)
+            second.extend(gene)
+            third.extend(sample)
         n_cells += x.shape[0]
     if n_samples == 1:
-        if not rows:
-            return sp.csr_array((0, n_genes), dtype=np.float32)
-        return sp.vstack(rows, format="csr")
-    if not values:  # no chunks: no cells
-        values, coords = [np.zeros(0, np.float32)], [(np.zeros(0, np.int64),) * 3]
-    dims = tuple(np.concatenate(c) for c in zip(*coords, strict=True))
-    return sp.coo_array((np.concatenate(values), dims), shape=(n_cells, n_genes, n_samples))
+        indptr = np.zeros(n_cells + 1, dtype=np.int64)
+        np.cumsum(second.array(), out=indptr[1:])
+        index = np.int64 if indptr[-1] > np.iinfo(np.int32).max else np.int32
+        indices = first.array().astype(index, copy=False)
+        data = (values.array(), indices, indptr.astype(index, copy=False))
+        return sp.csr_array(data, shape=(n_cells, n_genes))
+    coords = (first.array(), second.array(), third.array())
+    return sp.coo_array((values.array(), coords), shape=(n_cells, n_genes, n_samples))
+
+
+class _Growing:
+    """A 1-D array appended to in place: grown by ``ndarray.resize`` (``realloc``, which for
+    large arrays remaps pages instead of copying them, and whose untouched capacity takes no
+    memory), so building it never holds two copies of its data.
+
+    Examples
+    --------
+    >>> g = _Growing(np.int64)
+    >>> g.extend(np.array([1, 2])); g.extend(np.array([3]))
+    >>> g.array().tolist()
+    [1, 2, 3]
+    """
+
+    def __init__(self, dtype: type) -> None:
+        self._data = np.empty(0, dtype=dtype)
+        self._size = 0
+
+    def extend(self, values: np.ndarray) -> None:
+        """Append ``values``."""
+        end = self._size + len(values)
+        if end > len(self._data):
+            self._data.resize(max(end, 2 * len(self._data), 1024), refcheck=False)
+        self._data[self._size : end] = values
+        self._size = end
+
+    def array(self) -> np.ndarray:
+        """The values appended, trimmed to their number (the object is spent after)."""
+        self._data.resize(self._size, refcheck=False)
+        return self._data
 
 
 @torch.no_grad()
