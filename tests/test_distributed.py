@@ -60,10 +60,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def torchrun_out(tmp_path_factory):
-    """Train tests/_ddp_script.py on two gloo processes under torchrun; each rank saves."""
-    out = tmp_path_factory.mktemp("ddp")
+def _torchrun(out: Path, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    """tests/_ddp_script.py on two gloo processes under torchrun (one thread each)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
@@ -73,8 +71,16 @@ def torchrun_out(tmp_path_factory):
         f"--master_port={_free_port()}",
         str(SCRIPT),
         str(out),
+        *args,
     ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def torchrun_out(tmp_path_factory):
+    """Train tests/_ddp_script.py on two gloo processes under torchrun; each rank saves."""
+    out = tmp_path_factory.mktemp("ddp")
+    done = _torchrun(out, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (out / "stderr.txt").write_text(done.stderr)
     return out
@@ -96,18 +102,7 @@ def test_ddp_looks_for_unused_parameters_only_where_there_are_some(torchrun_out,
 def test_ranks_given_other_data_are_refused_by_name_instead_of_hanging(tmp_path):
     # rank 1 loads 300 cells and lr 2e-3 where rank 0 has 400 and 1e-3: before the check the
     # ranks took different numbers of steps and waited on each other until gloo's timeout
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        str(SCRIPT),
-        str(tmp_path),
-        "mismatch",
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    done = _torchrun(tmp_path, "mismatch", timeout=120)
     assert done.returncode != 0
     assert "rank 1 has cells 300 where rank 0 has 400" in done.stderr
     assert "rank 1 has train option lr 0.002 where rank 0 has 0.001" in done.stderr
