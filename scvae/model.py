@@ -46,7 +46,8 @@ def _digest(arrays: Sequence[np.ndarray | torch.Tensor]) -> str:
     for a in arrays:
         t = torch.as_tensor(a).detach().cpu().contiguous().reshape(-1)
         digest.update(str((t.dtype, t.numel())).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes())
+        if t.numel():  # an empty tensor cannot be viewed as bytes (no validation cells)
+            digest.update(t.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

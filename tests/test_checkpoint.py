@@ -267,3 +267,14 @@ def test_killed_run_resumes_to_identical_weights_at_other_epochs(tmp_path, kill_
         full.train(max_epochs=max_epochs, **TRAIN)
     assert_same_weights(resumed, full)
     assert_same_history(resumed.history, full.history)
+
+
+def test_checkpoint_without_validation_cells(tmp_path):
+    # train_size=1.0: the split's digest (the checkpoint's identity) failed on the empty
+    # validation indices
+    adata = scvae.data.simulate(200, 30, seed=0)
+    model = scvae.SCVAE(adata, n_hidden=16)
+    model.train(
+        max_epochs=2, batch_size=64, train_size=1.0, progress_bar=False, checkpoint_dir=tmp_path
+    )
+    assert model.is_trained and (tmp_path / "latest").is_dir()
