@@ -263,6 +263,7 @@ def launch(
     with _sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="scvae-ddp-") as tmp:
         init_method = Path(tmp, "rendezvous").as_uri()
         others = set(multiprocessing.active_children())
+        context = None
         try:
             context = mp.start_processes(
                 _run,
@@ -289,7 +290,13 @@ def launch(
             # workers were being started: stop them before their folder is removed; left
             # alone they would train on as orphans, or wait for a missing rank while this
             # process waits for them at exit
-            ours = [p for p in multiprocessing.active_children() if p not in others]
+            # Only this call's workers: another thread's processes (its own
+            # train(n_processes=N) included) are not ours to stop. While they were being
+            # started, those started since is the best that can be known.
+            if context is not None:
+                ours = [p for p in context.processes if p.is_alive()]
+            else:
+                ours = [p for p in multiprocessing.active_children() if p not in others]
             for process in ours:
                 process.terminate()
             for process in ours:
@@ -298,10 +305,11 @@ def launch(
 
 @contextmanager
 def _sigterm_as_exit() -> Iterator[None]:
-    """While the workers run, SIGTERM to this process raises SystemExit (exit status 143, as
-    the default action) instead of ending it on the spot, so the workers are stopped and the
-    temporary folders removed. Only where Python's default action was in place, in the main
-    thread; the default is put back after."""
+    """While the workers run, SIGTERM to this process raises SystemExit(143) (the status a
+    shell reports for a process ended by SIGTERM; the process now exits with it rather than by
+    the signal) instead of ending it on the spot, so the workers are stopped and the temporary
+    folders removed. Only where Python's default action was in place, in the main thread; the
+    default is put back after."""
     if (
         threading.current_thread() is not threading.main_thread()
         or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL

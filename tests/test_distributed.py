@@ -328,8 +328,59 @@ def test_workers_end_with_their_launcher_and_leave_no_folders(tmp_path, signum):
             launcher.kill()
 
 
+def _sleep_forever() -> None:
+    import time
+
+    time.sleep(600)
+
+
+def test_train_in_processes_leaves_other_threads_processes_alone():
+    # launch() stopped every multiprocessing child started while it ran, its own workers or
+    # not: a second thread's process (or its own train(n_processes=2), which then failed
+    # with "Training process 0 died (exit code -15)") was SIGTERMed when training ended
+    import multiprocessing
+    import threading
+    import time
+
+    started = set(multiprocessing.active_children())
+    foreign: list[multiprocessing.Process] = []
+
+    def start_foreign() -> None:
+        deadline = time.monotonic() + 120
+        # once the workers run, launch() has taken its list of the processes before it
+        while time.monotonic() < deadline:
+            if len(set(multiprocessing.active_children()) - started) >= 2:
+                break
+            time.sleep(0.05)
+        process = multiprocessing.get_context("fork").Process(target=_sleep_forever)
+        process.start()
+        foreign.append(process)
+
+    helper = threading.Thread(target=start_foreign)
+    helper.start()
+    try:
+        model = scvae.SCVAE(scvae.data.simulate(200, 30, seed=0), n_hidden=16)
+        model.train(max_epochs=30, batch_size=64, n_processes=2, progress_bar=False)
+        helper.join()
+        assert foreign and foreign[0].is_alive(), foreign[0].exitcode
+    finally:
+        helper.join()
+        for process in foreign:
+            process.kill()
+            process.join()
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def test_two_processes_train_without_validation_cells():
+    # train_size=1.0 leaves no validation cells: the run check's digest of the split failed
+    # on the empty array ("self.stride(-1) must be 1 to view Long as Byte") in every worker
+    adata = scvae.data.simulate(200, 30, seed=0)
+    model = scvae.SCVAE(adata, n_hidden=16)
+    model.train(max_epochs=2, batch_size=64, train_size=1.0, n_processes=2, progress_bar=False)
+    assert model.is_trained and len(model.validation_indices) == 0
