@@ -371,8 +371,8 @@ def differential_expression(
       because ``sc.get.rank_genes_groups_df`` reads them. Use ``proba_de`` and
       ``is_de_fdr_<t>`` of the returned table instead;
     - ``pts`` (and ``pts_rest`` with ``reference="rest"``): the fraction of cells with a
-      non-zero count, genes x groups (the reference group included, as a last column), as
-      ``rank_genes_groups(pts=True)`` writes them.
+      non-zero count, genes x groups (the reference group included), in the groups' order,
+      as ``rank_genes_groups(pts=True)`` writes them.
 
     Examples
     --------
@@ -452,6 +452,7 @@ def differential_expression(
     }
     if reference != "rest":  # as scanpy: the reference's fraction is a column of pts
         result["pts"][reference] = result.pop("pts_rest")[chosen[0]]
+        result["pts"] = result["pts"][[g for g in present if g in result["pts"]]]  # their order
     adata.uns[key_added] = result  # only a complete result replaces a previous one
     return table
 

@@ -117,7 +117,7 @@ def test_reference_group_and_errors(adata_model):
     assert list(uns["names"].dtype.names) == ["type1", "type2"] and "pts_rest" not in uns
     # as scanpy's rank_genes_groups(reference="type0", pts=True): a pts column per tested
     # group and one for the reference
-    assert list(uns["pts"].columns) == ["type1", "type2", "type0"]
+    assert list(uns["pts"].columns) == ["type0", "type1", "type2"]
     in0 = (adata.obs["cell_type"] == "type0").to_numpy()
     np.testing.assert_allclose(uns["pts"]["type0"], (adata.X.toarray() > 0)[in0].mean(0))
     assert set(table["comparison"]) == {"type1 vs type0", "type2 vs type0"}
