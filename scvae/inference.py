@@ -231,8 +231,8 @@ def posterior_predictive(
 
     ``n_samples=1``: a CSR array ``(cells, genes)``; otherwise an N-D COO array
     ``(cells, genes, n_samples)`` (scipy >= 1.15). Only the non-zero draws are kept, chunk
-    by chunk, appended to the result's own arrays (:class:`_Growing`), so memory stays near
-    the result's size rather than twice it (chunks kept, then concatenated).
+    by chunk, appended to the result's own arrays (:class:`_Growing`) rather than kept as
+    chunks and concatenated at the end (which held the result twice).
     """
     n_genes = module.config.n_input if gene_idx is None else len(gene_idx)
     values = _Growing(np.float32)
@@ -272,9 +272,9 @@ def posterior_predictive(
 
 
 class _Growing:
-    """A 1-D array appended to in place: grown by ``ndarray.resize`` (``realloc``, which for
-    large arrays remaps pages instead of copying them, and whose untouched capacity takes no
-    memory), so building it never holds two copies of its data.
+    """A 1-D array appended to in place, grown by ``ndarray.resize`` (``realloc``, which for
+    large arrays remaps their pages instead of copying them) by a quarter at a time: numpy
+    zero-fills the new capacity, so what is reserved ahead is kept small.
 
     Examples
     --------
@@ -292,7 +292,9 @@ class _Growing:
         """Append ``values``."""
         end = self._size + len(values)
         if end > len(self._data):
-            self._data.resize(max(end, 2 * len(self._data), 1024), refcheck=False)
+            self._data.resize(
+                max(end, len(self._data) + len(self._data) // 4, 1024), refcheck=False
+            )
         self._data[self._size : end] = values
         self._size = end
 
