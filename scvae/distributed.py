@@ -286,13 +286,12 @@ def launch(
                 "out of memory; the others were stopped."
             ) from None
         finally:
-            # interrupted here (Ctrl-C, a notebook's interrupt, SIGTERM), even while the
+            # Interrupted here (Ctrl-C, a notebook's interrupt, SIGTERM), even while the
             # workers were being started: stop them before their folder is removed; left
             # alone they would train on as orphans, or wait for a missing rank while this
-            # process waits for them at exit
-            # Only this call's workers: another thread's processes (its own
-            # train(n_processes=N) included) are not ours to stop. While they were being
-            # started, those started since is the best that can be known.
+            # process waits for them at exit. Only this call's workers: another thread's
+            # processes (its own train(n_processes=N) included) are not ours to stop; while
+            # ours were being started, the children started since is the best that is known.
             if context is not None:
                 ours = [p for p in context.processes if p.is_alive()]
             else:

@@ -708,8 +708,8 @@ class SCVAE:
 
     def _run_fingerprint(self, train_options: dict[str, Any]) -> dict[str, Any]:
         """What the ranks of a distributed run must share (compared by
-        :func:`scvae.distributed.check_same_run`): versions, the data's shape, stored
-        non-zeros and registration, the model's and ``train``'s options."""
+        :func:`scvae.distributed.check_same_run`): versions, the cells (their number and
+        names), genes, stored non-zeros, registration, the model's and ``train``'s options."""
         import json
 
         from scvae import __version__
