@@ -566,17 +566,6 @@ class SCVAE:
             # NCCL's object collectives (this check, checkpoints' random states) use the
             # current device: without this every rank of a node would use cuda:0
             torch.cuda.set_device(dev)
-        if world.distributed:  # before any other collective: ranks given other runs would hang
-            options_here = {
-                **{k: v for k, v in config.to_dict().items() if k != "progress_bar"},
-                "train_size": train_size,
-                "validation_size": validation_size,
-                "backed_block_rows": backed_block_rows,
-                "backed_buffer_blocks": backed_buffer_blocks,
-                "device type": dev.type,
-                "split (digest)": _digest([train_idx, val_idx])[:12],
-            }
-            distributed.check_same_run(self._run_fingerprint(options_here), world)
         _check_cells_per_step(batch_size, len(train_idx), world.size)
         adata = self.registry_adata()
         counts = self._training_counts(adata)
@@ -596,6 +585,12 @@ class SCVAE:
             train_config["backed_buffer_blocks"] = backed_buffer_blocks
         if world.distributed:
             train_config["n_processes"] = world.size
+            # before any collective: ranks given other runs would wait on each other
+            run = {k: v for k, v in train_config.items() if k not in ("progress_bar", "device")}
+            run.update(
+                {"device type": dev.type, "split (digest)": _digest([train_idx, val_idx])[:12]}
+            )
+            distributed.check_same_run(self._run_fingerprint(counts, run), world)
         checkpoint = None
         if checkpoint_dir is not None:
             from scvae.checkpoint import Checkpointer
@@ -706,7 +701,7 @@ class SCVAE:
         self.train_indices, self.validation_indices = train_idx, val_idx
         self.train_config = train_config
 
-    def _run_fingerprint(self, train_options: dict[str, Any]) -> dict[str, Any]:
+    def _run_fingerprint(self, counts: Any, train_options: dict[str, Any]) -> dict[str, Any]:
         """What the ranks of a distributed run must share (compared by
         :func:`scvae.distributed.check_same_run`): versions, the cells (their number and
         names), genes, stored non-zeros, registration, the model's and ``train``'s options."""
@@ -715,8 +710,6 @@ class SCVAE:
         from scvae import __version__
 
         adata = self.registry_adata()
-        layer = self.registry.layer
-        counts = adata.X if layer is None else adata.layers[layer]
         nonzeros = None
         if hasattr(counts, "nnz"):  # scipy sparse
             nonzeros = int(counts.nnz)
