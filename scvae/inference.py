@@ -236,11 +236,9 @@ def posterior_predictive(
     """
     n_genes = module.config.n_input if gene_idx is None else len(gene_idx)
     values = _Growing(np.float32)
-    # CSR: gene of each non-zero and non-zeros per row; N-D COO: cell, gene and sample
-    # (int64, the coordinates' type there, so scipy does not copy them)
-    first = _Growing(np.int32 if n_samples == 1 else np.int64)
-    second = _Growing(np.int64)
-    third = _Growing(np.int64)
+    genes, per_row = _Growing(np.int32), _Growing(np.int64)  # CSR: indices, non-zeros per row
+    # N-D COO: cell, gene and sample (int64, the type scipy keeps, so it does not copy them)
+    coords = [_Growing(np.int64) for _ in range(3)]
     n_cells = 0
     for x, b, cov in chunks:
         inf = module.inference(x, b, cov, n_samples=n_samples)
@@ -250,25 +248,24 @@ def posterior_predictive(
         if n_samples == 1:
             part = sp.csr_array(counts.cpu().numpy())
             values.extend(part.data)
-            first.extend(part.indices)
-            second.extend(np.diff(part.indptr))
+            genes.extend(part.indices)
+            per_row.extend(np.diff(part.indptr))
         else:  # (samples, cells, genes) -> (cells, genes, samples), as scvi-tools
             dense = counts.permute(1, 2, 0).cpu().numpy()
             cell, gene, sample = np.nonzero(dense)
             values.extend(dense[cell, gene, sample])
-            first.extend(cell + n_cells)
-            second.extend(gene)
-            third.extend(sample)
+            for grown, new in zip(coords, (cell + n_cells, gene, sample), strict=True):
+                grown.extend(new)
         n_cells += x.shape[0]
     if n_samples == 1:
         indptr = np.zeros(n_cells + 1, dtype=np.int64)
-        np.cumsum(second.array(), out=indptr[1:])
+        np.cumsum(per_row.array(), out=indptr[1:])
         index = np.int64 if indptr[-1] > np.iinfo(np.int32).max else np.int32
-        indices = first.array().astype(index, copy=False)
+        indices = genes.array().astype(index, copy=False)
         data = (values.array(), indices, indptr.astype(index, copy=False))
         return sp.csr_array(data, shape=(n_cells, n_genes))
-    coords = (first.array(), second.array(), third.array())
-    return sp.coo_array((values.array(), coords), shape=(n_cells, n_genes, n_samples))
+    dims = tuple(grown.array() for grown in coords)
+    return sp.coo_array((values.array(), dims), shape=(n_cells, n_genes, n_samples))
 
 
 class _Growing:
