@@ -1,4 +1,4 @@
-"""Global settings: ``scvae.settings`` (seed, verbosity, progress bars)."""
+"""Global settings: ``scvae.settings`` (seed, verbosity, progress bars, inference batch size)."""
 
 from __future__ import annotations
 

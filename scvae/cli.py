@@ -565,6 +565,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scvae`` command; returns the exit code.
 
+    Parameters
+    ----------
+    argv
+        The command's arguments (None: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    0 on success; 2 for bad input or an unwritable path, named on stderr; 1 when training
+    diverged; 130 when interrupted.
+
     Examples
     --------
     >>> main(["demo", "--max-epochs", "0"])

@@ -26,6 +26,20 @@ class LDVAE(SCVAE):
     times size factors of the usual scale (mean 1) cannot fit counts. A per-cell dispersion
     is refused too, since the linear decoder has none.
 
+    Parameters
+    ----------
+    adata, layer, batch_key, labels_key, categorical_covariate_keys, allow_non_integer
+        Registration, as in :class:`SCVAE`.
+    n_hidden, n_latent, n_layers, dropout_rate, dispersion, gene_likelihood,
+    latent_distribution, use_observed_lib_size, use_batch_norm, encode_covariates,
+    log_variational
+        The model, as in :class:`SCVAE`, with LinearSCVI's defaults (``gene_likelihood="nb"``,
+        ``use_observed_lib_size=False``, ``use_batch_norm=True`` for both networks).
+    bias
+        A bias in the linear decoder (LinearSCVI: none).
+    size_factor_key
+        Refused (see above); present so that the error names it.
+
     Examples
     --------
     >>> import scvae
@@ -117,6 +131,11 @@ class LDVAE(SCVAE):
 
         Each weight is scaled by gamma / sqrt(running_var + eps) of its gene's batch norm, so
         a loading is the change in the gene's logit per unit of the latent dimension.
+
+        Returns
+        -------
+        DataFrame genes x latent dimensions, indexed by gene, columns ``Z_0``, ``Z_1``, ...
+        (scvi-tools' names).
 
         Examples
         --------

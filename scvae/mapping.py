@@ -45,6 +45,10 @@ def prepare_query_anndata(
         The reference, as a model or a directory saved by :meth:`save`; only its genes are
         read, so any scvae model (an :class:`~scvae.LDVAE` too) will do.
 
+    Returns
+    -------
+    A new AnnData with the reference's genes in its order (``adata`` is not changed).
+
     Examples
     --------
     >>> import scvae

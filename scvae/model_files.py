@@ -102,6 +102,13 @@ def save(model: SCVAE, dir_path: str | os.PathLike, *, overwrite: bool = False) 
     written (under a file, without permission, disk full) raises the matching ``OSError``
     naming the path.
 
+    Parameters
+    ----------
+    dir_path
+        The model directory to write (created; its parent must exist).
+    overwrite
+        Replace an existing directory (else a ``FileExistsError`` naming it).
+
     Examples
     --------
     >>> import scvae, tempfile, os
@@ -145,6 +152,10 @@ def load(
         order, known categories).
     device
         Where to put the weights.
+
+    Returns
+    -------
+    The model, of the class it was saved as, with its training history, options and split.
 
     Examples
     --------

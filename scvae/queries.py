@@ -355,7 +355,19 @@ def get_elbo(
 ) -> float | np.ndarray:
     """ELBO per cell with KL weight 1 and one posterior sample: negative, higher is better.
 
-    Returns the mean over cells (float) or, with ``return_mean=False``, one value per cell.
+    Parameters
+    ----------
+    adata, indices
+        Cells (default: the registered AnnData, all cells).
+    batch_size
+        Cells per chunk (None: ``scvae.settings.inference_batch_size``).
+    return_mean
+        Return the mean over the cells (a float) instead of one value per cell.
+
+    Returns
+    -------
+    float, the mean over the cells, or with ``return_mean=False`` an ndarray with one value
+    per cell.
 
     Examples
     --------
@@ -381,11 +393,22 @@ def get_reconstruction_error(
 ) -> float | np.ndarray:
     """-log p(x | z, l) per cell (one posterior sample): positive, lower is better.
 
-    Returns the mean over cells (float) or, with ``return_mean=False``, one value per cell.
-    **Return type differs from scvi-tools** (fixed by scvae's contract, like ``get_elbo`` and
-    ``get_marginal_ll``): scvi-tools 1.4.2 returns a dict ``{"reconstruction_loss": value}``
-    with the same value and sign; for code written for it, use
-    ``{"reconstruction_loss": model.get_reconstruction_error()}``.
+    Parameters
+    ----------
+    adata, indices
+        Cells (default: the registered AnnData, all cells).
+    batch_size
+        Cells per chunk (None: ``scvae.settings.inference_batch_size``).
+    return_mean
+        Return the mean over the cells (a float) instead of one value per cell.
+
+    Returns
+    -------
+    float, the mean over the cells, or with ``return_mean=False`` an ndarray with one value
+    per cell. **Return type differs from scvi-tools** (fixed by scvae's contract, like
+    ``get_elbo`` and ``get_marginal_ll``): scvi-tools 1.4.2 returns a dict
+    ``{"reconstruction_loss": value}`` with the same value and sign; for code written for it,
+    use ``{"reconstruction_loss": model.get_reconstruction_error()}``.
 
     Examples
     --------
@@ -411,8 +434,24 @@ def get_marginal_ll(
 ) -> float | np.ndarray:
     """Importance-sampled log p(x) per cell (observed library: log p(x | l)).
 
-    Negative, higher is better; at least the ELBO in expectation. ``n_mc_samples`` draws
-    from q(z, l | x) are used as the proposal.
+    Negative, higher is better; at least the ELBO in expectation.
+
+    Parameters
+    ----------
+    adata, indices
+        Cells (default: the registered AnnData, all cells).
+    n_mc_samples
+        Importance samples per cell, drawn from q(z, l | x) as the proposal.
+    batch_size
+        Cells per chunk (None: ``scvae.settings.inference_batch_size``, lowered so that a
+        chunk's samples stay in bounded memory).
+    return_mean
+        Return the mean over the cells (a float) instead of one value per cell.
+
+    Returns
+    -------
+    float, the mean over the cells, or with ``return_mean=False`` an ndarray with one value
+    per cell.
 
     Examples
     --------
@@ -534,10 +573,24 @@ def get_likelihood_parameters(
 ) -> dict[str, np.ndarray]:
     """Parameters of p(x | z, l) per cell and gene: ``mean``, ``dispersions``, ``dropout``.
 
-    ``dropout`` (zinb only) holds the probability that a count is a zero-inflation zero and
-    ``dispersions`` (not for poisson) the inverse dispersion theta, as in scvi-tools.
-    With ``n_samples > 1`` the arrays have a leading sample axis unless ``give_mean`` (then
-    each is the mean over the samples, the dropout probability included).
+    Parameters
+    ----------
+    adata, indices
+        Cells (default: the registered AnnData, all cells).
+    n_samples
+        Posterior samples per cell.
+    give_mean
+        With ``n_samples > 1``, the mean over the samples (the dropout probability included)
+        instead of a leading sample axis.
+    batch_size
+        Cells per chunk (None: ``scvae.settings.inference_batch_size``).
+
+    Returns
+    -------
+    dict of ndarrays, cells x genes (``(n_samples, cells, genes)`` with ``n_samples > 1`` and
+    not ``give_mean``): ``mean`` (the expected count), ``dispersions`` (the inverse dispersion
+    theta; not for poisson) and ``dropout`` (zinb only: the probability that a count is a
+    zero-inflation zero), as in scvi-tools.
 
     Examples
     --------
@@ -567,9 +620,20 @@ def get_latent_library_size(
 ) -> np.ndarray:
     """Library size per cell, ``(cells, 1)``, on the count scale.
 
-    A latent library gives the mean of q(l | x) on the count scale with ``give_mean``
-    (else one sample); an observed one gives the total counts (size factors when
-    registered).
+    Parameters
+    ----------
+    adata, indices
+        Cells (default: the registered AnnData, all cells).
+    give_mean
+        For a latent library, the mean of q(l | x) on the count scale; False: one sample.
+        An observed library is the same either way.
+    batch_size
+        Cells per chunk (None: ``scvae.settings.inference_batch_size``).
+
+    Returns
+    -------
+    ndarray ``(cells, 1)``: the latent library on the count scale, or for an observed one the
+    total counts (the size factors where they were registered).
 
     Examples
     --------
@@ -654,10 +718,29 @@ def get_feature_correlation_matrix(
     """Gene-gene correlation of denoised expression, genes x genes.
 
     Denoised values are Gamma draws with mean ``rna_size_factor * rho`` (and the model's
-    dispersion) for ``n_samples`` posterior samples per cell, decoded under each batch of
-    ``transform_batch`` (None: each cell's own); "spearman" or "pearson" correlation. With
-    several batches, one matrix per batch and their mean, as scvi-tools (batch differences do
-    not enter the correlation). Memory grows with cells x samples x genes.
+    dispersion) for each posterior sample of each cell. With several batches, one matrix per
+    batch and their mean, as scvi-tools (batch differences do not enter the correlation).
+    Memory grows with cells x samples x genes.
+
+    Parameters
+    ----------
+    adata, indices
+        Cells (default: the registered AnnData, all cells).
+    n_samples
+        Posterior samples per cell.
+    batch_size
+        Cells per chunk (None: ``scvae.settings.inference_batch_size``).
+    rna_size_factor
+        The library the denoised values are drawn at.
+    transform_batch
+        Decode the cells under this batch (a list: each of them, the matrices averaged);
+        None: each cell's own batch.
+    correlation_type
+        "spearman" or "pearson".
+
+    Returns
+    -------
+    DataFrame genes x genes, indexed and labelled by the model's gene names.
 
     Examples
     --------

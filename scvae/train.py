@@ -1,7 +1,9 @@
 """The training loop: Adam on the reparameterized ELBO with KL warm-up on z.
 
-Tensors only (no AnnData). ``fit`` takes a module, the counts as :class:`DeviceCSR`, the batch
-and label codes and a :class:`TrainConfig`, and returns the history, one row per epoch.
+Tensors only (no AnnData). ``fit`` takes a module, the counts as a count source
+(:class:`~scvae.data.loader.DeviceCSR`, :class:`~scvae.data.loader.HostCSR` or
+:class:`~scvae.data.backed.BackedCSR`), the batch and label codes and a :class:`TrainConfig`,
+and returns the history, one row per epoch.
 """
 
 from __future__ import annotations

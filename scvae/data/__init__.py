@@ -1,5 +1,6 @@
-"""Data: the registry (what in an AnnData is what), device-resident loaders, simulation,
-bundled datasets."""
+"""Data: reading files (``read``), the registry (what in an AnnData is what: ``register``,
+``get_counts``), simulation, binomial thinning and bundled datasets. The count sources that
+training reads (``loader``, ``backed``) are internal modules of this package."""
 
 from __future__ import annotations
 

@@ -1,11 +1,15 @@
-"""Count matrices kept on the compute device as CSR arrays, gathered into dense minibatches.
+"""Count matrices as CSR arrays, gathered into dense minibatches for training.
 
-The whole matrix lives on the training device as three tensors (``indptr``, ``indices``,
-``values``); a minibatch of rows is gathered there by index with a handful of vectorised ops, so
-there is no per-minibatch scipy work, host-to-device copy or worker process. (torch 2.13 cannot
-``index_select`` a sparse CSR tensor on the CPU, hence plain arrays.) On the CPU the tensors
-share memory with a float32 CSR matrix (int32 indices are kept as they are), so training holds
-no second copy of the counts. Tensors only: no AnnData.
+:class:`DeviceCSR` keeps the whole matrix on the training device as three tensors
+(``indptr``, ``indices``, ``values``). On a GPU a minibatch of rows is gathered there by index
+with a handful of vectorised ops: no host-to-device copy and no worker process. On the CPU the
+rows are cut by scipy's compiled row gather (the same rows and non-zeros, in half the time of
+the tensor ops), and the tensors share memory with a float32 CSR matrix (int32 indices are
+kept as they are), so training holds no second copy of the counts. (torch 2.13 cannot
+``index_select`` a sparse CSR tensor on the CPU, hence plain arrays.) :class:`HostCSR` is for
+counts that do not fit the GPU: they stay in host memory and a worker thread gathers the next
+minibatches' non-zeros for non-blocking copies; :func:`count_source` chooses between the two.
+Tensors only: no AnnData.
 
 A count source is anything with a ``device``, ``n_rows`` and a ``batches`` method with the
 signature of :meth:`DeviceCSR.batches` (see also :class:`scvae.data.backed.BackedCSR`, which

@@ -368,6 +368,21 @@ def get_counts(
     pointer to the raw counts), and cells with zero total counts. ``registered``: the AnnData
     is checked against a model's registration (a query), whose option cannot change any more.
 
+    Parameters
+    ----------
+    adata
+        The AnnData.
+    layer
+        The layer holding the counts; None: ``adata.X``.
+    allow_non_integer
+        Accept non-integer values (e.g. corrected or pseudo-counts).
+    registered
+        Word the errors for an AnnData checked against a model's registration.
+
+    Returns
+    -------
+    ``scipy.sparse.csr_matrix`` of float32, cells x genes.
+
     Examples
     --------
     >>> import anndata as ad, numpy as np
