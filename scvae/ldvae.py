@@ -30,11 +30,13 @@ class LDVAE(SCVAE):
     ----------
     adata, layer, batch_key, labels_key, categorical_covariate_keys, allow_non_integer
         Registration, as in :class:`SCVAE`.
-    n_hidden, n_latent, n_layers, dropout_rate, dispersion, gene_likelihood,
-    latent_distribution, use_observed_lib_size, use_batch_norm, encode_covariates,
-    log_variational
-        The model, as in :class:`SCVAE`, with LinearSCVI's defaults (``gene_likelihood="nb"``,
-        ``use_observed_lib_size=False``, ``use_batch_norm=True`` for both networks).
+    n_hidden, n_latent, n_layers, dropout_rate, dispersion, latent_distribution
+        The model, as in :class:`SCVAE`.
+    gene_likelihood, use_observed_lib_size, use_batch_norm
+        As in :class:`SCVAE`, with LinearSCVI's defaults: ``"nb"``, a latent library, batch
+        norm in both networks.
+    encode_covariates, log_variational
+        As in :class:`SCVAE` (see above for ``encode_covariates``).
     bias
         A bias in the linear decoder (LinearSCVI: none).
     size_factor_key
