@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scvae import de, de_group
+from scvae import _checks, de, de_group
 from scvae._settings import settings
 from scvae.queries import _untrained_warned, _warn_if_untrained
 
@@ -123,7 +123,14 @@ def differential_expression(
     ['type0 vs Rest', 'type1 vs Rest', 'type2 vs Rest']
     """
     _warn_if_untrained(model, "differential_expression")  # as the latent query: a random encoder
-    adata = model.registry_adata() if adata is None else adata
+    if adata is None:
+        adata = model.registry_adata()
+    else:
+        _checks.anndata(
+            "adata", adata, hint=" To compare cells of the model's AnnData, pass idx1=/idx2=."
+        )
+    if groupby is not None and not isinstance(groupby, str):
+        raise TypeError(f"groupby must be the name of a column of adata.obs, got {groupby!r}.")
     if adata.isbacked and adata.is_view:  # its cells cannot be subset again (anndata)
         raise ValueError(
             "This AnnData is a view of a backed AnnData, whose cells anndata cannot subset "
@@ -131,7 +138,7 @@ def differential_expression(
             "(boolean masks; read in blocks), or load the view with .to_memory()."
         )
     model.registry.check(adata[:1])  # genes and obs keys; the counts are checked in blocks
-    masks = [adata.obs.eval(i).to_numpy() if isinstance(i, str) else i for i in (idx1, idx2)]
+    masks = [_obs_query(adata, i, name) for i, name in ((idx1, "idx1"), (idx2, "idx2"))]
     if groupby is not None and groupby not in adata.obs:
         raise ValueError(f"groupby {groupby!r} is not a column of adata.obs.")
     comparisons = de.define_comparisons(
@@ -217,3 +224,20 @@ def differential_expression(
             rng=np.random.default_rng(seed),
             group_inputs=group_inputs,
         )
+
+
+def _obs_query(adata: ad.AnnData, selection: object, name: str) -> object:
+    """A string selection evaluated on ``adata.obs`` (as scvi-tools' ``idx1="..."``), the
+    others as they are; an expression pandas cannot evaluate is named with the columns."""
+    if not isinstance(selection, str):
+        return selection
+    try:
+        result = adata.obs.eval(selection)
+    except Exception as err:  # noqa: BLE001 - pandas raises many kinds here
+        columns = ", ".join(map(repr, adata.obs.columns[:20]))
+        raise ValueError(
+            f"{name}={selection!r} could not be evaluated on adata.obs ({type(err).__name__}: "
+            f"{err}); it must be a pandas query of obs columns (columns: {columns}), e.g. "
+            "\"cell_type == 'B'\"."
+        ) from None
+    return np.asarray(result)

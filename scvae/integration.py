@@ -41,7 +41,7 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.metrics import silhouette_samples, silhouette_score
 from sklearn.neighbors import NearestNeighbors
 
-from scvae.metrics import RESOLUTIONS, leiden_nmi_ari
+from scvae.metrics import RESOLUTIONS, check_resolutions, leiden_nmi_ari
 
 BIO_MEASURES = ("silhouette_label", "nmi", "ari", "clisi")
 BATCH_MEASURES = ("silhouette_batch", "ilisi", "graph_connectivity")
@@ -326,6 +326,12 @@ def integration_scores(
         raise KeyError(
             f"use_rep={use_rep!r} is not in adata.obsm (keys: {have}). Store the latent first, "
             'e.g. adata.obsm["X_scvae"] = model.get_latent_representation().'
+        )
+    resolutions = check_resolutions(resolutions)
+    if labels_key is not None and labels_key == batch_key:
+        raise ValueError(
+            f"batch_key and labels_key are the same column ({batch_key!r}); labels_key names "
+            "the cell types (or None to score batch mixing only)."
         )
     for key in (batch_key, labels_key):
         if key is not None and key not in adata.obs:

@@ -80,6 +80,10 @@ def transfer_labels(
     >>> transfer_labels(ref, query, "cell_type", n_neighbors=2)["cell_type"].tolist()
     ['T', 'B']
     """
+    if key_added is not None and (not isinstance(key_added, str) or not key_added):
+        raise ValueError(
+            f"key_added must be a non-empty string (an obs column) or None, got {key_added!r}."
+        )
     if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int | np.integer):
         raise TypeError(f"n_neighbors must be an integer, got {n_neighbors!r}.")
     if n_neighbors < 1:

@@ -16,7 +16,7 @@ import anndata as ad
 import numpy as np
 import torch
 
-from scvae import surgery
+from scvae import _checks, surgery
 from scvae._settings import logger
 from scvae.data.query import library_prior, pad_query_genes, query_registry
 from scvae.data.registry import RegistryError
@@ -58,6 +58,7 @@ def prepare_query_anndata(
     >>> scvae.SCVAE.prepare_query_anndata(query, ref).var_names.equals(ref.var_names)
     True
     """
+    _checks.anndata("adata", adata, hint=_ORDER)
     reference = _reference(cls, reference_model, any_class=True)
     return pad_query_genes(adata, reference.registry.var_names)
 
@@ -150,6 +151,17 @@ def load_query_data(
     """
     from scvae.model import _refuse_backed_view  # at call time, as in _reference
 
+    _checks.anndata("adata", adata, hint=_ORDER)
+    options = {
+        "unfrozen": unfrozen,
+        "freeze_dropout": freeze_dropout,
+        "freeze_expression": freeze_expression,
+        "freeze_decoder_first_layer": freeze_decoder_first_layer,
+        "freeze_batchnorm_encoder": freeze_batchnorm_encoder,
+        "freeze_batchnorm_decoder": freeze_batchnorm_decoder,
+    }
+    for name, value in options.items():
+        _checks.flag(name, value)
     _refuse_backed_view(adata)
     reference = _reference(cls, reference_model)
     surgery.check_mappable(reference.module, model_class=type(reference).__name__)
@@ -247,6 +259,9 @@ def load_query_data(
     return model
 
 
+_ORDER = " The query's AnnData comes first: (adata, reference_model)."
+
+
 def _reference(
     cls: type[SCVAE], reference_model: SCVAE | str | os.PathLike, *, any_class: bool = False
 ) -> SCVAE:
@@ -258,6 +273,11 @@ def _reference(
     """
     from scvae.model import SCVAE  # at call time: scvae.model binds this module's functions
 
+    if not isinstance(reference_model, SCVAE | str | os.PathLike):
+        raise TypeError(
+            "reference_model must be a model or the directory of a saved one, got "
+            f"{type(reference_model).__name__}.{_ORDER}"
+        )
     if isinstance(reference_model, SCVAE):
         reference = reference_model
     else:

@@ -7,7 +7,10 @@ resolution are reported.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -39,6 +42,32 @@ def knn_accuracy(latent: np.ndarray, labels: Sequence, *, n_neighbors: int = 15)
     return float((counts.argmax(1) == y).mean())
 
 
+def check_resolutions(resolutions: Any) -> list[float]:
+    """``resolutions`` as a non-empty list of finite positive numbers, or a ValueError.
+
+    Examples
+    --------
+    >>> check_resolutions((0.5, 1))
+    [0.5, 1.0]
+    """
+    one = isinstance(resolutions, numbers.Real) and not isinstance(resolutions, bool)
+    values = [resolutions] if one else resolutions
+    if isinstance(values, str) or not isinstance(values, Iterable):
+        values = None
+    else:
+        values = list(values)
+    ok = bool(values) and all(
+        isinstance(r, numbers.Real) and not isinstance(r, bool) and math.isfinite(r) and r > 0
+        for r in values
+    )
+    if not ok:
+        raise ValueError(
+            "resolutions must be a non-empty list of positive numbers (Leiden resolutions, "
+            f"e.g. [0.5, 1.0]), got {resolutions!r}."
+        )
+    return [float(r) for r in values]
+
+
 def leiden_nmi_ari(
     latent: np.ndarray,
     labels: Sequence,
@@ -61,6 +90,7 @@ def leiden_nmi_ari(
     """
     import scanpy as sc
 
+    resolutions = check_resolutions(resolutions)
     adata = ad.AnnData(np.zeros((latent.shape[0], 1), dtype=np.float32))
     adata.obsm["X_latent"] = np.asarray(latent, dtype=np.float32)
     sc.pp.neighbors(adata, use_rep="X_latent", n_neighbors=n_neighbors, random_state=seed)

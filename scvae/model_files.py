@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from scvae import _checks
 from scvae._settings import logger
 from scvae.data.registry import Registry
 from scvae.device import resolve_device
@@ -118,6 +119,7 @@ def save(model: SCVAE, dir_path: str | os.PathLike, *, overwrite: bool = False) 
     >>> sorted(os.listdir(path))
     ['model.json', 'model.safetensors']
     """
+    overwrite = _checks.flag("overwrite", overwrite)
     description = model._description(
         model.history,
         model.is_trained,
@@ -166,6 +168,10 @@ def load(
     >>> scvae.SCVAE.load(path, adata).is_trained
     False
     """
+    if adata is not None:
+        _checks.anndata(
+            "adata", adata, hint=" Read the file first: SCVAE.load(dir_path, ad.read_h5ad(path))."
+        )
     weights, description = load_model(dir_path)
     saved_class = description.get("model_class", "SCVAE")
     if saved_class != cls.__name__:

@@ -105,6 +105,13 @@ def history(
     """
     import matplotlib.pyplot as plt
 
+    from scvae.model import SCVAE
+
+    if not isinstance(model, SCVAE):
+        raise TypeError(
+            f"scvae.pl.history takes the model (scvae.pl.history(model)), got "
+            f"{type(model).__name__}."
+        )
     if model.history.empty:
         raise ValueError("The model has no training history yet; call model.train() first.")
     keys = [keys] if isinstance(keys, str) else list(keys)
@@ -201,6 +208,13 @@ def volcano(
     """
     import matplotlib.pyplot as plt
 
+    if not isinstance(de, pd.DataFrame):
+        raise TypeError(
+            "scvae.pl.volcano takes a DE table (a DataFrame from model.differential_expression "
+            f"or sc.get.rank_genes_groups_df), got {type(de).__name__}."
+        )
+    if isinstance(n_labels, bool) or not isinstance(n_labels, int | np.integer) or n_labels < 0:
+        raise ValueError(f"n_labels must be a whole number >= 0, got {n_labels!r}.")
     table = _one_of(de, "comparison", comparison, "comparisons")
     table = _one_of(table, "group", group, "groups")
     if y is None:

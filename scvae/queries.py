@@ -22,7 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from scvae import inference
+from scvae import _checks, inference
 from scvae._settings import settings
 from scvae.data.registry import CategoryMatcher
 from scvae.module import Covariates
@@ -148,7 +148,14 @@ def _chunks(
     checked one chunk at a time (a slice of cells when the chunk is contiguous, e.g. from
     a backed AnnData on disk), so memory holds one chunk of counts, never all of them.
     """
-    adata = model.registry_adata() if adata is None else adata
+    if adata is None:
+        adata = model.registry_adata()
+    else:
+        _checks.anndata(
+            "adata",
+            adata,
+            hint=" To choose cells of the model's AnnData, pass indices=[...] by keyword.",
+        )
     source, rows = adata, None  # where the counts are read: rows of source (None: the same)
     if adata.isbacked and adata.is_view:  # anndata cannot take a view of this view
         found = _backed_parent(adata)
@@ -246,6 +253,10 @@ def _batch_codes(model: SCVAE, transform_batch: str | Sequence[str] | None) -> l
         names = [transform_batch]  # one batch, by name or by an integer category
     else:
         names = list(transform_batch)
+    if not names:
+        raise ValueError(
+            "transform_batch is an empty list; pass batch names, or None for each cell's own batch."
+        )
     if all(b is None for b in names):  # scvi-tools' [None]: each cell's own batch
         return None
     if any(b is None for b in names):
@@ -335,6 +346,8 @@ def get_latent_representation(
     (100, 4)
     """
     _warn_if_untrained(model, "get_latent_representation")
+    give_mean = _checks.flag("give_mean", give_mean)
+    return_dist = _checks.flag("return_dist", return_dist)
     mc_samples = _count("mc_samples", mc_samples)
     return inference.latent(
         model.module,
@@ -378,6 +391,7 @@ def get_elbo(
     True
     """
     _warn_if_untrained(model, "get_elbo")
+    return_mean = _checks.flag("return_mean", return_mean)
     recon, kl = inference.loss_terms(model.module, model._chunks(adata, indices, batch_size))
     elbo = -(recon + kl)
     return float(elbo.mean()) if return_mean else elbo
@@ -419,6 +433,7 @@ def get_reconstruction_error(
     True
     """
     _warn_if_untrained(model, "get_reconstruction_error")
+    return_mean = _checks.flag("return_mean", return_mean)
     recon, _ = inference.loss_terms(model.module, model._chunks(adata, indices, batch_size))
     return float(recon.mean()) if return_mean else recon
 
@@ -462,6 +477,7 @@ def get_marginal_ll(
     True
     """
     _warn_if_untrained(model, "get_marginal_ll")
+    return_mean = _checks.flag("return_mean", return_mean)
     n_mc_samples = _count("n_mc_samples", n_mc_samples)
     size = model._sampling_batch_size(batch_size, min(n_mc_samples, 100))
     values = inference.marginal_ll(model.module, model._chunks(adata, indices, size), n_mc_samples)
@@ -496,7 +512,9 @@ def get_normalized_expression(
     library_size
         1: rho, the normalised expression (rows sum to 1 over all genes); a number: rho
         times it (e.g. 1e4 for counts per 10,000); "latent": mu, the expected counts at the
-        cell's own library.
+        cell's own library. A model registered with ``size_factor_key`` decodes rho with a
+        softplus instead of a softmax, as scvi-tools does, so its rows do not sum to 1 and a
+        number is not counts per that many.
     n_samples, return_mean
         Posterior samples of z per cell (each gives one value, as in scvi-tools), averaged
         when ``return_mean``.
@@ -523,6 +541,8 @@ def get_normalized_expression(
     ((60, 20), True)
     """
     _warn_if_untrained(model, "get_normalized_expression")
+    return_mean = _checks.flag("return_mean", return_mean)
+    return_numpy = _checks.flag("return_numpy", return_numpy, none=True)
     n_samples = _count("n_samples", n_samples)
     if library_size != "latent" and not (
         isinstance(library_size, numbers.Real)
@@ -601,6 +621,7 @@ def get_likelihood_parameters(
     ['dispersions', 'dropout', 'mean']
     """
     _warn_if_untrained(model, "get_likelihood_parameters")
+    give_mean = _checks.flag("give_mean", give_mean)
     n_samples = _count("n_samples", n_samples)
     return inference.likelihood_parameters(
         model.module,
@@ -645,6 +666,7 @@ def get_latent_library_size(
     True
     """
     _warn_if_untrained(model, "get_latent_library_size")
+    give_mean = _checks.flag("give_mean", give_mean)
     return inference.latent_library_size(
         model.module, model._chunks(adata, indices, batch_size), give_mean=give_mean
     )
@@ -756,6 +778,16 @@ def get_feature_correlation_matrix(
             f"correlation_type must be 'spearman' or 'pearson', got {correlation_type!r}."
         )
     n_samples = _count("n_samples", n_samples)
+    if not (
+        isinstance(rna_size_factor, numbers.Real)
+        and not isinstance(rna_size_factor, bool)
+        and math.isfinite(rna_size_factor)
+        and rna_size_factor > 0
+    ):
+        raise ValueError(
+            f"rna_size_factor must be a finite positive number (the library the denoised "
+            f"values are drawn at, e.g. 1000), got {rna_size_factor!r}."
+        )
     codes = model._batch_codes(transform_batch) or [None]
     size = model._sampling_batch_size(batch_size, n_samples)
     corr = np.zeros((model.registry.n_vars, model.registry.n_vars))
@@ -767,6 +799,11 @@ def get_feature_correlation_matrix(
             rna_size_factor=rna_size_factor,
             transform_batch=code,
         )
+        if data.shape[0] < 2:
+            raise ValueError(
+                "get_feature_correlation_matrix needs at least 2 draws (cells x n_samples) to "
+                f"correlate genes, got {data.shape[0]}; pass more cells or n_samples."
+            )
         if correlation_type == "spearman":
             data = np.apply_along_axis(lambda c: pd.Series(c).rank().to_numpy(), 0, data)
         corr += np.corrcoef(data, rowvar=False) / len(codes)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from scvae import _checks
 from scvae.de import fdr_target_values
 from scvae.train import KL_WARMUP_EPOCHS
 
@@ -147,7 +148,7 @@ def fit(
 
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"key_added must be a non-empty string (an obsm key), got {key_added!r}.")
-    if copy:
+    if _checks.flag("copy", copy):
         if adata.isbacked:  # anndata can copy a backed AnnData only to a new file
             raise ValueError(
                 "copy=True cannot copy an AnnData opened in backed mode. Pass copy=False (the "
@@ -266,6 +267,8 @@ def normalized_expression(
     >>> bool(np.allclose(adata.layers["scvae_normalized"].sum(1), 1e4, rtol=1e-3))
     True
     """
+    copy = _checks.flag("copy", copy)
+    _adata_and_model(adata, model)
     if not isinstance(layer_added, str) or not layer_added:
         raise ValueError(
             f"layer_added must be a non-empty string (a layers key), got {layer_added!r}."
@@ -385,6 +388,7 @@ def differential_expression(
     >>> sc.get.rank_genes_groups_df(adata, "type0").columns.tolist()[:3]
     ['names', 'scores', 'logfoldchanges']
     """
+    _adata_and_model(adata, model)
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"key_added must be a non-empty string (a uns key), got {key_added!r}.")
     if groupby not in adata.obs:
@@ -455,6 +459,16 @@ def differential_expression(
         result["pts"] = result["pts"][[g for g in present if g in result["pts"]]]  # their order
     adata.uns[key_added] = result  # only a complete result replaces a previous one
     return table
+
+
+def _adata_and_model(adata: Any, model: Any) -> None:
+    """The AnnData first and a model second, as every ``scvae.tl`` function takes them."""
+    from scvae.model import SCVAE
+
+    order = " scvae.tl functions take (adata, model), the AnnData first."
+    _checks.anndata("adata", adata, hint=order)
+    if not isinstance(model, SCVAE):
+        raise TypeError(f"model must be an scvae model, got {type(model).__name__}.{order}")
 
 
 def _rank_genes_groups_uns(

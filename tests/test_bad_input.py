@@ -5,7 +5,8 @@ model changed, no file written.
 The bad counts, keys and categories at registration are in tests/data/test_registry.py and
 tests/data/test_registry_properties.py; unreadable data files in tests/data/test_read.py;
 planted pickles and killed saves in tests/test_safe_files.py; checkpoints in
-tests/test_checkpoint.py; divergence in tests/test_train.py.
+tests/test_checkpoint.py; divergence in tests/test_train.py; wrong argument types and values
+in tests/test_bad_arguments.py.
 """
 
 from __future__ import annotations
@@ -276,7 +277,7 @@ def test_bad_query_inputs(adata, saved_dir):
         model.get_elbo(indices=[-81, 3])
     no_key = adata.copy()
     del no_key.obs["batch"]
-    with pytest.raises(RegistryError, match=r"batch_key='batch' is not a column of adata\.obs"):
+    with pytest.raises(RegistryError, match=r"batch_key='batch', but this AnnData has no column"):
         model.get_latent_representation(no_key)
     with pytest.raises(
         ValueError,

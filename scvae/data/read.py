@@ -10,6 +10,8 @@ path, what was expected and what to do; no other exception escapes.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import subprocess
 import sys
@@ -170,6 +172,16 @@ def read(path: str | os.PathLike, *, timeout: float | None = 120.0) -> ad.AnnDat
     ...
     scvae.data.read.DataFileError: Cannot read ...counts.h5ad as an h5ad file: ...
     """
+    if timeout is not None and not (
+        isinstance(timeout, numbers.Real)
+        and not isinstance(timeout, bool)
+        and math.isfinite(timeout)
+        and timeout > 0
+    ):
+        raise ValueError(
+            f"timeout must be a positive number of seconds (the HDF5 check's limit) or None "
+            f"(no check), got {timeout!r}."
+        )
     p = Path(path)
     if not p.exists():
         raise DataFileError(f"No file or folder at {p}. Check the path; {_FORMATS}.")

@@ -663,6 +663,14 @@ class CategoryMatcher:
 def _codes(adata: ad.AnnData, key: str | None, categories: list[str], what: str) -> np.ndarray:
     if key is None:
         return np.zeros(adata.n_obs, dtype=np.int64)
+    if key not in adata.obs.columns:  # registration read its categories: a later AnnData
+        have = ", ".join(map(repr, list(adata.obs.columns)[:20])) or "none"
+        raise RegistryError(
+            f"The model was registered with {what}={key!r}, but this AnnData has no column "
+            f"adata.obs[{key!r}] (columns: {have}). Add it, with values among the model's "
+            f"categories ({', '.join(map(repr, categories[:10]))}"
+            f"{', ...' if len(categories) > 10 else ''})."
+        )
     codes, unknown = CategoryMatcher(categories).codes(_column(adata, key, what))
     if unknown:
         names = sorted(map(str, unknown))

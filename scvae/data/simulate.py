@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -68,8 +70,19 @@ def simulate(
     >>> adata.shape, list(adata.obs["batch"].cat.categories)
     ((200, 50), ['batch0', 'batch1'])
     """
+    for name, value in (
+        ("n_cells", n_cells),
+        ("n_genes", n_genes),
+        ("n_cell_types", n_cell_types),
+        ("n_batches", n_batches),
+        ("seed", 0 if seed is None else seed),  # None: fresh randomness, as numpy's
+    ):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be a whole number, got {value!r}.")
     if n_cells < 1 or n_genes < 1 or n_cell_types < 1 or n_batches < 1:
         raise ValueError("n_cells, n_genes, n_cell_types and n_batches must all be at least 1.")
+    if seed is not None and seed < 0:
+        raise ValueError(f"seed must be a whole number >= 0, got {seed}.")
     for name, value, ok, allowed in (
         ("de_fraction", de_fraction, 0 <= de_fraction <= 1, "in [0, 1]"),
         ("de_log_fold_change", de_log_fold_change, de_log_fold_change >= 0, ">= 0"),

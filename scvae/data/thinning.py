@@ -8,6 +8,7 @@ keeping the real noise of the data, not the model's own family.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import anndata as ad
@@ -84,6 +85,27 @@ def binomial_thinning(
     >>> int(out.var["is_de"].sum()), sorted(out.obs["group"].unique())
     (6, ['A', 'B'])
     """
+    if (
+        isinstance(n_de_genes, bool)
+        or not isinstance(n_de_genes, numbers.Integral)
+        or n_de_genes < 0
+    ):
+        raise ValueError(f"n_de_genes must be a whole number >= 0, got {n_de_genes!r}.")
+    sizes = np.atleast_1d(np.asarray(log2_fold_changes, dtype=np.float64))
+    if sizes.ndim != 1 or (
+        n_de_genes and (sizes.size == 0 or not np.isfinite(sizes).all() or (sizes <= 0).any())
+    ):
+        raise ValueError(
+            f"log2_fold_changes must be finite positive numbers (e.g. (0.5, 1.0, 2.0)), got "
+            f"{log2_fold_changes!r}."
+        )
+    if group_sizes is not None:
+        whole = [isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in group_sizes]
+        if len(whole) != 2 or not all(whole):
+            raise ValueError(
+                f"group_sizes must be two whole numbers (cells in groups A and B) or None, got "
+                f"{group_sizes!r}."
+            )
     rng = np.random.default_rng(seed)
     if cell_type is None:
         cells = np.arange(adata.n_obs)
@@ -120,9 +142,6 @@ def binomial_thinning(
             f"{min_fraction_expressing:.0%} of the cells and carry at most "
             f"{max_fraction_of_counts:.1%} of the counts; lower n_de_genes or widen those."
         )
-    sizes = np.asarray(log2_fold_changes, dtype=np.float64)
-    if n_de_genes and (sizes.size == 0 or (sizes <= 0).any()):
-        raise ValueError(f"log2_fold_changes must be positive numbers, got {log2_fold_changes}.")
     de_genes = rng.choice(eligible, size=n_de_genes, replace=False)
     factors = np.ones((2, n_genes))  # rows: group A, group B
     magnitude = np.resize(sizes, n_de_genes) if n_de_genes else sizes[:0]

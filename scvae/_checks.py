@@ -1,0 +1,47 @@
+"""Argument checks shared by the public functions: an error that names the argument.
+
+Without them a wrong type passes silently (any non-empty string is true) or fails deep
+inside numpy, pandas or torch. No scvae imports: every layer may use these.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anndata as ad
+import numpy as np
+
+
+def flag(name: str, value: Any, *, none: bool = False) -> bool | None:
+    """``value`` as a bool, or a TypeError naming ``name`` (None passes with ``none=True``).
+
+    Examples
+    --------
+    >>> flag("overwrite", np.True_)
+    True
+    >>> flag("overwrite", "no")
+    Traceback (most recent call last):
+    ...
+    TypeError: overwrite must be True or False, got 'no'.
+    """
+    if value is None and none:
+        return None
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    allowed = "True, False or None" if none else "True or False"
+    raise TypeError(f"{name} must be {allowed}, got {value!r}.")
+
+
+def anndata(name: str, value: Any, *, hint: str = "") -> ad.AnnData:
+    """``value`` if it is an AnnData, else a TypeError naming ``name`` (``hint``: what to do).
+
+    Examples
+    --------
+    >>> anndata("adata", [0, 1], hint=" Pass cells as indices=[...].")
+    Traceback (most recent call last):
+    ...
+    TypeError: adata must be an AnnData, got list. Pass cells as indices=[...].
+    """
+    if isinstance(value, ad.AnnData):
+        return value
+    raise TypeError(f"{name} must be an AnnData, got {type(value).__name__}.{hint}")
