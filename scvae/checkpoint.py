@@ -240,11 +240,13 @@ class Checkpointer:
         *,
         rank: int = 0,
         device: torch.device | None = None,
+        max_epochs: int | None = None,
     ) -> LoopState | None:
         """Load ``latest/`` into the live objects and return the loop state (None: no
-        checkpoint yet). Raises :class:`CheckpointError` for an unreadable checkpoint or one
-        of another run. ``rank``: this process's rank, whose own random states are restored
-        (the CUDA one on ``device``)."""
+        checkpoint yet). Raises :class:`CheckpointError` for an unreadable checkpoint, one
+        of another run, or one past ``max_epochs`` (loading it would give a model trained
+        longer than asked), before anything is loaded. ``rank``: this process's rank, whose
+        own random states are restored (the CUDA one on ``device``)."""
         path = self.latest_path
         if not path.exists():
             return None
@@ -281,6 +283,15 @@ class Checkpointer:
                 f"checkpoint_dir {self.root} holds a checkpoint of another training run; it "
                 f"differs in {'; '.join(diffs[:6])}. Pass a new checkpoint_dir, or delete "
                 f"{self.root} to start afresh."
+            )
+        done = (
+            info.get("loop", {}).get("next_epoch") if isinstance(info.get("loop"), dict) else None
+        )
+        if max_epochs is not None and isinstance(done, int) and done > max_epochs:
+            raise CheckpointError(
+                f"The latest checkpoint in {self.root} has trained {done} epochs, more than "
+                f"max_epochs={max_epochs}. Pass max_epochs={done} or more to resume it (with "
+                f"{done} nothing is left to train), or a new checkpoint_dir for a shorter run."
             )
         try:
             module.load_state_dict(weights, strict=True)

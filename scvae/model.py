@@ -19,6 +19,7 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
 from scvae import de_glue, distributed, mapping, model_files, queries
@@ -153,6 +154,23 @@ def _refuse_backed_view(adata: ad.AnnData | None) -> None:
             "for training. Pass the whole backed AnnData, load the subset into memory with "
             ".to_memory(), or write it to its own file (.write_h5ad) and open that backed."
         )
+
+
+def _stored_nonzeros(counts: Any) -> int | None:
+    """The number of stored counts of a training matrix (None: not known without a read)."""
+    if hasattr(counts, "nnz"):  # scipy sparse
+        return int(counts.nnz)
+    if is_on_disk(counts) and hasattr(counts, "group"):  # anndata's on-disk CSR / CSC
+        return int(counts.group["indptr"][-1])
+    return None
+
+
+def _counts_total(counts: Any) -> float | None:
+    """The sum of the counts held in memory (None for counts on disk: a whole read)."""
+    if is_on_disk(counts):
+        return None
+    data = counts.data if sp.issparse(counts) else np.asarray(counts)
+    return float(np.sum(data, dtype=np.float64))
 
 
 def _continued(previous: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
@@ -426,7 +444,9 @@ class SCVAE:
             Multiply the learning rate by 0.6 after 30 epochs without validation improvement.
         seed
             Seed of the split, the minibatch order and all sampling (None:
-            ``scvae.settings.seed``); the same seed gives bit-identical weights on the CPU.
+            ``scvae.settings.seed``); the same seed gives bit-identical weights on the CPU
+            (with ``compile=True``, between runs in fresh processes: a second compiled run in
+            the same process can differ in the last bits).
         device
             "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
         progress_bar
@@ -443,8 +463,9 @@ class SCVAE:
         checkpoint_every
             Write ``latest/`` every this many epochs (and after the last one).
         precision
-            "32" (float32 throughout) or "bf16-mixed": the matrix products in bfloat16 under
-            autocast, the likelihood and KL terms in float32 (Lightning's names).
+            "32" (float32 throughout; also ``32`` or "32-true") or "bf16-mixed": the matrix
+            products in bfloat16 under autocast, the likelihood and KL terms in float32
+            (Lightning's names).
         compile
             Run the training step through ``torch.compile``: the first minibatch pays tens of
             seconds of compilation, later steps are faster, so it pays off on long runs. If
@@ -477,7 +498,15 @@ class SCVAE:
         no half-trained model is left behind; with ``checkpoint_dir`` the same call resumes.
 
         On the CPU, a run killed and resumed from its checkpoint ends with the same weights,
-        bit for bit, as an uninterrupted run.
+        bit for bit, as an uninterrupted run. A checkpoint is resumed only by the same run on
+        the same cells and counts, and not past ``max_epochs``.
+
+        A later ``train`` call on a trained model continues its history (epochs numbered on)
+        and its random stream, but starts a new optimizer and a new KL warm-up, as
+        scvi-tools' ``train`` does; one call of the total epochs keeps one schedule (so does
+        repeating a ``checkpoint_dir`` call with a larger ``max_epochs``). A later call with
+        another seed or split options splits the cells anew and warns when cells held out
+        before are trained on.
 
         Examples
         --------
@@ -492,6 +521,8 @@ class SCVAE:
         if max_epochs is None:
             max_epochs = max(min(round(20000 / n_cells * 400), 400), 1)
         seed = settings.seed if seed is None else seed
+        if not isinstance(precision, bool) and precision in (32, "32-true"):
+            precision = "32"  # Lightning's other names of float32
         config = TrainConfig(
             max_epochs=max_epochs,
             batch_size=batch_size,
@@ -551,6 +582,7 @@ class SCVAE:
         train_idx, val_idx = split_indices(
             n_cells, train_size, validation_size, config.seed, batch_size
         )
+        self._warn_if_resplit(train_idx, val_idx)
         if n_processes != 1:
             _check_processes(n_processes)
             n_processes = int(n_processes)
@@ -612,6 +644,10 @@ class SCVAE:
                 },
                 "split_sha256": _digest([train_idx, val_idx]),
                 "initial_weights_sha256": _digest(list(before.values())),
+                # the same cells in the same order, and the same counts (their number and sum)
+                "cells": model_files.cells_fingerprint(adata),
+                "stored_nonzeros": _stored_nonzeros(counts),
+                "counts_total": _counts_total(counts),
             }
             checkpoint = Checkpointer(
                 checkpoint_dir, identity=identity, describe=describe, every=checkpoint_every
@@ -701,6 +737,33 @@ class SCVAE:
         self.train_indices, self.validation_indices = train_idx, val_idx
         self.train_config = train_config
 
+    def _warn_if_resplit(self, train_idx: np.ndarray, val_idx: np.ndarray) -> None:
+        """Warn when a later ``train`` call trains on cells an earlier call held out, or
+        validates on cells it trained on (another seed, train_size or validation_size)."""
+        if not self.is_trained or not len(self.train_indices):  # no earlier split known
+            return
+        held_out_before = np.setdiff1d(np.arange(self.registry_adata().n_obs), self.train_indices)
+        now_trained = np.intersect1d(held_out_before, train_idx).size
+        now_validating = np.intersect1d(self.train_indices, val_idx).size
+        if not (now_trained or now_validating):
+            return
+        parts = []
+        if now_trained:
+            parts.append(f"{now_trained} cells held out by the earlier training are trained on now")
+        if now_validating:
+            parts.append(
+                f"{now_validating} cells trained on before are validation cells now, so "
+                "elbo_validation is no longer held out"
+            )
+        warnings.warn(
+            f"This train() call splits the cells anew (another seed, train_size or "
+            f"validation_size than the earlier call): {'; '.join(parts)}. Held-out scores on "
+            "model.validation_indices then include cells the model has seen. Pass the split "
+            "options and seed of the first call to keep its split.",
+            UserWarning,
+            stacklevel=3,
+        )
+
     def _run_fingerprint(self, counts: Any, train_options: dict[str, Any]) -> dict[str, Any]:
         """What the ranks of a distributed run must share (compared by
         :func:`scvae.distributed.check_same_run`): versions, the cells (their number and
@@ -710,11 +773,7 @@ class SCVAE:
         from scvae import __version__
 
         adata = self.registry_adata()
-        nonzeros = None
-        if hasattr(counts, "nnz"):  # scipy sparse
-            nonzeros = int(counts.nnz)
-        elif is_on_disk(counts) and hasattr(counts, "group"):  # anndata's on-disk CSR / CSC
-            nonzeros = int(counts.group["indptr"][-1])
+        nonzeros = _stored_nonzeros(counts)
         registration = json.dumps(self.registry.to_dict(), sort_keys=True, default=str)
         return {
             "scvae version": __version__,

@@ -372,7 +372,14 @@ def differential_expression(
       sampled rho); change and group, ``lfc_mean``;
     - ``pvals`` and ``pvals_adj``: all NaN. scVI's test has no p-values; the fields exist only
       because ``sc.get.rank_genes_groups_df`` reads them. Use ``proba_de`` and
-      ``is_de_fdr_<t>`` of the returned table instead;
+      ``is_de_fdr_<t>`` of the returned table instead. So scanpy's readers that filter or
+      colour by p-value find nothing, with no error: ``sc.get.rank_genes_groups_df(...,
+      pval_cutoff=...)`` returns an empty table, ``sc.queries.enrich`` (whose default
+      ``pval_cutoff`` is 0.05) sends an empty gene list, ``values_to_plot="pvals_adj"`` or
+      ``"log10_pvals_adj"`` draws every gene at p = 1, and ``sc.tl.marker_gene_overlap`` with
+      ``adj_pval_threshold`` finds no overlap. Select the genes from the returned table
+      instead (e.g. ``table[table["is_de_fdr_0.05"]]``, or ``log2fc_min=`` of
+      ``rank_genes_groups_df``);
     - ``pts`` (and ``pts_rest`` with ``reference="rest"``): the fraction of cells with a
       non-zero count, genes x groups (the reference group included), in the groups' order,
       as ``rank_genes_groups(pts=True)`` writes them.

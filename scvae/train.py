@@ -420,7 +420,13 @@ def fit(
     loop = LoopState()
     if checkpoint is not None:
         resumed = checkpoint.restore(
-            module, optimizer, scheduler, generator, rank=world.rank, device=device
+            module,
+            optimizer,
+            scheduler,
+            generator,
+            rank=world.rank,
+            device=device,
+            max_epochs=config.max_epochs,
         )
         if resumed is not None:
             loop = resumed

@@ -147,6 +147,35 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
         assert torch.equal(v, before[k])
 
 
+def test_checkpoint_of_other_cells_or_counts_is_refused(tmp_path):
+    with one_thread():
+        new_model().train(max_epochs=2, checkpoint_dir=tmp_path, **TRAIN)
+    seed, scvae.settings.seed = scvae.settings.seed, 0
+    try:  # built as new_model builds it, on other data: the same starting weights
+        adata = scvae.data.simulate(300, 40, n_batches=2, seed=1)
+        shuffled = adata[np.random.default_rng(0).permutation(adata.n_obs)].copy()
+        other = scvae.data.simulate(300, 40, n_batches=2, seed=2)  # same names, other counts
+        models = [scvae.SCVAE(a, **{**MODEL, "n_latent": 4}) for a in (shuffled, other)]
+    finally:
+        scvae.settings.seed = seed
+    with pytest.raises(CheckpointError, match=r"differs in cells\.obs_names_sha256"):
+        models[0].train(max_epochs=2, checkpoint_dir=tmp_path, **TRAIN)
+    with pytest.raises(CheckpointError, match=r"differs in .*(stored_nonzeros|counts_total)"):
+        models[1].train(max_epochs=2, checkpoint_dir=tmp_path, **TRAIN)
+    assert not models[0].is_trained and not models[1].is_trained
+
+
+def test_checkpoint_past_max_epochs_is_refused(tmp_path):
+    with one_thread():
+        new_model().train(max_epochs=3, checkpoint_dir=tmp_path, **TRAIN)
+    model = new_model()
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"has trained 3 epochs, more than max_epochs=2"):
+        model.train(max_epochs=2, checkpoint_dir=tmp_path, **TRAIN)
+    assert not model.is_trained and model.history.empty
+    assert all(torch.equal(v, before[k]) for k, v in model.module.state_dict().items())
+
+
 def test_training_on_from_the_model_a_run_ended_in_says_how(tmp_path):
     with one_thread():
         model = new_model()

@@ -166,3 +166,31 @@ def test_every_full_minibatch_is_trained_even_below_the_last_batch_minimum(
     model.train(max_epochs=1, batch_size=batch_size, train_size=1.0, progress_bar=False)
     # 11 cells: every full minibatch, and a partial last one only with 3 cells or more
     assert (len(seen), sum(seen)) == (steps, cells)
+
+
+def test_a_later_call_that_splits_anew_warns():
+    import warnings
+
+    import scvae
+
+    model = scvae.SCVAE(scvae.data.simulate(100, 12, seed=0), n_hidden=8, n_latent=2)
+    model.train(max_epochs=1, seed=0, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same split again: no warning
+        model.train(max_epochs=1, seed=0, device="cpu")
+    held_out = np.setdiff1d(np.arange(100), model.train_indices)
+    with pytest.warns(UserWarning, match=r"splits the cells anew.*held out by the earlier"):
+        model.train(max_epochs=1, seed=5, device="cpu")
+    assert np.intersect1d(held_out, model.train_indices).size > 0
+    with pytest.warns(UserWarning, match=r"trained on before are validation cells now"):
+        model.train(max_epochs=1, seed=0, train_size=0.5, device="cpu")
+    assert len(model.history) == 4
+
+
+@pytest.mark.parametrize("name", [32, "32-true"])
+def test_lightning_names_of_float32(name):
+    import scvae
+
+    model = scvae.SCVAE(scvae.data.simulate(60, 10, seed=0), n_hidden=8, n_latent=2)
+    model.train(max_epochs=1, precision=name, device="cpu")
+    assert model.train_config["precision"] == "32"
