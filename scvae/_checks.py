@@ -6,6 +6,8 @@ inside numpy, pandas or torch. No scvae imports: every layer may use these.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import anndata as ad
@@ -45,3 +47,19 @@ def anndata(name: str, value: Any, *, hint: str = "") -> ad.AnnData:
     if isinstance(value, ad.AnnData):
         return value
     raise TypeError(f"{name} must be an AnnData, got {type(value).__name__}.{hint}")
+
+
+def positive_number(value: Any) -> bool:
+    """Whether ``value`` is a finite real number above 0 (a bool is not a number here).
+
+    Examples
+    --------
+    >>> positive_number(1e4), positive_number(0), positive_number("1"), positive_number(True)
+    (True, False, False, False)
+    """
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )

@@ -7,7 +7,6 @@ resolution are reported.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -16,6 +15,8 @@ import anndata as ad
 import numpy as np
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.neighbors import NearestNeighbors
+
+from scvae._checks import positive_number
 
 RESOLUTIONS = tuple(round(0.1 * i, 1) for i in range(1, 21))
 
@@ -56,10 +57,7 @@ def check_resolutions(resolutions: Any) -> list[float]:
         values = None
     else:
         values = list(values)
-    ok = bool(values) and all(
-        isinstance(r, numbers.Real) and not isinstance(r, bool) and math.isfinite(r) and r > 0
-        for r in values
-    )
+    ok = bool(values) and all(positive_number(r) for r in values)
     if not ok:
         raise ValueError(
             "resolutions must be a non-empty list of positive numbers (Leiden resolutions, "

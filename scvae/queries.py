@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 import numbers
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -544,12 +543,7 @@ def get_normalized_expression(
     return_mean = _checks.flag("return_mean", return_mean)
     return_numpy = _checks.flag("return_numpy", return_numpy, none=True)
     n_samples = _count("n_samples", n_samples)
-    if library_size != "latent" and not (
-        isinstance(library_size, numbers.Real)
-        and not isinstance(library_size, bool)
-        and math.isfinite(library_size)
-        and library_size > 0
-    ):
+    if library_size != "latent" and not _checks.positive_number(library_size):
         raise ValueError(
             f"library_size must be a finite positive number or 'latent', got "
             f"{library_size!r}; e.g. 1 for rho (rows sum to 1), 1e4 for counts per 10,000, "
@@ -778,12 +772,7 @@ def get_feature_correlation_matrix(
             f"correlation_type must be 'spearman' or 'pearson', got {correlation_type!r}."
         )
     n_samples = _count("n_samples", n_samples)
-    if not (
-        isinstance(rna_size_factor, numbers.Real)
-        and not isinstance(rna_size_factor, bool)
-        and math.isfinite(rna_size_factor)
-        and rna_size_factor > 0
-    ):
+    if not _checks.positive_number(rna_size_factor):
         raise ValueError(
             f"rna_size_factor must be a finite positive number (the library the denoised "
             f"values are drawn at, e.g. 1000), got {rna_size_factor!r}."

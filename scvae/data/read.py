@@ -10,8 +10,6 @@ path, what was expected and what to do; no other exception escapes.
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import subprocess
 import sys
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import anndata as ad
 
+from scvae import _checks
 from scvae._settings import logger
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -172,12 +171,7 @@ def read(path: str | os.PathLike, *, timeout: float | None = 120.0) -> ad.AnnDat
     ...
     scvae.data.read.DataFileError: Cannot read ...counts.h5ad as an h5ad file: ...
     """
-    if timeout is not None and not (
-        isinstance(timeout, numbers.Real)
-        and not isinstance(timeout, bool)
-        and math.isfinite(timeout)
-        and timeout > 0
-    ):
+    if timeout is not None and not _checks.positive_number(timeout):
         raise ValueError(
             f"timeout must be a positive number of seconds (the HDF5 check's limit) or None "
             f"(no check), got {timeout!r}."
