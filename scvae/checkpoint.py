@@ -129,6 +129,9 @@ def _rng_tensors(
 
 # What an identity entry that is left out means (one process records no n_processes)
 _ABSENT_MEANS = {"train_config.n_processes": 1}
+# Identity entries added after checkpoints were first written: one without them resumes, as
+# it did before they existed (the other entries still have to match)
+_RECORDED_SINCE = {"cells", "stored_nonzeros", "counts_total"}
 
 
 def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
@@ -145,6 +148,8 @@ def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
         out = []
         for key in sorted(set(saved) | set(current), key=str):
             name = f"{prefix}.{key}" if prefix else str(key)
+            if name in _RECORDED_SINCE and key not in saved:
+                continue  # a checkpoint from before this entry: it cannot be compared
             absent = _ABSENT_MEANS.get(name)
             out += _differences(saved.get(key, absent), current.get(key, absent), name)
         return out

@@ -521,7 +521,7 @@ class SCVAE:
         if max_epochs is None:
             max_epochs = max(min(round(20000 / n_cells * 400), 400), 1)
         seed = settings.seed if seed is None else seed
-        if not isinstance(precision, bool) and precision in (32, "32-true"):
+        if precision == "32-true" or (type(precision) is int and precision == 32):
             precision = "32"  # Lightning's other names of float32
         config = TrainConfig(
             max_epochs=max_epochs,
@@ -582,7 +582,6 @@ class SCVAE:
         train_idx, val_idx = split_indices(
             n_cells, train_size, validation_size, config.seed, batch_size
         )
-        self._warn_if_resplit(train_idx, val_idx)
         if n_processes != 1:
             _check_processes(n_processes)
             n_processes = int(n_processes)
@@ -732,14 +731,19 @@ class SCVAE:
         val_idx: np.ndarray,
         train_config: dict[str, Any],
     ) -> None:
+        if not distributed.current_world().distributed:  # a worker's parent warns, once
+            self._warn_if_resplit(train_idx, val_idx, stacklevel=4)
         self.history = _continued(self.history, history) if self.is_trained else history
         self.is_trained = True
         self.train_indices, self.validation_indices = train_idx, val_idx
         self.train_config = train_config
 
-    def _warn_if_resplit(self, train_idx: np.ndarray, val_idx: np.ndarray) -> None:
-        """Warn when a later ``train`` call trains on cells an earlier call held out, or
-        validates on cells it trained on (another seed, train_size or validation_size)."""
+    def _warn_if_resplit(
+        self, train_idx: np.ndarray, val_idx: np.ndarray, *, stacklevel: int
+    ) -> None:
+        """Warn when a later ``train`` call trained on cells an earlier call held out, or
+        validated on cells it trained on (another seed or split options); called once the
+        call has trained, so a call that fails warns of nothing."""
         if not self.is_trained or not len(self.train_indices):  # no earlier split known
             return
         held_out_before = np.setdiff1d(np.arange(self.registry_adata().n_obs), self.train_indices)
@@ -749,19 +753,22 @@ class SCVAE:
             return
         parts = []
         if now_trained:
-            parts.append(f"{now_trained} cells held out by the earlier training are trained on now")
+            parts.append(
+                f"{now_trained} cells held out by the earlier training were trained on now"
+            )
         if now_validating:
             parts.append(
                 f"{now_validating} cells trained on before are validation cells now, so "
                 "elbo_validation is no longer held out"
             )
         warnings.warn(
-            f"This train() call splits the cells anew (another seed, train_size or "
-            f"validation_size than the earlier call): {'; '.join(parts)}. Held-out scores on "
-            "model.validation_indices then include cells the model has seen. Pass the split "
-            "options and seed of the first call to keep its split.",
+            f"This train() call split the cells anew (another seed, train_size or "
+            f"validation_size than the earlier call, or with train_size=None another "
+            f"batch_size): {'; '.join(parts)}. Held-out scores on model.validation_indices "
+            "then include cells the model has seen. Pass the seed and split options of the "
+            "first call to keep its split.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
 
     def _run_fingerprint(self, counts: Any, train_options: dict[str, Any]) -> dict[str, Any]:
@@ -862,6 +869,7 @@ class SCVAE:
         """Weights, history and split of a model trained in other processes."""
         if not result.is_trained:  # nothing trained there: this model stays as it is
             return
+        self._warn_if_resplit(result.train_indices, result.validation_indices, stacklevel=5)
         self.module.load_state_dict(result.module.state_dict())
         self.module.eval()
         self.history, self.is_trained = result.history, True

@@ -123,8 +123,8 @@ class TrainConfig:
         whole("seed", 0)
         if self.precision not in PRECISIONS:
             raise ValueError(
-                f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got "
-                f"{self.precision!r}."
+                f"precision must be one of {', '.join(map(repr, PRECISIONS))} (train() also "
+                f"takes Lightning's 32 and '32-true' for '32'), got {self.precision!r}."
             )
         for name in ("early_stopping", "reduce_lr_on_plateau", "progress_bar", "compile"):
             if not isinstance(getattr(self, name), bool | np.bool_):

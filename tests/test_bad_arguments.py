@@ -160,9 +160,13 @@ def test_simulate_types_and_seed():
         scvae.data.simulate("10", 5)
     with pytest.raises(TypeError, match="n_cells must be a whole number, got 10.5"):
         scvae.data.simulate(10.5, 5)
-    with pytest.raises(ValueError, match="seed must be a whole number >= 0"):
-        scvae.data.simulate(10, 5, seed=-1)
+    for wrong in (-1, 1.5, "1"):
+        with pytest.raises(ValueError, match="seed must be a whole number >= 0, None or a numpy"):
+            scvae.data.simulate(10, 5, seed=wrong)
     assert scvae.data.simulate(np.int64(10), 5, seed=None).shape == (10, 5)
+    a = scvae.data.simulate(10, 5, seed=np.random.default_rng(0)).X.toarray()
+    b = scvae.data.simulate(10, 5, seed=np.random.SeedSequence(0)).X.toarray()
+    assert np.array_equal(a, b)
 
 
 def test_transfer_labels_key_added(adata):

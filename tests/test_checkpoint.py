@@ -165,6 +165,21 @@ def test_checkpoint_of_other_cells_or_counts_is_refused(tmp_path):
     assert not models[0].is_trained and not models[1].is_trained
 
 
+def test_checkpoint_from_before_the_cells_were_recorded_resumes(tmp_path):
+    with one_thread():
+        new_model().train(max_epochs=2, checkpoint_dir=tmp_path, **TRAIN)
+        description = tmp_path / "latest" / "model.json"
+        meta = json.loads(description.read_text())
+        for key in ("cells", "stored_nonzeros", "counts_total"):  # as an older scvae wrote it
+            del meta["checkpoint"]["identity"][key]
+        description.write_text(json.dumps(meta))
+        model = new_model()
+        model.train(max_epochs=3, checkpoint_dir=tmp_path, **TRAIN)
+        straight = new_model()
+        straight.train(max_epochs=3, **TRAIN)
+    assert_same_weights(model, straight)
+
+
 def test_checkpoint_past_max_epochs_is_refused(tmp_path):
     with one_thread():
         new_model().train(max_epochs=3, checkpoint_dir=tmp_path, **TRAIN)

@@ -179,7 +179,7 @@ def test_a_later_call_that_splits_anew_warns():
         warnings.simplefilter("error")  # the same split again: no warning
         model.train(max_epochs=1, seed=0, device="cpu")
     held_out = np.setdiff1d(np.arange(100), model.train_indices)
-    with pytest.warns(UserWarning, match=r"splits the cells anew.*held out by the earlier"):
+    with pytest.warns(UserWarning, match=r"split the cells anew.*held out by the earlier"):
         model.train(max_epochs=1, seed=5, device="cpu")
     assert np.intersect1d(held_out, model.train_indices).size > 0
     with pytest.warns(UserWarning, match=r"trained on before are validation cells now"):

@@ -75,14 +75,19 @@ def simulate(
         ("n_genes", n_genes),
         ("n_cell_types", n_cell_types),
         ("n_batches", n_batches),
-        ("seed", 0 if seed is None else seed),  # None: fresh randomness, as numpy's
     ):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be a whole number, got {value!r}.")
     if n_cells < 1 or n_genes < 1 or n_cell_types < 1 or n_batches < 1:
         raise ValueError("n_cells, n_genes, n_cell_types and n_batches must all be at least 1.")
-    if seed is not None and seed < 0:
-        raise ValueError(f"seed must be a whole number >= 0, got {seed}.")
+    # what numpy's default_rng takes: None (fresh randomness), a Generator, a SeedSequence,
+    # or a whole number >= 0
+    generators = (np.random.Generator, np.random.BitGenerator, np.random.SeedSequence)
+    if seed is not None and not isinstance(seed, generators):
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(
+                f"seed must be a whole number >= 0, None or a numpy Generator, got {seed!r}."
+            )
     for name, value, ok, allowed in (
         ("de_fraction", de_fraction, 0 <= de_fraction <= 1, "in [0, 1]"),
         ("de_log_fold_change", de_log_fold_change, de_log_fold_change >= 0, ">= 0"),
