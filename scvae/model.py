@@ -142,6 +142,10 @@ def _train_worker(rank: int, world_size: int, init_method: str, payload: bytes) 
             raise
         if rank == 0:
             model.save(out)
+        # every rank tears its process group down only once all are done: a rank that left
+        # early while another was still connected aborted in gloo's teardown (seen once in CI
+        # as "terminate called without an active exception", exit code -6)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
