@@ -187,6 +187,8 @@ def test_binomial_thinning_arguments(adata):
         ({"n_de_genes": "5"}, "n_de_genes must be a whole number >= 0"),
         ({"group_sizes": (10,)}, "group_sizes must be two whole numbers"),
         ({"group_sizes": (10.5, 10)}, "group_sizes must be two whole numbers"),
+        ({"group_sizes": 10}, "group_sizes must be two whole numbers"),
+        ({"log2_fold_changes": ("a",)}, "log2_fold_changes must be finite positive"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):

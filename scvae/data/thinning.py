@@ -9,7 +9,7 @@ keeping the real noise of the data, not the model's own family.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import anndata as ad
 import numpy as np
@@ -91,7 +91,10 @@ def binomial_thinning(
         or n_de_genes < 0
     ):
         raise ValueError(f"n_de_genes must be a whole number >= 0, got {n_de_genes!r}.")
-    sizes = np.atleast_1d(np.asarray(log2_fold_changes, dtype=np.float64))
+    try:
+        sizes = np.atleast_1d(np.asarray(log2_fold_changes, dtype=np.float64))
+    except (TypeError, ValueError):
+        sizes = np.array([np.nan])  # not numbers: refused below
     if sizes.ndim != 1 or (
         n_de_genes and (sizes.size == 0 or not np.isfinite(sizes).all() or (sizes <= 0).any())
     ):
@@ -100,7 +103,8 @@ def binomial_thinning(
             f"{log2_fold_changes!r}."
         )
     if group_sizes is not None:
-        whole = [isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in group_sizes]
+        given = list(group_sizes) if isinstance(group_sizes, Iterable) else [group_sizes]
+        whole = [isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in given]
         if len(whole) != 2 or not all(whole):
             raise ValueError(
                 f"group_sizes must be two whole numbers (cells in groups A and B) or None, got "
