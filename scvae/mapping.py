@@ -152,16 +152,14 @@ def load_query_data(
     from scvae.model import _refuse_backed_view  # at call time, as in _reference
 
     _checks.anndata("adata", adata, hint=_ORDER)
-    options = {
-        "unfrozen": unfrozen,
-        "freeze_dropout": freeze_dropout,
-        "freeze_expression": freeze_expression,
-        "freeze_decoder_first_layer": freeze_decoder_first_layer,
-        "freeze_batchnorm_encoder": freeze_batchnorm_encoder,
-        "freeze_batchnorm_decoder": freeze_batchnorm_decoder,
-    }
-    for name, value in options.items():
-        _checks.flag(name, value)
+    freeze = surgery.FreezeConfig(  # its options checked before any work
+        unfrozen=unfrozen,
+        freeze_dropout=freeze_dropout,
+        freeze_expression=freeze_expression,
+        freeze_decoder_first_layer=freeze_decoder_first_layer,
+        freeze_batchnorm_encoder=freeze_batchnorm_encoder,
+        freeze_batchnorm_decoder=freeze_batchnorm_decoder,
+    )
     _refuse_backed_view(adata)
     reference = _reference(cls, reference_model)
     surgery.check_mappable(reference.module, model_class=type(reference).__name__)
@@ -192,14 +190,6 @@ def load_query_data(
         library_log_means=torch.from_numpy(means),
         library_log_vars=torch.from_numpy(variances),
         new_cats_per_cov=[len(v) for v in new_cats.values()],
-    )
-    freeze = surgery.FreezeConfig(
-        unfrozen=unfrozen,
-        freeze_dropout=freeze_dropout,
-        freeze_expression=freeze_expression,
-        freeze_decoder_first_layer=freeze_decoder_first_layer,
-        freeze_batchnorm_encoder=freeze_batchnorm_encoder,
-        freeze_batchnorm_decoder=freeze_batchnorm_decoder,
     )
     model = cls.__new__(cls)
     model._decoder_bias = module.config.decoder_bias

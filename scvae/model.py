@@ -22,7 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from scvae import de_glue, distributed, mapping, model_files, queries
+from scvae import _checks, de_glue, distributed, mapping, model_files, queries
 from scvae._settings import logger, settings
 from scvae.data.backed import (
     BLOCK_ROWS,
@@ -80,8 +80,7 @@ def _check_options(**options: Any) -> None:
         "deeply_inject_covariates",
         "log_variational",
     ):
-        if not isinstance(options[name], bool | np.bool_):
-            raise TypeError(f"{name} must be True or False, got {options[name]!r}.")
+        _checks.flag(name, options[name])
 
 
 def _check_processes(n_processes: Any) -> None:
@@ -791,9 +790,7 @@ class SCVAE:
             "torch version": torch.__version__,
             "cells": adata.n_obs,
             # the same cells in the same order: each rank takes its share by position
-            "cell names (digest)": hashlib.sha256(
-                "\0".join(map(str, adata.obs_names)).encode()
-            ).hexdigest()[:12],
+            "cell names (digest)": model_files.cells_fingerprint(adata)["obs_names_sha256"][:12],
             "genes": adata.n_vars,
             "stored non-zero counts": nonzeros,
             "registration (digest)": hashlib.sha256(registration.encode()).hexdigest()[:12],

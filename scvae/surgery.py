@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from scvae import _checks
 from scvae.module import VAE
 from scvae.nn import FCLayers
 
@@ -78,6 +79,10 @@ class FreezeConfig:
     freeze_decoder_first_layer: bool = True
     freeze_batchnorm_encoder: bool = True
     freeze_batchnorm_decoder: bool = False
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:  # a string such as "no" would read as True
+            _checks.flag(name, getattr(self, name))
 
 
 def check_mappable(module: VAE, *, model_class: str = "SCVAE") -> None:
