@@ -39,6 +39,9 @@ from scvae.module import VAE, ModuleConfig
 from scvae.train import KL_WARMUP_EPOCHS, TrainConfig, TrainingDiverged, fit, split_indices
 
 LATENT_KEY = "X_scvae"
+# The least variance of a batch's log-library prior (use_observed_lib_size=False): cells with
+# equal totals would give 0, where scvi-tools' Normal prior fails and the KL term explodes.
+_LIBRARY_VAR_FLOOR = 0.01
 
 
 def _digest(arrays: Sequence[np.ndarray | torch.Tensor]) -> str:
@@ -906,6 +909,18 @@ class SCVAE:
             if len(sel):
                 means[b] = sel.mean()
                 variances[b] = sel.var() if len(sel) > 1 else 1.0
+                if variances[b] < _LIBRARY_VAR_FLOOR:
+                    # equal totals (downsampled cells, two alike): a prior of (almost) no width
+                    # makes the library's KL term explode, and the loss with it
+                    warnings.warn(
+                        f"The training cells of batch {self.registry.batch_categories[b]!r} "
+                        f"have (nearly) equal library sizes (variance of the log library "
+                        f"{float(variances[b]):.3g}): the library prior's variance is set to "
+                        f"{_LIBRARY_VAR_FLOOR:g} instead.",
+                        UserWarning,
+                        stacklevel=3,
+                    )
+                    variances[b] = _LIBRARY_VAR_FLOOR
         self.module.library_log_means.copy_(torch.from_numpy(means))
         self.module.library_log_vars.copy_(torch.from_numpy(variances))
 

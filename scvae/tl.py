@@ -478,6 +478,13 @@ def _adata_and_model(adata: Any, model: Any) -> None:
         raise TypeError(f"model must be an scvae model, got {type(model).__name__}.{order}")
 
 
+def _records(arrays: list[np.ndarray], groups: list[str], dtype: Any) -> np.recarray:
+    """One field per group, named exactly as the group (a list of (name, type) pairs would
+    rename a group "" to "f0", where scanpy's readers look for "")."""
+    spec = {"names": groups, "formats": [dtype] * len(groups)}
+    return np.rec.fromarrays(arrays, dtype=spec)
+
+
 def _rank_genes_groups_uns(
     table: pd.DataFrame, groups: list[str], var_names: pd.Index, mode: str
 ) -> dict:
@@ -503,10 +510,10 @@ def _rank_genes_groups_uns(
     out: dict = {}
     for key, arrays in fields.items():
         dtype = object if key == "names" else np.float32
-        out[key] = np.rec.fromarrays(arrays, dtype=[(g, dtype) for g in groups])
+        out[key] = _records(arrays, groups, dtype)
     nan = [np.full(len(a), np.nan) for a in fields["scores"]]
-    out["pvals"] = np.rec.fromarrays(nan, dtype=[(g, np.float64) for g in groups])
-    out["pvals_adj"] = np.rec.fromarrays(nan, dtype=[(g, np.float64) for g in groups])
+    out["pvals"] = _records(nan, groups, np.float64)
+    out["pvals_adj"] = _records(nan, groups, np.float64)
     out["pts"] = pd.DataFrame(pts, index=var_names)
     out["pts_rest"] = pd.DataFrame(pts_rest, index=var_names)
     return out

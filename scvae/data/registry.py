@@ -443,6 +443,11 @@ def get_counts(
         )
     if values.dtype.kind == "f" and not allow_non_integer:
         frac = values != np.round(values)
+        if frac.any() and values.dtype.itemsize > 4:
+            # the model reads float32: values a rounding error from an integer (1e-13 after
+            # a scaling round trip) are that integer there, and are counts
+            near = values[frac].astype(np.float32)
+            frac[np.flatnonzero(frac)[near == np.round(near)]] = False
         if frac.any():
             example = values[frac][0]
             total = _common_total(csr if csr is not None else np.asarray(matrix))
@@ -471,8 +476,8 @@ def get_counts(
                 )
             hint = f"{looks} {hint}".strip()
             raise RegistryError(
-                f"{where} holds {int(frac.sum())} non-integer values (e.g. {example:g}); scvae "
-                f"expects raw integer counts. {hint}"
+                f"{where} holds {int(frac.sum())} non-integer values (e.g. "
+                f"{float(example)!r}); scvae expects raw integer counts. {hint}"
             )
     if csr is None:
         csr = sp.csr_matrix(np.asarray(matrix, dtype=np.float32))
@@ -482,8 +487,9 @@ def get_counts(
     if empty.size:
         first = ", ".join(map(str, adata.obs_names[empty[:3]]))
         raise RegistryError(
-            f"{empty.size} cells have zero total counts in {where} (e.g. {first}); the library "
-            "size of such a cell is undefined. Remove them first: "
+            f"{empty.size} cells have zero total counts in {where} (e.g. {first}); scvae "
+            "refuses cells without counts (their observed library size, the log of their "
+            "total, is undefined, and they hold nothing to encode). Remove them first: "
             "sc.pp.filter_cells(adata, min_counts=1)."
         )
     return csr
@@ -568,10 +574,24 @@ def _categories(adata: ad.AnnData, key: str | None, what: str) -> list[str]:
     column = _column(adata, key, what)
     if isinstance(column.dtype, pd.CategoricalDtype):
         present = set(column.astype(str))
-        return [str(c) for c in column.cat.categories if str(c) in present]
-    # in the order scvi-tools' setup_anndata gives (pandas' categories: numbers as numbers,
-    # so batch 10 comes after batch 2), as text
-    return [str(c) for c in pd.Categorical(column.unique()).categories]
+        values = [c for c in column.cat.categories if str(c) in present]
+    else:
+        # in the order scvi-tools' setup_anndata gives (pandas' categories: numbers as
+        # numbers, so batch 10 comes after batch 2), as text
+        values = list(pd.Categorical(column.unique()).categories)
+    names = [str(c) for c in values]
+    if len(set(names)) < len(names):  # 1 and "1": one name in the model's files, two groups
+        seen: dict[str, Any] = {}
+        for value, name in zip(values, names, strict=True):
+            if name in seen:
+                raise RegistryError(
+                    f"adata.obs[{key!r}] ({what}) holds {seen[name]!r} and {value!r}, two "
+                    f"values written alike ({name!r}); the model names its groups by their "
+                    f"text. Make them one type first, e.g. adata.obs[{key!r}] = "
+                    f"adata.obs[{key!r}].astype(str) to merge them, or rename one."
+                )
+            seen[name] = value
+    return names
 
 
 def _as_number(value: Any) -> int | float | None:
