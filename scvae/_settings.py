@@ -37,6 +37,19 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+_SETTINGS = frozenset({"seed", "progress_bar", "inference_batch_size", "verbosity"})
+# scvi.settings' names a user may set by habit, and what scvae has instead
+_SCVI_SETTINGS = {
+    "batch_size": " scvi-tools' settings.batch_size is the query batch size: set "
+    "scvae.settings.inference_batch_size.",
+    "num_threads": " Set torch's threads with torch.set_num_threads(n).",
+    "dl_num_workers": " scvae gathers minibatches without DataLoader workers.",
+    "dl_persistent_workers": " scvae gathers minibatches without DataLoader workers.",
+    "dl_pin_memory": " scvae gathers minibatches without a DataLoader.",
+    "progress_bar_style": " scvae's bars are tqdm's; settings.progress_bar turns them off.",
+}
+
+
 @dataclass
 class Settings:
     """Package-wide settings, in the spirit of ``scvi.settings`` and ``sc.settings``.
@@ -79,6 +92,13 @@ class Settings:
     inference_batch_size: int = 1024
 
     def __setattr__(self, name: str, value: object) -> None:
+        if name not in _SETTINGS and name != "_ready":
+            # a misspelt or scvi-tools-only setting would otherwise be set and read by nothing
+            known = ", ".join(sorted(_SETTINGS))
+            hint = _SCVI_SETTINGS.get(name, "")
+            raise AttributeError(
+                f"scvae.settings has no setting {name!r} (its settings: {known}).{hint}"
+            )
         # checked when set, so that a bad value names itself here, not deep inside a run
         whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
         if name == "seed":

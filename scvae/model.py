@@ -367,6 +367,25 @@ class SCVAE:
 
     # ------------------------------------------------------------------ basics
     @property
+    def test_indices(self) -> np.ndarray:
+        """Cells in neither ``train_indices`` nor ``validation_indices``, as scvi-tools'.
+
+        They exist when ``train_size + validation_size < 1``; empty before training.
+
+        Examples
+        --------
+        >>> import scvae
+        >>> model = scvae.SCVAE(scvae.data.simulate(100, 20, seed=0))
+        >>> model.train(max_epochs=1, train_size=0.6, validation_size=0.2, progress_bar=False)
+        >>> len(model.train_indices), len(model.validation_indices), len(model.test_indices)
+        (60, 20, 20)
+        """
+        if not self.is_trained:
+            return np.array([], dtype=np.int64)
+        used = np.concatenate([self.train_indices, self.validation_indices])
+        return np.setdiff1d(np.arange(self.registry_adata().n_obs), used).astype(np.int64)
+
+    @property
     def var_names(self) -> pd.Index:
         """The genes the model was registered with, in order."""
         return pd.Index(self.registry.var_names)

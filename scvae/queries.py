@@ -378,7 +378,8 @@ def get_elbo(
 
     Returns
     -------
-    float, the mean over the cells, or with ``return_mean=False`` an ndarray with one value
+    float (a ``numpy.float64``: ``.item()`` works, as on scvi-tools' 0-d tensor), the mean
+    over the cells, or with ``return_mean=False`` an ndarray with one value
     per cell.
 
     Examples
@@ -386,14 +387,14 @@ def get_elbo(
     >>> import scvae
     >>> model = scvae.SCVAE(scvae.data.simulate(100, 30, seed=0))
     >>> model.train(max_epochs=1, progress_bar=False)
-    >>> model.get_elbo() < 0
+    >>> bool(model.get_elbo() < 0)
     True
     """
     _warn_if_untrained(model, "get_elbo")
     return_mean = _checks.flag("return_mean", return_mean)
     recon, kl = inference.loss_terms(model.module, model._chunks(adata, indices, batch_size))
     elbo = -(recon + kl)
-    return float(elbo.mean()) if return_mean else elbo
+    return np.float64(elbo.mean()) if return_mean else elbo
 
 
 def get_reconstruction_error(
@@ -417,7 +418,8 @@ def get_reconstruction_error(
 
     Returns
     -------
-    float, the mean over the cells, or with ``return_mean=False`` an ndarray with one value
+    float (a ``numpy.float64``: ``.item()`` works, as on scvi-tools' 0-d tensor), the mean
+    over the cells, or with ``return_mean=False`` an ndarray with one value
     per cell. **Return type differs from scvi-tools** (fixed by scvae's contract, like
     ``get_elbo`` and ``get_marginal_ll``): scvi-tools 1.4.2 returns a dict
     ``{"reconstruction_loss": value}`` with the same value and sign; for code written for it,
@@ -428,13 +430,13 @@ def get_reconstruction_error(
     >>> import scvae
     >>> model = scvae.SCVAE(scvae.data.simulate(100, 30, seed=0))
     >>> model.train(max_epochs=1, progress_bar=False)
-    >>> model.get_reconstruction_error() > 0
+    >>> bool(model.get_reconstruction_error() > 0)
     True
     """
     _warn_if_untrained(model, "get_reconstruction_error")
     return_mean = _checks.flag("return_mean", return_mean)
     recon, _ = inference.loss_terms(model.module, model._chunks(adata, indices, batch_size))
-    return float(recon.mean()) if return_mean else recon
+    return np.float64(recon.mean()) if return_mean else recon
 
 
 def get_marginal_ll(
@@ -464,7 +466,8 @@ def get_marginal_ll(
 
     Returns
     -------
-    float, the mean over the cells, or with ``return_mean=False`` an ndarray with one value
+    float (a ``numpy.float64``: ``.item()`` works, as on scvi-tools' 0-d tensor), the mean
+    over the cells, or with ``return_mean=False`` an ndarray with one value
     per cell.
 
     Examples
@@ -472,7 +475,7 @@ def get_marginal_ll(
     >>> import scvae
     >>> model = scvae.SCVAE(scvae.data.simulate(50, 30, seed=0))
     >>> model.train(max_epochs=1, progress_bar=False)
-    >>> model.get_marginal_ll(n_mc_samples=20) < 0
+    >>> bool(model.get_marginal_ll(n_mc_samples=20) < 0)
     True
     """
     _warn_if_untrained(model, "get_marginal_ll")
@@ -480,7 +483,7 @@ def get_marginal_ll(
     n_mc_samples = _count("n_mc_samples", n_mc_samples)
     size = model._sampling_batch_size(batch_size, min(n_mc_samples, 100))
     values = inference.marginal_ll(model.module, model._chunks(adata, indices, size), n_mc_samples)
-    return float(values.mean()) if return_mean else values
+    return np.float64(values.mean()) if return_mean else values
 
 
 def get_normalized_expression(

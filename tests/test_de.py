@@ -193,6 +193,17 @@ def test_settings_refuse_values_that_would_fail_later():
     assert scvae.settings.seed == 0 and scvae.settings.progress_bar in (True, False)
 
 
+def test_settings_refuse_names_they_do_not_have():
+    # scvi.settings.batch_size set by habit, or a typo, was set and read by nothing
+    size = scvae.settings.inference_batch_size
+    with pytest.raises(AttributeError, match="no setting 'batch_size'.*inference_batch_size"):
+        scvae.settings.batch_size = 7
+    with pytest.raises(AttributeError, match="no setting 'inference_batchsize'"):
+        scvae.settings.inference_batchsize = 7
+    assert scvae.settings.inference_batch_size == size
+    assert not hasattr(scvae.settings, "batch_size")
+
+
 def test_sorting_and_tie_breaks():
     names = ["a", "b", "c", "d"]
     # change: a and b both have proba_de 1; b has the larger |lfc| and comes first

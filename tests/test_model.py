@@ -57,6 +57,18 @@ def test_signs_of_queries(trained):
     per_cell = trained.get_elbo(return_mean=False)
     assert per_cell.shape == (trained.adata.n_obs,)
     assert np.all(per_cell < 0)
+    # floats, as CONTRACT.md fixes, that keep scvi-tools' model.get_elbo().item() working
+    for value in (elbo, recon, trained.get_marginal_ll(indices=[0, 1], n_mc_samples=5)):
+        assert isinstance(value, float) and isinstance(value.item(), float)
+
+
+def test_test_indices_are_the_cells_neither_trained_on_nor_validated(sim):
+    model = scvae.SCVAE(sim, n_hidden=16, n_latent=3)
+    assert model.test_indices.size == 0
+    model.train(max_epochs=1, train_size=0.5, validation_size=0.2, progress_bar=False)
+    parts = [model.train_indices, model.validation_indices, model.test_indices]
+    assert [len(p) for p in parts] == [sim.n_obs // 2, sim.n_obs // 5, sim.n_obs * 3 // 10]
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(sim.n_obs))
 
 
 def test_reconstruction_error_is_a_number_as_the_contract_says_and_its_docstring_tells(trained):
