@@ -266,7 +266,19 @@ def test_a_file_rewritten_under_the_model_is_named(tmp_path):
     adata.file.close()
     scvae.data.simulate(200, 20, seed=1).write_h5ad(path)  # the same path, fewer genes
     for call in (model.get_latent_representation, lambda: model.train(max_epochs=1)):
-        with pytest.raises(scvae.data.RegistryError, match="20 genes but .* list 30.*rewritten"):
+        with pytest.raises(scvae.data.RegistryError, match="20 genes but .* x 30 genes.*rewritten"):
+            call()
+    # the same genes and fewer cells: the first 60 rows were read as the model's 200 cells
+    path = tmp_path / "more_cells.h5ad"
+    scvae.data.simulate(200, 20, seed=0).write_h5ad(path)
+    adata = ad.read_h5ad(path, backed="r")
+    model = scvae.SCVAE(adata, n_hidden=8, n_latent=2)
+    adata.file.close()
+    scvae.data.simulate(60, 20, seed=2).write_h5ad(path)
+    for call in (model.get_latent_representation, lambda: model.train(max_epochs=1)):
+        with pytest.raises(
+            scvae.data.RegistryError, match="60 cells .* lists 200 cells.*rewritten"
+        ):
             call()
 
 

@@ -172,11 +172,12 @@ class Registry:
         counts = get_counts(
             adata, self.layer, allow_non_integer=self.allow_non_integer, registered=True
         )
-        if counts.shape[1] != self.n_vars:  # e.g. a backed file rewritten since it was opened
+        if counts.shape != (adata.n_obs, self.n_vars):  # a backed file rewritten since opened
             where = f" (file {adata.filename})" if adata.isbacked else ""
             raise RegistryError(
-                f"The counts have {counts.shape[1]} genes but the AnnData's var_names list "
-                f"{self.n_vars}{where}: its matrix no longer matches its annotations, e.g. the "
+                f"The counts have {counts.shape[0]} cells x {counts.shape[1]} genes but the "
+                f"AnnData lists {adata.n_obs} cells (obs_names) x {self.n_vars} genes "
+                f"(var_names){where}: its matrix no longer matches its annotations, e.g. the "
                 "file was rewritten after it was opened. Open the file again."
             )
         return counts
