@@ -166,7 +166,12 @@ def foreign_entries(dir_path: str | os.PathLike) -> list[str]:
     own = {WEIGHTS_FILE, DESCRIPTION_FILE}
     try:
         meta = json.loads((root / DESCRIPTION_FILE).read_text())
-        own.update(str(name) for name in meta.get("extra_files", {}))
+        # an extra file is the model's own only with the content it was saved with: a name
+        # listed in a crafted model.json must not let an overwrite delete a user's file
+        for name, checksum in meta.get("extra_files", {}).items():
+            path = root / str(name)
+            if Path(str(name)).name == name and path.is_file() and _sha256(path) == checksum:
+                own.add(name)
     except (OSError, ValueError, AttributeError, TypeError):
         pass  # no readable description: only the two standard names are a model's own
     return sorted(entry.name for entry in root.iterdir() if entry.name not in own)
@@ -369,7 +374,7 @@ def load_model(dir_path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
         raise ModelFileError(f"{meta_path} is implausibly large; it is not a scvae description.")
     try:
         meta = json.loads(meta_path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: JSON, huge ints
         raise ModelFileError(
             f"{meta_path} is corrupted or truncated ({err}). Restore the directory from the "
             "original save."

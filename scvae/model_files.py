@@ -219,7 +219,14 @@ def load(
             "configuration. Restore it from the original save."
         )
     # Shapes are compared on the meta device first, so a tampered configuration cannot
-    # make this allocate a huge module.
+    # make this allocate a huge module; every layer holds tensors, so more layers than the
+    # weights hold tensors (n_layers 10**6: millions of module objects) is refused before.
+    n_layers = getattr(config, "n_layers", None)
+    if isinstance(n_layers, int) and n_layers > len(weights):
+        raise ModelFileError(
+            f"{malformed}: n_layers is {n_layers}, but the weights hold {len(weights)} "
+            "tensors. Restore it from the original save."
+        )
     try:
         with torch.device("meta"):
             shapes = {k: tuple(v.shape) for k, v in VAE(config).state_dict().items()}

@@ -488,6 +488,17 @@ def test_load_missing_or_wrong_paths(tmp_path):
             r"weights do not fit the saved configuration",
         ),
         (
+            # a million layers: millions of module objects (minutes, gigabytes) before
+            lambda p: edit_json(p, lambda m: m["module_config"].update(n_layers=10**6)),
+            r"malformed: n_layers is 1000000, but the weights hold \d+ tensors",
+        ),
+        (
+            lambda p: (p / "model.json").write_text(
+                (p / "model.json").read_text().rstrip()[:-1] + ', "x": ' + "1" * 5000 + "}"
+            ),
+            r"model\.json is corrupted or truncated \(Exceeds the limit",
+        ),
+        (
             lambda p: edit_json(p, lambda m: m["module_config"].update(n_hidden=10**9)),
             r"weights do not fit the saved configuration",
         ),
@@ -554,6 +565,8 @@ def test_load_missing_or_wrong_paths(tmp_path):
         "empty-weights",
         "registry-not-dict",
         "config-mismatch",
+        "config-many-layers",
+        "json-huge-integer",
         "config-huge",
         "config-bad-choice",
         "registry-mismatch",

@@ -236,6 +236,18 @@ def test_overwrite_never_deletes_files_a_model_does_not_own(tmp_path):
     ]
 
 
+def test_a_crafted_list_of_extra_files_cannot_make_an_overwrite_delete_them(tmp_path):
+    model = scvae.SCVAE(scvae.data.simulate(60, 12, seed=0), n_hidden=16)
+    model.save(tmp_path / "m")
+    description = json.loads((tmp_path / "m" / "model.json").read_text())
+    description["extra_files"] = {"analysis.ipynb": "0" * 64}
+    (tmp_path / "m" / "model.json").write_text(json.dumps(description))
+    (tmp_path / "m" / "analysis.ipynb").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"not part of a saved model \(analysis\.ipynb\)"):
+        model.save(tmp_path / "m", overwrite=True)
+    assert (tmp_path / "m" / "analysis.ipynb").read_text() == "{}"
+
+
 def test_saved_files_are_as_readable_as_any_other_file(tmp_path):
     model = scvae.SCVAE(scvae.data.simulate(60, 12, seed=0), n_hidden=16)
     old = os.umask(0o022)
