@@ -21,6 +21,7 @@ import ast
 import os
 import re
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -150,18 +151,36 @@ def _check_model_dir(path: Path, overwrite: bool) -> None:
     _probe_folder(path.parent, "--model-dir", path)
 
 
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """``write(tmp)`` into a temporary file beside ``path``, then rename it into place."""
+def _write_atomically(
+    path: Path,
+    write: Callable[[Path], object],
+    *,
+    flag: str = "",
+    before_rename: Callable[[], object] | None = None,
+) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it into place.
+
+    ``before_rename`` runs once the file is written whole, before it takes its name (a step
+    that must not happen unless the file could be written, and whose failure leaves no file).
+    A failed write is a CLIError naming ``flag`` and ``path``, not the temporary file.
+    """
     from scvae.io import default_file_mode
 
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
     tmp = Path(name)
     try:
-        write(tmp)
-        default_file_mode(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        try:
+            write(tmp)
+            default_file_mode(tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        except OSError as err:
+            reason = str(err.strerror or err).replace(str(tmp), str(path))
+            where = f"{flag} {path}" if flag else str(path)
+            raise CLIError(f"cannot write {where}: {reason}; nothing was written") from None
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -312,12 +331,18 @@ def _fit(args: argparse.Namespace) -> None:
     sc.tl.umap(adata, random_state=args.seed)
     sc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False, random_state=args.seed)
     print(f"Leiden: {adata.obs['leiden'].nunique()} clusters", flush=True)
+
+    def save_model() -> None:
+        if model_dir is not None:
+            # an empty folder was accepted up front (_check_model_dir): nothing in it to lose
+            empty = model_dir.is_dir() and not any(model_dir.iterdir())
+            model.save(model_dir, overwrite=args.overwrite or empty)
+
+    # the h5ad is written whole first, the model saved, then the h5ad named: a failure at
+    # either step leaves neither (a disk that fills while writing the h5ad left the model)
+    _write_atomically(out, adata.write_h5ad, flag="-o", before_rename=save_model)
     if model_dir is not None:
-        # an empty folder was accepted up front (_check_model_dir): nothing in it to lose
-        empty = model_dir.is_dir() and not any(model_dir.iterdir())
-        model.save(model_dir, overwrite=args.overwrite or empty)
         print(f"wrote the model: {model_dir}")
-    _write_atomically(out, adata.write_h5ad)
     print(f"wrote {out}: latent in obsm['{scvae.LATENT_KEY}'], obsm['X_umap'], obs['leiden']")
     if plot_dir is not None:
         _ensure_writable_dir(plot_dir, f"plots to {plot_dir}")
@@ -354,6 +379,10 @@ def _de(args: argparse.Namespace) -> None:
     print(f"wrote {out}: {len(table)} rows ({groups} comparisons, one row per gene in each)")
 
 
+_DEMO_COLORS = {"leiden": "Leiden clusters", "cell_type": "known cell types"}
+_DEMO_H5AD = "pbmc68k_scvae.h5ad"
+
+
 def _demo(args: argparse.Namespace) -> None:
     import matplotlib
 
@@ -375,6 +404,10 @@ def _demo(args: argparse.Namespace) -> None:
                 f"{model_dir} is not a saved model (the demo writes its model there); give "
                 "another --out"
             )
+    # checked before training: a folder where a file goes failed only at the end
+    folders = [n for n in (*_plot_names(_DEMO_COLORS), _DEMO_H5AD) if (out / n).is_dir()]
+    if folders:
+        raise CLIError(f"--out {out} holds folders named {', '.join(folders)}; give another")
 
     scvae.settings.seed = args.seed
     adata = scvae.datasets.pbmc68k()
@@ -405,11 +438,10 @@ def _demo(args: argparse.Namespace) -> None:
         f"kNN label accuracy {knn:.3f}"
     )
 
-    colors = {"leiden": "Leiden clusters", "cell_type": "known cell types"}
     _ensure_writable_dir(out, f"to --out {out}")
-    written = _write_plots(adata, model, out, colors)
-    h5ad = out / "pbmc68k_scvae.h5ad"
-    _write_atomically(h5ad, adata.write_h5ad)
+    written = _write_plots(adata, model, out, _DEMO_COLORS)
+    h5ad = out / _DEMO_H5AD
+    _write_atomically(h5ad, adata.write_h5ad, flag="--out")
     written["AnnData (latent in obsm['X_scvae'], UMAP, Leiden)"] = h5ad
     model_dir = out / "model"
     model.save(str(model_dir), overwrite=True)
@@ -550,7 +582,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train on scanpy's bundled 700 PBMCs, cluster the latent with scanpy and "
         "write an h5ad, the model and UMAP PNGs.",
     )
-    demo.add_argument("--out", default="scvae_demo", help="output folder (default: scvae_demo)")
+    demo.add_argument(
+        "--out",
+        default="scvae_demo",
+        help="output folder (default: scvae_demo); the files the demo writes there "
+        f"({', '.join(_plot_names(_DEMO_COLORS))}, {_DEMO_H5AD}, model/) replace those of an "
+        "earlier run; nothing else in it is touched",
+    )
     demo.add_argument(
         "--max-epochs",
         type=int,
@@ -580,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     >>> main(["demo", "--max-epochs", "0"])
     2
     """
+    from scvae.distributed import _sigterm_as_exit
     from scvae.train import TrainingDiverged
 
     parser = build_parser()
@@ -597,7 +636,8 @@ def main(argv: list[str] | None = None) -> int:
             raise CLIError(f"--max-epochs must be at least 1, got {args.max_epochs}")
         if not 0 <= args.seed < 2**32:  # numpy's and scanpy's random states take no more
             raise CLIError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
-        args.func(args)
+        with _sigterm_as_exit():  # SIGTERM unwinds, so half-written temporary files go
+            args.func(args)
     except (CLIError, ValueError, OSError) as err:
         # scvae's own bad-input errors (unreadable data, unknown key or layer, not raw counts,
         # options out of range, damaged model directory) are ValueErrors naming the problem.
@@ -609,6 +649,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         fail("interrupted (outputs are written whole or not at all)")
         return 130
+    except SystemExit as err:
+        if err.code == 128 + signal.SIGTERM:  # a scheduler's timeout: temporary files removed
+            fail("terminated by SIGTERM (outputs are written whole or not at all)")
+        raise
     return 0
 
 

@@ -304,11 +304,11 @@ def launch(
 
 @contextmanager
 def _sigterm_as_exit() -> Iterator[None]:
-    """While the workers run, SIGTERM to this process raises SystemExit(143) (the status a
-    shell reports for a process ended by SIGTERM; the process now exits with it rather than by
-    the signal) instead of ending it on the spot, so the workers are stopped and the temporary
-    folders removed. Only where Python's default action was in place, in the main thread; the
-    default is put back after."""
+    """While the workers run (or a ``scvae`` command), SIGTERM to this process raises
+    SystemExit(143) (the status a shell reports for a process ended by SIGTERM; the process
+    now exits with it rather than by the signal) instead of ending it on the spot, so the
+    workers are stopped and the temporary folders and files removed. Only where Python's
+    default action was in place, in the main thread; the default is put back after."""
     if (
         threading.current_thread() is not threading.main_thread()
         or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL

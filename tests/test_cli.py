@@ -23,7 +23,7 @@ from conftest import shared_file
 from sklearn.metrics import adjusted_rand_score
 
 import scvae
-from scvae.cli import _write_atomically, main
+from scvae.cli import CLIError, _write_atomically, main
 
 
 def test_demo_writes_readable_outputs(tmp_path, capsys):
@@ -418,11 +418,51 @@ def test_write_atomically_never_leaves_half_a_file(tmp_path):
         tmp.write_text("half of the new")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="No space left"):
-        _write_atomically(target, half_then_fail)
+    # named by the flag and the file, not the hidden temporary file that failed
+    with pytest.raises(CLIError, match=r"cannot write -o .*table\.csv: No space left on device"):
+        _write_atomically(target, half_then_fail, flag="-o")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["table.csv"]
     _write_atomically(target, lambda tmp: tmp.write_text("new"))
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+
+
+def test_fit_whose_h5ad_cannot_be_written_saves_no_model(files, tmp_path, capsys, monkeypatch):
+    # the disk fills while the h5ad is written: the model was saved first and stayed behind,
+    # and a rerun was then refused for the model folder it left
+    def disk_full(self, filename, **kwargs):
+        Path(filename).write_bytes(b"half an h5ad")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", disk_full)
+    out, model_dir = tmp_path / "out.h5ad", tmp_path / "model"
+    argv = ["fit", files / "counts.h5ad", "-o", out, "--model-dir", model_dir]
+    code, _, err = run([*argv, "--max-epochs", "1", "--no-progress"], capsys)
+    check_one_line_error(code, err, "fit", r"cannot write -o .*out\.h5ad: No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_stopped_by_sigterm_exits_143_leaving_nothing(files, tmp_path):
+    # a scheduler's timeout: Python's default action ended the process on the spot, leaving
+    # the temporary files of a write in progress
+    cmd = [sys.executable, "-m", "scvae", "fit", str(files / "counts.h5ad")]
+    cmd += ["-o", str(tmp_path / "out.h5ad"), "--max-epochs", "100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    for line in proc.stderr:  # the progress bar: training has started
+        if "Training" in line:
+            break
+    proc.terminate()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 143
+    assert "scvae fit: error: terminated by SIGTERM" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_checks_its_output_names_before_training(tmp_path, capsys):
+    (tmp_path / "history.png").mkdir()  # failed after training, with a raw [Errno 21]
+    code, out, err = run(["demo", "--out", tmp_path], capsys)
+    check_one_line_error(code, err, "demo", r"holds folders named history\.png")
+    assert "trained" not in out
 
 
 # --------------------------------------------------------------------- scvae de
