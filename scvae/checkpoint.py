@@ -63,6 +63,38 @@ class LoopState:
     best_epoch: int | None = None
     stopped_early: bool = False
 
+    def __post_init__(self) -> None:
+        # read back from a checkpoint's JSON: a wrong type or value names its field here
+        # instead of failing later in the loop (or training -3 + max_epochs epochs)
+        def count(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+        def number(value: Any) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool)
+
+        problems = []
+        if not count(self.next_epoch):
+            problems.append(f"next_epoch must be a whole number >= 0, got {self.next_epoch!r}")
+        if not count(self.since_best):
+            problems.append(f"since_best must be a whole number >= 0, got {self.since_best!r}")
+        if not (self.best_epoch is None or count(self.best_epoch)):
+            problems.append(f"best_epoch must be null or an epoch, got {self.best_epoch!r}")
+        for name in ("early_stopping_best", "best_monitor"):
+            if not number(getattr(self, name)):
+                problems.append(f"{name} must be a number, got {getattr(self, name)!r}")
+        if not isinstance(self.stopped_early, bool):
+            problems.append(f"stopped_early must be true or false, got {self.stopped_early!r}")
+        rows_ok = isinstance(self.rows, list) and all(
+            isinstance(row, dict)
+            and count(row.get("epoch"))
+            and all(isinstance(k, str) and number(v) for k, v in row.items())
+            for row in self.rows
+        )
+        if not rows_ok:
+            problems.append("rows must be a list of {column: number} with an epoch each")
+        if problems:
+            raise ValueError("loop: " + "; ".join(problems))
+
     def history(self) -> pd.DataFrame:
         """The finished epochs, one row each, indexed by epoch."""
         frame = pd.DataFrame(self.rows)
@@ -100,7 +132,12 @@ def _optimizer_parts(
     return tensors, {"param_groups": sd["param_groups"], "state": values}
 
 
-def _optimizer_state(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[str, Any]:
+def _optimizer_state(
+    tensors: dict[str, torch.Tensor], info: dict[str, Any], params: list[torch.Tensor]
+) -> dict[str, Any]:
+    """The optimizer's state dict from a checkpoint, checked against the live ``params``
+    (a ValueError names what does not fit: a tensor of another shape, an option of another
+    type, which the optimizer would take and fail on, or diverge with, later)."""
     state = {
         int(pid): {
             name: tensors[f"optimizer.{pid}.{name}"] if value is None else value
@@ -108,6 +145,20 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> 
         }
         for pid, entry in info["state"].items()
     }
+    for pid, entry in state.items():
+        if not 0 <= pid < len(params):
+            raise ValueError(f"optimizer state for parameter {pid} of {len(params)}")
+        for name, value in entry.items():
+            if name in ("exp_avg", "exp_avg_sq") and tuple(value.shape) != params[pid].shape:
+                raise ValueError(
+                    f"optimizer.{pid}.{name} has shape {tuple(value.shape)}, its parameter "
+                    f"{tuple(params[pid].shape)}"
+                )
+    for group in info["param_groups"]:
+        for name in ("lr", "eps", "weight_decay"):
+            value = group.get(name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"optimizer option {name} must be a number, got {value!r}")
     return {"state": state, "param_groups": info["param_groups"]}
 
 
@@ -300,7 +351,8 @@ class Checkpointer:
             )
         try:
             module.load_state_dict(weights, strict=True)
-            optimizer.load_state_dict(_optimizer_state(tensors, info["optimizer"]))
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            optimizer.load_state_dict(_optimizer_state(tensors, info["optimizer"], params))
             if scheduler is not None and info.get("scheduler") is not None:
                 scheduler.load_state_dict(info["scheduler"])
             generator.set_state(tensors["rng.generator"])

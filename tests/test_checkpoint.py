@@ -219,6 +219,37 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
         new_model().train(max_epochs=2, checkpoint_dir=plain, **TRAIN)
 
 
+def _edit_checkpoint(path, edit) -> None:
+    description = path / "latest" / "model.json"
+    meta = json.loads(description.read_text())
+    edit(meta["checkpoint"])
+    description.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        # trained 2 + 3 + max_epochs epochs, with a history of its own making
+        (lambda c: c["loop"].update(next_epoch=-3), r"next_epoch must be a whole number >= 0"),
+        (lambda c: c["loop"].update(next_epoch="2"), r"next_epoch must be a whole number"),
+        (lambda c: c["loop"].update(rows=["abc"]), r"rows must be a list of \{column: number\}"),
+        (
+            lambda c: c["optimizer"]["param_groups"][0].update(lr="abc"),
+            r"optimizer option lr must be a number, got 'abc'",
+        ),
+    ],
+    ids=["negative-epoch", "epoch-text", "rows-text", "lr-text"],
+)
+def test_tampered_checkpoint_state_names_the_field(tmp_path, edit, match):
+    with one_thread():
+        new_model().train(max_epochs=2, checkpoint_dir=tmp_path, **TRAIN)
+    _edit_checkpoint(tmp_path, edit)
+    model = new_model()
+    with pytest.raises(CheckpointError, match=rf"is malformed \(ValueError: .*{match}"):
+        model.train(max_epochs=4, checkpoint_dir=tmp_path, **TRAIN)
+    assert not model.is_trained
+
+
 def test_checkpoint_dir_that_is_a_file(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
