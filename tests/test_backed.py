@@ -227,6 +227,32 @@ def test_two_processes_each_get_cells_of_a_file_smaller_than_a_buffer(h5ad_path)
     assert not set(cells[0]) & set(cells[1])  # and on its own cells
 
 
+@pytest.mark.parametrize("n_cells", [1025, 20000])
+def test_processes_share_an_epoch_of_a_file_evenly(tmp_path, n_cells):
+    # buffers were dealt whole: with 20,000 cells one process had 16 blocks and the other 4,
+    # the smaller share set everyone's steps, and an epoch trained on 41 % of the cells; with
+    # 1,025 one process got a block of one row, a minibatch that batch norm refused
+    path = tmp_path / "cells.h5ad"
+    scvae.data.simulate(n_cells, 5, seed=0).write_h5ad(path)
+    src = BackedCSR(ad.read_h5ad(path, backed="r").X, "cpu")
+    train = torch.as_tensor(np.random.default_rng(0).permutation(n_cells)[: n_cells * 9 // 10])
+    for world in (2, 3):
+        gen = [torch.Generator().manual_seed(0) for _ in range(world)]
+        for _epoch in range(2):  # generators stay in step over epochs
+            shares = []
+            for rank in range(world):
+                batches = src.batches(
+                    train, 128, shuffle=True, generator=gen[rank], drop_last_below=3,
+                    rank=rank, world_size=world,
+                )  # fmt: skip
+                shares.append([b.idx.numpy() for b in batches])
+            assert len({len(s) for s in shares}) == 1  # the same steps everywhere
+            assert min(len(b) for s in shares for b in s) >= 3
+            cells = np.concatenate([b for s in shares for b in s])
+            assert len(cells) == len(set(cells)) >= len(train) - world * 3
+            assert set(cells) <= set(train.tolist())
+
+
 def test_how_counts_are_read_is_part_of_a_checkpointed_run(h5ad_path, tmp_path):
     from scvae.checkpoint import CheckpointError
 

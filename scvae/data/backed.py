@@ -47,6 +47,38 @@ def is_on_disk(matrix: Any) -> bool:
     return isinstance(matrix, ad.abc.CSRDataset | ad.abc.CSCDataset | h5py.Dataset)
 
 
+def _shares(
+    blocks: list[tuple[int, int, int, int]], idx: np.ndarray, world_size: int
+) -> list[list[tuple[int, int, int, int]]]:
+    """``blocks`` (in visiting order) cut into ``world_size`` consecutive shares of equal
+    numbers of cells; a block on a boundary is split, each part read over its own rows.
+
+    Examples
+    --------
+    >>> idx = np.arange(10)
+    >>> _shares([(0, 4, 0, 4), (4, 10, 4, 10)], idx, 2)
+    [[(0, 4, 0, 4), (4, 5, 4, 5)], [(5, 10, 5, 10)]]
+    """
+    if world_size == 1:
+        return [list(blocks)]
+    total = sum(b - a for *_, a, b in blocks)
+    bounds = [total * r // world_size for r in range(world_size + 1)]
+    shares: list[list[tuple[int, int, int, int]]] = [[] for _ in range(world_size)]
+    seen = 0  # cells in the blocks before this one
+    for start, stop, a, b in blocks:
+        for r in range(world_size):
+            lo, hi = max(bounds[r], seen), min(bounds[r + 1], seen + b - a)
+            if hi <= lo:
+                continue
+            first, end = a + lo - seen, a + hi - seen
+            if (first, end) == (a, b):
+                shares[r].append((start, stop, a, b))
+            else:  # the rows of this part only
+                shares[r].append((int(idx[first]), int(idx[end - 1]) + 1, first, end))
+        seen += b - a
+    return shares
+
+
 def read_block(matrix: Any, start: int, stop: int) -> sp.csr_matrix:
     """Rows ``start:stop`` of any row-sliceable matrix as CSR float32 (one contiguous read).
 
@@ -182,29 +214,35 @@ class BackedCSR:
         idx: np.ndarray,
         shuffle: bool,
         generator: torch.Generator | None,
-        min_buffers: int = 1,
-    ) -> tuple[list[list[tuple[int, int, int, int]]], np.ndarray | None]:
-        """Buffers of blocks ``(row start, row stop, first cell, end cell)`` in visiting order.
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> tuple[list[list[tuple[int, int, int, int]]], np.ndarray | None, list[int]]:
+        """This process's buffers of blocks ``(row start, row stop, first cell, end cell)`` in
+        visiting order, a shuffling seed per buffer, and every process's number of cells.
 
-        With fewer than ``min_buffers`` buffers (the processes, each of which needs one), the
-        blocks are made smaller (one per buffer) until there are enough or a block is one row.
+        The blocks are visited in one random order. With ``world_size > 1`` that sequence of
+        cells is cut into ``world_size`` consecutive shares of equal size (to a cell), process
+        ``r`` reading only share ``r`` (a block on a boundary is read in part by each side),
+        so every process steps over nearly all its cells. Every process computes every
+        share and draws every seed, so their generators stay in step.
         """
-        block_rows, buffer_blocks = self.block_rows, self.buffer_blocks
-        while True:
-            blocks = self._blocks(idx, block_rows)
-            if -(-len(blocks) // buffer_blocks) >= min_buffers or block_rows == 1:
-                break
-            block_rows, buffer_blocks = max(1, block_rows // 2), 1
+        blocks = self._blocks(idx, self.block_rows)
         if shuffle:
             order = torch.randperm(len(blocks), generator=generator).tolist()
             blocks = [blocks[i] for i in order]
-        buffers = [blocks[i : i + buffer_blocks] for i in range(0, len(blocks), buffer_blocks)]
+        shares = _shares(blocks, idx, world_size)
+        size = self.buffer_blocks
+        buffers = [[share[i : i + size] for i in range(0, len(share), size)] for share in shares]
         seeds = (
-            torch.randint(0, 2**62, (len(buffers),), generator=generator).numpy()
+            torch.randint(0, 2**62, (sum(map(len, buffers)),), generator=generator).numpy()
             if shuffle
             else None
         )
-        return buffers, seeds
+        if seeds is not None:
+            first = sum(len(b) for b in buffers[:rank])
+            seeds = seeds[first : first + len(buffers[rank])]
+        cells = [sum(b - a for *_, a, b in share) for share in shares]
+        return buffers[rank], seeds, cells
 
     def _blocks(self, idx: np.ndarray, block_rows: int) -> list[tuple[int, int, int, int]]:
         """Row blocks of ``block_rows`` that hold some of the cells ``idx`` (sorted)."""
@@ -235,26 +273,21 @@ class BackedCSR:
     ) -> Iterator[Minibatch]:
         """Minibatches (:class:`~scvae.data.loader.Minibatch`) of the cells ``indices``.
 
-        With ``world_size > 1`` the buffers are dealt to the processes in turn (buffer ``j``
-        to process ``j % world_size``), so each reads only its own blocks, and each takes
-        ``batch_size // world_size`` cells per step (``batch_size`` stays the cells per
+        With ``world_size > 1`` the shuffled sequence of blocks is cut into equal shares of
+        cells, one per process (see :meth:`_plan`), so each reads only its own rows, and each
+        takes ``batch_size // world_size`` cells per step (``batch_size`` stays the cells per
         optimizer step); every process takes the same number of steps (the smallest share
-        decides; the cells beyond it in the other processes wait for another epoch's order).
+        decides, which is at most one cell smaller than the others).
         """
         idx = np.sort(torch.as_tensor(indices).cpu().numpy().astype(np.int64))
         per_rank_batch = max(1, batch_size // world_size)  # batch_size: cells per step, all ranks
-        buffers, seeds = self._plan(idx, shuffle, generator, min_buffers=world_size)
-        mine = [j for j in range(len(buffers)) if j % world_size == rank]
-        per_rank = [
-            sum(b - a for j in range(r, len(buffers), world_size) for *_, a, b in buffers[j])
-            for r in range(world_size)
-        ]
+        buffers, seeds, per_rank = self._plan(idx, shuffle, generator, rank, world_size)
         steps = min(self._n_steps(n, per_rank_batch, drop_last_below) for n in per_rank)
         self.reads = []  # this pass's reads only
         carry_rows = np.zeros(0, dtype=np.int64)
         carry = sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
         done = 0
-        for position, j in enumerate(mine):
+        for j in range(len(buffers)):
             parts, cells = [carry], [carry_rows]
             for start, stop, a, b in buffers[j]:
                 block = read_block(self.matrix, start, stop)
@@ -270,7 +303,7 @@ class BackedCSR:
                 if seeds is not None
                 else np.arange(len(rows))
             )
-            last = position == len(mine) - 1
+            last = j == len(buffers) - 1
             usable = len(rows) if last else (len(rows) // per_rank_batch) * per_rank_batch
             on_device = DeviceCSR(held, self.device)  # shares the arrays on the CPU
             for s in range(0, usable, per_rank_batch):
