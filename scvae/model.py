@@ -127,10 +127,12 @@ def _train_worker(rank: int, world_size: int, init_method: str, payload: bytes) 
         world_size=world_size,
     )
     try:
-        if isinstance(data, tuple):  # a backed AnnData: its file, and obs as the caller has it
-            path, obs = data
+        if isinstance(data, tuple):  # a backed AnnData: its file, annotations as the caller has
+            path, obs, var, layers = data
             data = ad.read_h5ad(path, backed="r")
-            data.obs = obs
+            data.obs, data.var = obs, var
+            for key, value in layers.items():  # held in memory by anndata anyway
+                data.layers[key] = value
         model.adata = data
         try:
             model.train(**options)
@@ -870,8 +872,13 @@ class SCVAE:
                     "n_processes with a view of a backed AnnData: the workers reopen the file, "
                     "so write the subset to its own file first (adata.write_h5ad(path))."
                 )
-            # the workers reopen the file; obs travels as it is here (edited columns too)
-            data: ad.AnnData | tuple[str, pd.DataFrame] = (str(adata.filename), adata.obs)
+            # the workers reopen the file; obs and var travel as they are here (edited names
+            # and columns too), and the registered layer, which anndata holds in memory
+            layer = self.registry.layer
+            layers = (
+                {} if layer is None or layer not in adata.layers else {layer: adata.layers[layer]}
+            )
+            data: ad.AnnData | tuple = (str(adata.filename), adata.obs, adata.var, layers)
         else:
             data = adata
         worker = copy.copy(self)

@@ -191,13 +191,17 @@ def test_two_processes_resume_from_a_checkpoint_as_if_never_stopped(tmp_path):
 
 def test_workers_get_the_settings_and_the_edited_obs_of_a_backed_anndata(tmp_path):
     path = tmp_path / "cells.h5ad"
-    scvae.data.simulate(301, 30, seed=0).write_h5ad(path)
+    cells = scvae.data.simulate(301, 30, seed=0)
+    cells.write_h5ad(path)
     adata = __import__("anndata").read_h5ad(path, backed="r")
     adata.obs["donor"] = np.where(np.arange(adata.n_obs) % 2, "d1", "d2")  # not in the file
+    # nor these, which the workers lost: gene names edited and a layer added in memory
+    adata.var_names = [f"gene_{i}" for i in range(adata.n_vars)]
+    adata.layers["mem"] = cells.X
     previous = (scvae.settings.seed, scvae.settings.progress_bar)
     scvae.settings.seed, scvae.settings.progress_bar = 5, False
     try:
-        model = scvae.SCVAE(adata, batch_key="donor", n_hidden=16)
+        model = scvae.SCVAE(adata, batch_key="donor", layer="mem", n_hidden=16)
         model.train(max_epochs=1, batch_size=64, n_processes=2)
     finally:
         scvae.settings.seed, scvae.settings.progress_bar = previous
