@@ -199,6 +199,21 @@ def gather_rng_states(device: torch.device, world: World) -> list[dict[str, torc
     return [{k: v.cpu() for k, v in s.items()} for s in states]
 
 
+def every_rank(value: Any, world: World) -> list[Any]:
+    """``value`` of every rank, in rank order (one collective; alone: ``[value]``).
+
+    Examples
+    --------
+    >>> every_rank(3, World())
+    [3]
+    """
+    if not world.distributed:
+        return [value]
+    values: list[Any] = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def check_same_run(fingerprint: dict[str, Any], world: World) -> None:
     """Refuse, on every rank at once, a run whose ranks were given different data or options.
 
@@ -224,8 +239,8 @@ def check_same_run(fingerprint: dict[str, Any], world: World) -> None:
         if run.get(key) != first.get(key)
     ]
     if differences:
-        shown = "; ".join(differences[:4]) + (
-            f"; and {len(differences) - 4} more" if len(differences) > 4 else ""
+        shown = "; ".join(differences[:6]) + (
+            f"; and {len(differences) - 6} more" if len(differences) > 6 else ""
         )
         raise ValueError(
             f"The {world.size} training processes were not given the same run: {shown}. "

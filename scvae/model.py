@@ -801,7 +801,8 @@ class SCVAE:
     def _run_fingerprint(self, counts: Any, train_options: dict[str, Any]) -> dict[str, Any]:
         """What the ranks of a distributed run must share (compared by
         :func:`scvae.distributed.check_same_run`): versions, the cells (their number and
-        names), genes, stored non-zeros, registration, the model's and ``train``'s options."""
+        names), genes, stored non-zeros and their sum, registration, the model's and ``train``'s
+        options."""
         import json
 
         from scvae import __version__
@@ -817,6 +818,7 @@ class SCVAE:
             "cell names (digest)": model_files.cells_fingerprint(adata)["obs_names_sha256"][:12],
             "genes": adata.n_vars,
             "stored non-zero counts": nonzeros,
+            "sum of the counts": _counts_total(counts),
             "registration (digest)": hashlib.sha256(registration.encode()).hexdigest()[:12],
             **{f"model option {k}": v for k, v in self.module.config.to_dict().items()},
             **{f"train option {k}": v for k, v in train_options.items()},

@@ -20,9 +20,17 @@ import torch
 from tqdm import tqdm
 
 from scvae._settings import logger
-from scvae.checkpoint import Checkpointer, LoopState
+from scvae.checkpoint import Checkpointer, CheckpointError, LoopState
 from scvae.data.loader import CountSource, DeviceCSR  # noqa: F401 (DeviceCSR: the examples)
-from scvae.distributed import World, all_sum, all_true, gather_rng_states, sync_buffers, wrap
+from scvae.distributed import (
+    World,
+    all_sum,
+    all_true,
+    every_rank,
+    gather_rng_states,
+    sync_buffers,
+    wrap,
+)
 from scvae.module import VAE, Covariates
 from scvae.train_step import PRECISIONS, StepRunner, make_optimizer
 
@@ -438,6 +446,20 @@ def fit(
                 "; nothing is left to train"
                 if loop.stopped_early or loop.next_epoch >= config.max_epochs
                 else "",
+            )
+    if checkpoint is not None and world.distributed:
+        # every rank reads the checkpoint, only rank 0 writes it: a folder that is not the
+        # same for all (one per node) made rank 0 resume while another started afresh
+        found = every_rank(loop.next_epoch if resumed is not None else None, world)
+        if len(set(found)) > 1:
+            where = ", ".join(
+                f"rank {r} {'finds none' if e is None else f'resumes after epoch {e - 1}'}"
+                for r, e in enumerate(found)
+            )
+            raise CheckpointError(
+                f"The training processes found different checkpoints in {checkpoint.root} "
+                f"({where}). checkpoint_dir must be a folder every process sees (on a shared "
+                "file system); rank 0 writes it."
             )
     train_t = torch.as_tensor(train_idx, dtype=torch.long, device=device)
     # validation cells: a contiguous share per rank, losses summed over the ranks

@@ -109,6 +109,24 @@ def test_ranks_given_other_data_are_refused_by_name_instead_of_hanging(tmp_path)
     assert not list(tmp_path.iterdir())  # no rank trained or saved
 
 
+def test_ranks_given_other_counts_are_refused(tmp_path):
+    # the same cells, genes and stored non-zeros, every count tripled on rank 1
+    done = _torchrun(tmp_path, "tripled", timeout=120)
+    assert done.returncode != 0
+    assert "rank 1 has sum of the counts" in done.stderr
+
+
+def test_ranks_that_find_different_checkpoints_are_refused(tmp_path):
+    # a folder per node: rank 0 resumed after epoch 1 while rank 1 started afresh, their
+    # steps paired across epochs, until rank 1 died with "Connection closed by peer"
+    first = _torchrun(tmp_path, "local-checkpoints", "2", timeout=120)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = _torchrun(tmp_path, "local-checkpoints", "4", timeout=120)
+    assert again.returncode != 0
+    assert "found different checkpoints" in again.stderr
+    assert "rank 0 resumes after epoch 1, rank 1 finds none" in again.stderr
+
+
 def test_torchrun_two_processes_end_identical(torchrun_out):
     w0, w1 = load_file(torchrun_out / "0.st"), load_file(torchrun_out / "1.st")
     assert w0.keys() == w1.keys()
