@@ -117,7 +117,9 @@ def _train_worker(rank: int, world_size: int, init_method: str, payload: bytes) 
     # the payload arrives as plain pickle bytes: each process unpickles its own copy (tensors
     # handed over by torch.multiprocessing would share memory, and every rank's optimizer
     # step would then update the same weights)
-    model, data, options, out = pickle.loads(payload)
+    model, data, options, out, verbosity = pickle.loads(payload)
+    # the caller's verbosity; rank 0 alone says what every rank would (resuming, stopping)
+    settings.verbosity = verbosity if rank == 0 or verbosity in ("warning", "error") else "warning"
     device = resolve_device(options.get("device", "auto"))
     torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
     dist.init_process_group(
@@ -887,7 +889,7 @@ class SCVAE:
         worker.adata = None
         with tempfile.TemporaryDirectory(prefix="scvae-train-") as tmp:
             out = os.path.join(tmp, "model")
-            payload = pickle.dumps((worker, data, options, out))
+            payload = pickle.dumps((worker, data, options, out, settings.verbosity))
             try:
                 distributed.launch(n_processes, _train_worker, payload)
             except TrainingDiverged:

@@ -405,3 +405,18 @@ def test_two_processes_train_without_validation_cells():
     model = scvae.SCVAE(adata, n_hidden=16)
     model.train(max_epochs=2, batch_size=64, train_size=1.0, n_processes=2, progress_bar=False)
     assert model.is_trained and len(model.validation_indices) == 0
+
+
+def test_workers_log_at_the_callers_verbosity_and_once(capfd):
+    # the workers started with the default verbosity and every rank said the same things
+    adata = scvae.data.simulate(200, 30, seed=0)
+    options = dict(max_epochs=5, batch_size=64, n_processes=2, progress_bar=False)
+    options.update(early_stopping=True, early_stopping_patience=1, early_stopping_min_delta=1e9)
+    scvae.SCVAE(adata, n_hidden=16).train(**options)
+    assert capfd.readouterr().err.count("Early stopping after epoch") == 1
+    previous, scvae.settings.verbosity = scvae.settings.verbosity, "error"
+    try:
+        scvae.SCVAE(adata, n_hidden=16).train(**options)
+    finally:
+        scvae.settings.verbosity = previous
+    assert "Early stopping" not in capfd.readouterr().err
