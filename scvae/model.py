@@ -110,14 +110,16 @@ def _check_cells_per_step(batch_size: int, n_train: int, n_processes: int) -> No
         )
 
 
-def _train_worker(rank: int, world_size: int, init_method: str, payload: bytes) -> None:
+def _train_worker(rank: int, world_size: int, init_method: str, payload: str) -> None:
     """One process of ``SCVAE.train(n_processes=...)``: join the group, train, rank 0 saves."""
     import torch.distributed as dist
 
-    # the payload arrives as plain pickle bytes: each process unpickles its own copy (tensors
-    # handed over by torch.multiprocessing would share memory, and every rank's optimizer
-    # step would then update the same weights)
-    model, data, options, out, verbosity = pickle.loads(payload)
+    # the payload is a pickle file that the caller wrote: each process unpickles its own copy
+    # (tensors handed over by torch.multiprocessing would share memory, and every rank's
+    # optimizer step would then update the same weights), read from the file so that no
+    # process keeps the pickled bytes beside what they hold for the whole run
+    with open(payload, "rb") as file:
+        model, data, options, out, verbosity = pickle.load(file)
     # the caller's verbosity; rank 0 alone says what every rank would (resuming, stopping)
     settings.verbosity = verbosity if rank == 0 or verbosity in ("warning", "error") else "warning"
     device = resolve_device(options.get("device", "auto"))
@@ -884,12 +886,23 @@ class SCVAE:
             )
             data: ad.AnnData | tuple = (str(adata.filename), adata.obs, adata.var, layers)
         else:
-            data = adata
+            # what training reads, not uns, obsm and the rest: less to copy into every process,
+            # and nothing that cannot be pickled (a lock in uns trains in one process)
+            layer = self.registry.layer
+            data = ad.AnnData(
+                X=adata.X if layer is None else None,
+                obs=adata.obs,
+                var=adata.var,
+                layers=None if layer is None else {layer: adata.layers[layer]},
+            )
         worker = copy.copy(self)
         worker.adata = None
         with tempfile.TemporaryDirectory(prefix="scvae-train-") as tmp:
             out = os.path.join(tmp, "model")
-            payload = pickle.dumps((worker, data, options, out, settings.verbosity))
+            payload = os.path.join(tmp, "payload.pickle")
+            with open(payload, "wb") as file:
+                pickle.dump((worker, data, options, out, settings.verbosity), file, protocol=5)
+            del data
             try:
                 distributed.launch(n_processes, _train_worker, payload)
             except TrainingDiverged:

@@ -420,3 +420,16 @@ def test_workers_log_at_the_callers_verbosity_and_once(capfd):
     finally:
         scvae.settings.verbosity = previous
     assert "Early stopping" not in capfd.readouterr().err
+
+
+def test_workers_get_what_training_reads_and_not_the_rest_of_the_anndata():
+    # the whole AnnData was pickled for the workers: a lock in uns (which one process never
+    # touches) stopped the run with "cannot pickle '_thread.lock'"
+    import threading
+
+    adata = scvae.data.simulate(200, 30, n_batches=2, seed=0)
+    adata.uns["lock"] = threading.Lock()
+    adata.layers["counts"] = adata.X.copy()
+    model = scvae.SCVAE(adata, batch_key="batch", layer="counts", n_hidden=16)
+    model.train(max_epochs=1, batch_size=64, n_processes=2, progress_bar=False)
+    assert model.is_trained and model.adata is adata
