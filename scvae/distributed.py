@@ -113,15 +113,22 @@ def init_from_env(device: torch.device) -> bool:
 
 
 def rank_device(device: torch.device, world: World) -> torch.device:
-    """The device of this rank: ``cuda`` without an index becomes ``cuda:<local rank>``.
+    """The device of this rank: ``cuda`` becomes ``cuda:<local rank>``; a GPU named by its
+    index is refused when several processes train (they would all share it).
 
     Examples
     --------
     >>> rank_device(torch.device("cpu"), World(1, 2))
     device(type='cpu')
     """
-    if device.type != "cuda" or device.index is not None or not world.distributed:
+    if device.type != "cuda" or not world.distributed:
         return device
+    if device.index is not None:  # every rank on one GPU: NCCL refuses it, deep inside
+        raise ValueError(
+            f"device={str(device)!r} names one GPU, but each of the {world.size} training "
+            "processes needs its own: pass device='cuda' (process r then trains on cuda:r; "
+            "choose the GPUs with CUDA_VISIBLE_DEVICES)."
+        )
     local = int(os.environ.get("LOCAL_RANK", world.rank))
     return torch.device("cuda", local % max(1, torch.cuda.device_count()))
 

@@ -503,12 +503,15 @@ class SCVAE:
             compilation fails, training goes on without it (a warning says so).
         n_processes
             Train in this many new processes with DistributedDataParallel (gloo on the CPU,
-            NCCL on GPUs: process ``r`` on ``cuda:r``), then load rank 0's weights and history
-            into this model. ``batch_size`` stays the cells per optimizer step: each process
-            takes ``batch_size / n_processes`` of every minibatch, so the optimisation is the
-            same as in one process. The workers get a copy of the model and the AnnData (a
-            backed AnnData is reopened from its file). Under ``torchrun``, leave this at 1:
-            ``train`` joins the process group torchrun set up (see :mod:`scvae.distributed`).
+            NCCL on GPUs with ``device="cuda"``: process ``r`` on ``cuda:r``; a GPU named by
+            its index is refused), then load rank 0's weights and history into this model.
+            ``batch_size`` stays the cells per optimizer step: each process takes
+            ``batch_size / n_processes`` of every minibatch, so the optimisation is the same
+            as in one process. The workers get a copy of the model and of what training reads
+            of the AnnData: counts, obs and var (a backed AnnData is reopened from its file,
+            with obs, var and a registered layer as they are here). Under ``torchrun``, leave
+            this at 1: ``train`` joins the process group torchrun set up (see
+            :mod:`scvae.distributed`).
         backed_block_rows, backed_buffer_blocks
             For an AnnData opened with ``read_h5ad(path, backed="r")``: cells per contiguous
             read and blocks shuffled together (memory holds about their product of cells; see
@@ -617,6 +620,7 @@ class SCVAE:
             _check_processes(n_processes)
             n_processes = int(n_processes)
             _check_cells_per_step(batch_size, len(train_idx), n_processes)
+            distributed.rank_device(dev, distributed.World(0, n_processes))  # one GPU each
             # the workers are fresh interpreters with default settings: send what was resolved
             options.update(seed=config.seed, progress_bar=config.progress_bar)
             self._train_in_processes(n_processes, options, dev)

@@ -433,3 +433,13 @@ def test_workers_get_what_training_reads_and_not_the_rest_of_the_anndata():
     model = scvae.SCVAE(adata, batch_key="batch", layer="counts", n_hidden=16)
     model.train(max_epochs=1, batch_size=64, n_processes=2, progress_bar=False)
     assert model.is_trained and model.adata is adata
+
+
+def test_one_named_gpu_is_refused_for_several_processes():
+    # every rank kept device="cuda:1", so all of them shared that GPU (NCCL refuses it)
+    from scvae.distributed import World, rank_device
+
+    with pytest.raises(ValueError, match=r"device='cuda:1' names one GPU, but each of the 2"):
+        rank_device(torch.device("cuda", 1), World(0, 2))
+    assert rank_device(torch.device("cuda", 1), World()) == torch.device("cuda", 1)
+    assert rank_device(torch.device("cuda"), World(1, 2)).type == "cuda"
