@@ -376,7 +376,8 @@ class SCVAE:
     def test_indices(self) -> np.ndarray:
         """Cells in neither ``train_indices`` nor ``validation_indices``, as scvi-tools'.
 
-        They exist when ``train_size + validation_size < 1``; empty before training.
+        They exist when ``train_size + validation_size < 1``; empty before training and
+        when the split is not known (a model loaded with other cells).
 
         Examples
         --------
@@ -386,9 +387,9 @@ class SCVAE:
         >>> len(model.train_indices), len(model.validation_indices), len(model.test_indices)
         (60, 20, 20)
         """
-        if not self.is_trained:
-            return np.array([], dtype=np.int64)
         used = np.concatenate([self.train_indices, self.validation_indices])
+        if not self.is_trained or not used.size:
+            return np.array([], dtype=np.int64)
         return np.setdiff1d(np.arange(self.registry_adata().n_obs), used).astype(np.int64)
 
     @property
@@ -893,12 +894,14 @@ class SCVAE:
             # what training reads, not uns, obsm and the rest: less to copy into every process,
             # and nothing that cannot be pickled (a lock in uns trains in one process)
             layer = self.registry.layer
-            data = ad.AnnData(
-                X=adata.X if layer is None else None,
-                obs=adata.obs,
-                var=adata.var,
-                layers=None if layer is None else {layer: adata.layers[layer]},
-            )
+            with warnings.catch_warnings():  # e.g. repeated obs names, warned about already
+                warnings.simplefilter("ignore")
+                data = ad.AnnData(
+                    X=adata.X if layer is None else None,
+                    obs=adata.obs,
+                    var=adata.var,
+                    layers=None if layer is None else {layer: adata.layers[layer]},
+                )
         worker = copy.copy(self)
         worker.adata = None
         with tempfile.TemporaryDirectory(prefix="scvae-train-") as tmp:
