@@ -34,7 +34,14 @@ from typing import Any
 import pandas as pd
 import torch
 
-from scvae.io import ModelFileError, link_model, load_extra, load_model, save_model
+from scvae.io import (
+    DESCRIPTION_FILE,
+    ModelFileError,
+    link_model,
+    load_extra,
+    load_model,
+    save_model,
+)
 
 LATEST = "latest"
 BEST = "best"
@@ -266,6 +273,12 @@ class Checkpointer:
         if self.root.exists() and not self.root.is_dir():
             raise FileExistsError(
                 f"checkpoint_dir {self.root} is a file, not a directory; choose another path."
+            )
+        if (self.root / DESCRIPTION_FILE).is_file():  # latest/ and best/ would go inside it
+            raise CheckpointError(
+                f"checkpoint_dir {self.root} is a saved model's folder (it holds "
+                f"{DESCRIPTION_FILE}); give the checkpoints a folder of their own, e.g. "
+                f"{self.root / 'checkpoints'}."
             )
         try:
             self.root.mkdir(parents=True, exist_ok=True)

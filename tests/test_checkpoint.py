@@ -261,6 +261,15 @@ def test_checkpoint_dir_that_is_a_file(tmp_path):
     with pytest.raises(ValueError, match="checkpoint_every"):
         model.train(max_epochs=1, checkpoint_dir=tmp_path / "c", checkpoint_every=0, **TRAIN)
     assert not model.is_trained and blocker.read_text() == "x"
+    # a saved model's folder: latest/ and best/ went inside it, and from then on
+    # save(overwrite=True) refused the folder as holding files that are not the model's
+    model.save(tmp_path / "saved")
+    with pytest.raises(CheckpointError, match=r"is a saved model's folder .*model\.json"):
+        model.train(max_epochs=1, checkpoint_dir=tmp_path / "saved", **TRAIN)
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [
+        "model.json",
+        "model.safetensors",
+    ]
 
 
 CHILD = """
