@@ -3,6 +3,8 @@ latent space (numpy and scikit-learn; no torch)."""
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -157,6 +159,13 @@ def transfer_labels(
     categories = np.asarray(present.categories, dtype=object)
     codes = np.asarray(present.codes, dtype=np.int64)
     k = min(n_neighbors, ref.shape[0])
+    if k < n_neighbors:
+        warnings.warn(
+            f"n_neighbors={n_neighbors} is more than the reference's {ref.shape[0]} cells: "
+            f"each query cell's vote takes all {k} of them.",
+            UserWarning,
+            stacklevel=2,
+        )
     dist, idx = NearestNeighbors(n_neighbors=k).fit(ref).kneighbors(query)
     scale = dist.mean(axis=1, keepdims=True)
     weights = np.exp(-((dist / np.where(scale > 0, scale, 1.0)) ** 2))

@@ -406,7 +406,8 @@ class SCVAE:
         c = self.module.config
         state = "trained" if self.is_trained else "not trained"
         return (
-            f"SCVAE({c.n_input} genes, {c.n_batch} batches, n_latent={c.n_latent}, "
+            f"{type(self).__name__}({c.n_input} genes, {c.n_batch} batches, "
+            f"n_latent={c.n_latent}, "
             f"gene_likelihood={c.gene_likelihood!r}, dispersion={c.dispersion!r}; {state})"
         )
 

@@ -245,7 +245,10 @@ def normalized_expression(
         Decode every cell as if it came from this batch (a list: averaged over those
         batches): batch-corrected expression. None: each cell's own batch.
     n_samples
-        Posterior samples of z per cell, averaged.
+        Posterior samples of z per cell, averaged. z is drawn from q(z | x), as in
+        scvi-tools' ``get_normalized_expression``, so the layer is a random draw: set
+        ``scvae.settings.seed`` before the call for the same layer every time, and raise
+        ``n_samples`` for less noise.
     batch_size
         Cells per chunk (None: ``scvae.settings.inference_batch_size``).
     copy

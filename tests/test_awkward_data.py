@@ -79,3 +79,17 @@ def test_a_group_named_by_the_empty_string_keeps_its_name_in_uns():
         assert uns[key].dtype.names == ("", "z")  # ("f0", "z") before
     table = sc.get.rank_genes_groups_df(adata, group="")  # a KeyError before
     assert len(table) == adata.n_vars
+
+
+def test_the_hint_for_normalised_counts_names_only_layers_of_integers():
+    # it suggested the first layer, here scvae's own denoised one
+    adata = scvae.data.simulate(60, 10, seed=0)
+    counts = adata.X.copy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    adata.layers["scvae_normalized"] = adata.X.toarray() * 3.3
+    with pytest.raises(RegistryError, match=r"no layer holds integer counts \('scvae_normalized'"):
+        scvae.SCVAE(adata)
+    adata.layers["counts"] = counts
+    with pytest.raises(RegistryError, match=r"layer='counts' if that layer holds them"):
+        scvae.SCVAE(adata)

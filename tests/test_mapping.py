@@ -312,6 +312,10 @@ def test_transfer_labels_vote_by_hand():
     ref.obs["cell_type"] = [7, 7, 9]  # integer labels come back as the same integers
     out = transfer_labels(ref, query, "cell_type", n_neighbors=3)
     assert out["cell_type"].iloc[0] == 7 and out["cell_type"].cat.categories.tolist() == [7, 9]
+    # more neighbours than reference cells: all of them vote, and the user is told so
+    with pytest.warns(UserWarning, match=r"n_neighbors=50 is more than the reference's 3 cells"):
+        wide = transfer_labels(ref, query, "cell_type", n_neighbors=50)
+    pd.testing.assert_frame_equal(wide, out)
 
 
 def test_transfer_labels_errors():

@@ -367,6 +367,7 @@ def test_ldvae_save_load_and_class_check(tmp_path):
     model.save(str(tmp_path / "ld"))
     loaded = scvae.LDVAE.load(str(tmp_path / "ld"), adata)
     pd.testing.assert_frame_equal(loaded.get_loadings(), model.get_loadings())
+    assert repr(loaded).startswith("LDVAE(15 genes")  # it called itself SCVAE
     with pytest.raises(ValueError, match="holds a LDVAE model"):
         scvae.SCVAE.load(str(tmp_path / "ld"), adata)
 

@@ -507,16 +507,36 @@ def _common_total(matrix: sp.csr_matrix | np.ndarray) -> float | None:
     return middle
 
 
+def _holds_counts(matrix: Any, sample: int = 10_000) -> bool:
+    """Whether the first ``sample`` stored values of a layer are non-negative integers."""
+    try:
+        values = matrix.data if sp.issparse(matrix) else np.asarray(matrix).ravel()
+        values = np.asarray(values[:sample])
+    except (TypeError, ValueError, AttributeError):
+        return False
+    if values.dtype.kind not in "biuf":
+        return False
+    return bool(np.all(values >= 0) and np.all(values == np.round(values)))
+
+
 def _where_raw_counts(adata: ad.AnnData) -> str:
-    """Where a user's raw counts usually are, naming the layers this AnnData has."""
+    """Where a user's raw counts usually are, naming the layers of this AnnData that look like
+    counts (non-negative integers; not e.g. scvae's own denoised layer)."""
     layers = list(adata.layers.keys())
-    where = (
-        f"layer={layers[0]!r} if that layer holds them (layers present: "
-        f"{', '.join(map(repr, layers))})"
-        if layers
-        else "keep them in a layer before normalising (adata.layers['counts'] = adata.X.copy() "
+    counts = [k for k in layers if _holds_counts(adata.layers[k])]
+    keep = (
+        "keep them in a layer before normalising (adata.layers['counts'] = adata.X.copy() "
         "before sc.pp.normalize_total) and pass layer='counts'"
     )
+    if counts:
+        where = (
+            f"layer={counts[0]!r} if that layer holds them (layers of integers: "
+            f"{', '.join(map(repr, counts))})"
+        )
+    elif layers:
+        where = f"no layer holds integer counts ({', '.join(map(repr, layers))}); {keep}"
+    else:
+        where = keep
     if adata.raw is not None:
         where += ", or adata.raw.to_adata() if adata.raw holds them"
     return where + "."
