@@ -192,6 +192,17 @@ _ABSENT_MEANS = {"train_config.n_processes": 1}
 _RECORDED_SINCE = {"cells", "stored_nonzeros", "counts_total"}
 
 
+# What reading a checkpoint's malformed contents raises (named by :func:`_malformed`)
+_MALFORMED = (KeyError, TypeError, ValueError, RuntimeError)
+
+
+def _malformed(path: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"The latest checkpoint in {path} is malformed ({type(err).__name__}: {err}). "
+        f"Delete {path} to start afresh, or pass another checkpoint_dir."
+    )
+
+
 def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     """Leaf paths where two JSON-ready values differ, with both values (shortened).
 
@@ -353,10 +364,12 @@ class Checkpointer:
                 f"differs in {'; '.join(diffs[:6])}. Pass a new checkpoint_dir, or delete "
                 f"{self.root} to start afresh."
             )
-        done = (
-            info.get("loop", {}).get("next_epoch") if isinstance(info.get("loop"), dict) else None
-        )
-        if max_epochs is not None and isinstance(done, int) and done > max_epochs:
+        try:
+            loop = LoopState(**info["loop"])  # its fields checked before anything is loaded
+        except _MALFORMED as err:
+            raise _malformed(path, err) from None
+        done = loop.next_epoch
+        if max_epochs is not None and done > max_epochs:
             raise CheckpointError(
                 f"The latest checkpoint in {self.root} has trained {done} epochs, more than "
                 f"max_epochs={max_epochs}. Pass max_epochs={done} or more to resume it (with "
@@ -380,12 +393,8 @@ class Checkpointer:
                 cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
                 if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
                     torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
-            loop = LoopState(**info["loop"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise CheckpointError(
-                f"The latest checkpoint in {path} is malformed ({type(err).__name__}: {err}). "
-                f"Delete {path} to start afresh, or pass another checkpoint_dir."
-            ) from None
+        except _MALFORMED as err:
+            raise _malformed(path, err) from None
         return loop
 
     # -------------------------------------------------------------------- write

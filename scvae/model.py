@@ -651,6 +651,13 @@ class SCVAE:
         if train_config["counts_on_disk"]:
             train_config["backed_block_rows"] = backed_block_rows
             train_config["backed_buffer_blocks"] = backed_buffer_blocks
+        data = None  # the cells in their order and the counts: one pass, only where needed
+        if world.distributed or checkpoint_dir is not None:
+            data = {
+                "cells": model_files.cells_fingerprint(adata),
+                "stored_nonzeros": _stored_nonzeros(counts),
+                "counts_total": _counts_total(counts),
+            }
         if world.distributed:
             train_config["n_processes"] = world.size
             # before any collective: ranks given other runs would wait on each other
@@ -658,7 +665,7 @@ class SCVAE:
             run.update(
                 {"device type": dev.type, "split (digest)": _digest([train_idx, val_idx])[:12]}
             )
-            distributed.check_same_run(self._run_fingerprint(counts, run), world)
+            distributed.check_same_run(self._run_fingerprint(data, run), world)
         checkpoint = None
         if checkpoint_dir is not None:
             from scvae.checkpoint import Checkpointer
@@ -681,9 +688,7 @@ class SCVAE:
                 "split_sha256": _digest([train_idx, val_idx]),
                 "initial_weights_sha256": _digest(list(before.values())),
                 # the same cells in the same order, and the same counts (their number and sum)
-                "cells": model_files.cells_fingerprint(adata),
-                "stored_nonzeros": _stored_nonzeros(counts),
-                "counts_total": _counts_total(counts),
+                **data,
             }
             checkpoint = Checkpointer(
                 checkpoint_dir, identity=identity, describe=describe, every=checkpoint_every
@@ -808,27 +813,28 @@ class SCVAE:
             stacklevel=stacklevel,
         )
 
-    def _run_fingerprint(self, counts: Any, train_options: dict[str, Any]) -> dict[str, Any]:
+    def _run_fingerprint(
+        self, data: dict[str, Any], train_options: dict[str, Any]
+    ) -> dict[str, Any]:
         """What the ranks of a distributed run must share (compared by
         :func:`scvae.distributed.check_same_run`): versions, the cells (their number and
-        names), genes, stored non-zeros and their sum, registration, the model's and ``train``'s
-        options."""
+        names), genes, stored non-zeros and their sum (``data``: as the checkpoint identity
+        records them), registration, the model's and ``train``'s options."""
         import json
 
         from scvae import __version__
 
         adata = self.registry_adata()
-        nonzeros = _stored_nonzeros(counts)
         registration = json.dumps(self.registry.to_dict(), sort_keys=True, default=str)
         return {
             "scvae version": __version__,
             "torch version": torch.__version__,
             "cells": adata.n_obs,
             # the same cells in the same order: each rank takes its share by position
-            "cell names (digest)": model_files.cells_fingerprint(adata)["obs_names_sha256"][:12],
+            "cell names (digest)": data["cells"]["obs_names_sha256"][:12],
             "genes": adata.n_vars,
-            "stored non-zero counts": nonzeros,
-            "sum of the counts": _counts_total(counts),
+            "stored non-zero counts": data["stored_nonzeros"],
+            "sum of the counts": data["counts_total"],
             "registration (digest)": hashlib.sha256(registration.encode()).hexdigest()[:12],
             **{f"model option {k}": v for k, v in self.module.config.to_dict().items()},
             **{f"train option {k}": v for k, v in train_options.items()},
@@ -878,6 +884,8 @@ class SCVAE:
                 f"{torch.cuda.device_count()}."
             )
         adata = self.registry_adata()
+        layer = self.registry.layer  # a missing one is named by the workers' registry check
+        layers = {} if layer is None or layer not in adata.layers else {layer: adata.layers[layer]}
         if adata.isbacked:
             if adata.is_view:
                 raise ValueError(
@@ -886,22 +894,17 @@ class SCVAE:
                 )
             # the workers reopen the file; obs and var travel as they are here (edited names
             # and columns too), and the registered layer, which anndata holds in memory
-            layer = self.registry.layer
-            layers = (
-                {} if layer is None or layer not in adata.layers else {layer: adata.layers[layer]}
-            )
             data: ad.AnnData | tuple = (str(adata.filename), adata.obs, adata.var, layers)
         else:
             # what training reads, not uns, obsm and the rest: less to copy into every process,
             # and nothing that cannot be pickled (a lock in uns trains in one process)
-            layer = self.registry.layer
             with warnings.catch_warnings():  # e.g. repeated obs names, warned about already
                 warnings.simplefilter("ignore")
                 data = ad.AnnData(
                     X=adata.X if layer is None else None,
                     obs=adata.obs,
                     var=adata.var,
-                    layers=None if layer is None else {layer: adata.layers[layer]},
+                    layers=layers,
                 )
         worker = copy.copy(self)
         worker.adata = None

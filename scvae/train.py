@@ -447,10 +447,9 @@ def fit(
                 if loop.stopped_early or loop.next_epoch >= config.max_epochs
                 else "",
             )
-    if checkpoint is not None and world.distributed:
         # every rank reads the checkpoint, only rank 0 writes it: a folder that is not the
         # same for all (one per node) made rank 0 resume while another started afresh
-        found = every_rank(loop.next_epoch if resumed is not None else None, world)
+        found = every_rank(None if resumed is None else loop.next_epoch, world)
         if len(set(found)) > 1:
             where = ", ".join(
                 f"rank {r} {'finds none' if e is None else f'resumes after epoch {e - 1}'}"
