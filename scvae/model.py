@@ -377,7 +377,8 @@ class SCVAE:
         """Cells in neither ``train_indices`` nor ``validation_indices``, as scvi-tools'.
 
         They exist when ``train_size + validation_size < 1``; empty before training and
-        when the split is not known (a model loaded with other cells).
+        when the split is not known (a model loaded with other cells). A model loaded without
+        an AnnData knows them from the number of cells it was trained on.
 
         Examples
         --------
@@ -390,7 +391,13 @@ class SCVAE:
         used = np.concatenate([self.train_indices, self.validation_indices])
         if not self.is_trained or not used.size:
             return np.array([], dtype=np.int64)
-        return np.setdiff1d(np.arange(self.registry_adata().n_obs), used).astype(np.int64)
+        if self.adata is not None:
+            n_obs = self.adata.n_obs
+        else:  # loaded without cells: the saved fingerprint has their number
+            n_obs = (getattr(self, "_cells", None) or {}).get("n_obs")
+            if not isinstance(n_obs, int) or isinstance(n_obs, bool):
+                return np.array([], dtype=np.int64)
+        return np.setdiff1d(np.arange(n_obs), used).astype(np.int64)
 
     @property
     def var_names(self) -> pd.Index:

@@ -106,7 +106,7 @@ def save(model: SCVAE, dir_path: str | os.PathLike, *, overwrite: bool = False) 
     Parameters
     ----------
     dir_path
-        The model directory to write (created; its parent must exist).
+        The model directory to write (created, with any missing parent folders).
     overwrite
         Replace an existing directory (else a ``FileExistsError`` naming it).
 

@@ -71,6 +71,15 @@ def test_test_indices_are_the_cells_neither_trained_on_nor_validated(sim):
     assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(sim.n_obs))
 
 
+def test_test_indices_of_a_model_loaded_without_its_cells(sim, tmp_path):
+    # the split is saved with the number of cells, so a property read needs no AnnData
+    model = scvae.SCVAE(sim, n_hidden=16, n_latent=3)
+    model.train(max_epochs=1, train_size=0.5, validation_size=0.2, progress_bar=False)
+    model.save(tmp_path / "m")
+    loaded = scvae.SCVAE.load(tmp_path / "m")
+    assert np.array_equal(loaded.test_indices, model.test_indices)
+
+
 def test_reconstruction_error_is_a_number_as_the_contract_says_and_its_docstring_tells(trained):
     # CONTRACT.md fixes a float (per-cell array with return_mean=False); scvi-tools returns
     # {"reconstruction_loss": value}, which the docstring must say
