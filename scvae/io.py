@@ -225,6 +225,7 @@ def save_model(
     *,
     overwrite: bool = False,
     extra_files: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    extra_writers: Mapping[str, Callable[[Path], None]] | None = None,
 ) -> None:
     """Write ``state_dict`` and ``description`` into the directory ``dir_path``, atomically.
 
@@ -241,6 +242,10 @@ def save_model(
     extra_files
         More safetensors files to write (file name -> tensors), each listed with its checksum
         under ``extra_files`` in ``model.json`` and read back by :func:`load_extra`.
+    extra_writers
+        More files of other formats (file name -> a function that writes the file at the path
+        it is given), listed with their checksums as the extra files are; see
+        :func:`checked_extra`.
 
     Raises
     ------
@@ -259,9 +264,12 @@ def save_model(
     'hi'
     """
     extra = dict(extra_files or {})
-    for name in extra:
+    writers = dict(extra_writers or {})
+    for name in [*extra, *writers]:
         if name in (WEIGHTS_FILE, DESCRIPTION_FILE) or Path(name).name != name:
             raise ValueError(f"{name!r} cannot be an extra file name of a model directory.")
+    if set(extra) & set(writers):
+        raise ValueError(f"{sorted(set(extra) & set(writers))} given twice.")
     target, tmp = _prepare(dir_path, overwrite)
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
@@ -269,6 +277,9 @@ def save_model(
         checksums = {}
         for name, content in extra.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in content.items()}, tmp / name)
+            checksums[name] = _sha256(tmp / name)
+        for name, write in writers.items():
+            write(tmp / name)
             checksums[name] = _sha256(tmp / name)
         meta = {
             "format": FORMAT,
@@ -280,7 +291,7 @@ def save_model(
             **description,
         }
         (tmp / DESCRIPTION_FILE).write_text(json.dumps(meta, indent=1))
-        for name in (WEIGHTS_FILE, DESCRIPTION_FILE, *extra):
+        for name in (WEIGHTS_FILE, DESCRIPTION_FILE, *extra, *writers):
             default_file_mode(tmp / name)
             _fsync(tmp / name)
         _install(tmp, target)
@@ -416,7 +427,29 @@ def load_extra(dir_path: str | os.PathLike, meta: Mapping[str, Any], name: str) 
     return _read_tensors(Path(dir_path), name, listed[name])
 
 
-def _read_tensors(root: Path, name: str, checksum: Any) -> dict[str, torch.Tensor]:
+def checked_extra(dir_path: str | os.PathLike, meta: Mapping[str, Any], name: str) -> Path | None:
+    """The path of the extra file ``name`` if ``model.json`` lists it, checked by its checksum.
+
+    None when it is not listed; a listed file that is missing or does not match its checksum
+    raises :class:`ModelFileError`. Reading it is the caller's (in a format that runs no code).
+
+    Examples
+    --------
+    >>> import tempfile, os, torch
+    >>> path = os.path.join(tempfile.mkdtemp(), "m")
+    >>> save_model(path, {}, {}, extra_writers={"a.txt": lambda p: p.write_text("hi")})
+    >>> checked_extra(path, load_model(path)[1], "a.txt").read_text()
+    'hi'
+    """
+    listed = meta.get("extra_files")
+    if not isinstance(listed, dict) or name not in listed:
+        return None
+    root = Path(dir_path)
+    _check_file(root, name, listed[name])
+    return root / name
+
+
+def _check_file(root: Path, name: str, checksum: Any) -> None:
     path = root / name
     if not path.is_file():
         raise ModelFileError(
@@ -428,6 +461,11 @@ def _read_tensors(root: Path, name: str, checksum: Any) -> dict[str, torch.Tenso
             f"{path} does not match the checksum in {DESCRIPTION_FILE}: the file is corrupted, "
             "truncated or was replaced. Restore it from the original save."
         )
+
+
+def _read_tensors(root: Path, name: str, checksum: Any) -> dict[str, torch.Tensor]:
+    _check_file(root, name, checksum)
+    path = root / name
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as err:

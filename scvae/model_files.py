@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import os
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anndata as ad
@@ -22,11 +23,14 @@ from scvae import _checks
 from scvae._settings import logger
 from scvae.data.registry import Registry
 from scvae.device import resolve_device
-from scvae.io import DESCRIPTION_FILE, ModelFileError, load_model, save_model
+from scvae.io import DESCRIPTION_FILE, ModelFileError, checked_extra, load_model, save_model
 from scvae.module import VAE, ModuleConfig
 
 if TYPE_CHECKING:
     from scvae.model import SCVAE
+
+#: The AnnData a model was saved with (``save_anndata=True``), in the model directory.
+ADATA_FILE = "adata.h5ad"
 
 
 def cells_fingerprint(adata: ad.AnnData) -> dict[str, Any]:
@@ -94,7 +98,13 @@ def _description(
     }
 
 
-def save(model: SCVAE, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
+def save(
+    model: SCVAE,
+    dir_path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    save_anndata: bool = False,
+) -> None:
     """Save the weights (safetensors) and a JSON description into ``dir_path``, atomically.
 
     See :mod:`scvae.io` for the format. An existing directory is replaced only with
@@ -109,6 +119,11 @@ def save(model: SCVAE, dir_path: str | os.PathLike, *, overwrite: bool = False) 
         The model directory to write (created, with any missing parent folders).
     overwrite
         Replace an existing directory (else a ``FileExistsError`` naming it).
+    save_anndata
+        Also write the model's AnnData into the directory as ``adata.h5ad`` (as scvi-tools),
+        listed with its checksum in ``model.json``; :meth:`load` without an AnnData then
+        attaches it. Not for a backed AnnData (its cells are already in its file: load the
+        model with ``ad.read_h5ad(path, backed="r")``) or a model loaded without one.
 
     Examples
     --------
@@ -118,8 +133,46 @@ def save(model: SCVAE, dir_path: str | os.PathLike, *, overwrite: bool = False) 
     >>> model.save(path)
     >>> sorted(os.listdir(path))
     ['model.json', 'model.safetensors']
+    >>> model.save(path, overwrite=True, save_anndata=True)
+    >>> sorted(os.listdir(path))
+    ['adata.h5ad', 'model.json', 'model.safetensors']
+    >>> scvae.SCVAE.load(path).adata.n_obs
+    50
     """
     overwrite = _checks.flag("overwrite", overwrite)
+    save_anndata = _checks.flag("save_anndata", save_anndata)
+    writers = {}
+    if save_anndata:
+        adata = model.adata
+        if adata is None:
+            raise ValueError(
+                "save_anndata=True: this model has no AnnData attached (it was loaded without "
+                "one). Attach it by loading with SCVAE.load(dir_path, adata), or save without "
+                "save_anndata."
+            )
+        if adata.isbacked:
+            raise ValueError(
+                f"save_anndata=True: the model's AnnData is backed by {adata.filename}, which "
+                "already holds its cells. Save without save_anndata and load the model with "
+                "SCVAE.load(dir_path, ad.read_h5ad(that_file, backed='r'))."
+            )
+
+        def write_adata(path: Path) -> None:
+            try:
+                adata.write_h5ad(path)
+            except OSError:
+                raise  # disk full, permissions: save_model names the path
+            except Exception as err:  # noqa: BLE001 - anndata's writers raise many kinds
+                # anndata names the key that failed in a note
+                why = "; ".join([str(err), *getattr(err, "__notes__", [])])
+                raise ValueError(
+                    f"save_anndata=True: the AnnData cannot be written as h5ad "
+                    f"({type(err).__name__}: {why}). "
+                    "Nothing was saved; remove what h5ad cannot hold (in uns, obsm...) or save "
+                    "without save_anndata."
+                ) from err
+
+        writers[ADATA_FILE] = write_adata
     description = model._description(
         model.history,
         model.is_trained,
@@ -127,7 +180,9 @@ def save(model: SCVAE, dir_path: str | os.PathLike, *, overwrite: bool = False) 
         model.train_indices,
         model.validation_indices,
     )
-    save_model(dir_path, model.module.state_dict(), description, overwrite=overwrite)
+    save_model(
+        dir_path, model.module.state_dict(), description, overwrite=overwrite, extra_writers=writers
+    )
 
 
 def load(
@@ -140,8 +195,10 @@ def load(
     """Load a model saved by :meth:`save`; reads JSON and safetensors only.
 
     Only ``model.json`` and ``model.safetensors`` are opened (the weights checked against
-    the checksum in ``model.json``); other files in the directory, such as a pickle planted
-    there, are ignored and never run. A missing, truncated, corrupted, foreign or
+    the checksum in ``model.json``), and ``adata.h5ad`` when the model was saved with
+    ``save_anndata=True`` and no ``adata`` is given (read by anndata, checked against its
+    checksum first); other files in the directory, such as a pickle planted there, are
+    ignored and never run. A missing, truncated, corrupted, foreign or
     newer-format directory raises :class:`~scvae.io.ModelFileError` naming the problem.
     A training checkpoint's ``latest/`` or ``best/`` directory loads the same way.
 
@@ -151,7 +208,8 @@ def load(
         The model directory.
     adata
         An AnnData to attach; checked against the saved registry (same genes in the same
-        order, known categories).
+        order, known categories). None: the AnnData saved with the model
+        (``save_anndata=True``), else none (queries then take ``adata=``).
     device
         Where to put the weights.
 
@@ -178,6 +236,17 @@ def load(
         raise ModelFileError(
             f"{dir_path} holds a {saved_class} model; load it with scvae.{saved_class}.load."
         )
+    if adata is None:
+        saved_adata = checked_extra(dir_path, description, ADATA_FILE)
+        if saved_adata is not None:
+            try:
+                adata = ad.read_h5ad(saved_adata)
+            except Exception as err:  # noqa: BLE001 - h5py and anndata raise many kinds
+                raise ModelFileError(
+                    f"{saved_adata} cannot be read as h5ad ({type(err).__name__}: {err}). "
+                    "Restore it from the original save, or pass the AnnData: "
+                    "SCVAE.load(dir_path, adata)."
+                ) from None
     malformed = f"{dir_path}: {DESCRIPTION_FILE} is malformed"
     try:
         registry = Registry.from_dict(description["registry"])

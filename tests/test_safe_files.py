@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 
+import anndata
 import numpy as np
 import pytest
 import torch
@@ -257,3 +258,49 @@ def test_saved_files_are_as_readable_as_any_other_file(tmp_path):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()}
     assert modes == {"model.json": 0o644, "model.safetensors": 0o644}
+
+
+def test_save_anndata_keeps_the_cells_and_load_attaches_them(tmp_path):
+    # scvi-tools' save(save_anndata=True) / load(dir_path): the AnnData travels with the model
+    adata = scvae.data.simulate(60, 12, seed=0)
+    model = scvae.SCVAE(adata, n_hidden=16, n_latent=3)
+    model.train(max_epochs=1, train_size=0.8, progress_bar=False)
+    model.save(tmp_path / "m", save_anndata=True)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "adata.h5ad",
+        "model.json",
+        "model.safetensors",
+    ]
+    loaded = scvae.SCVAE.load(tmp_path / "m")
+    assert loaded.adata is not None and list(loaded.adata.obs_names) == list(adata.obs_names)
+    np.testing.assert_array_equal(loaded.train_indices, model.train_indices)
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+    assert scvae.SCVAE.load(tmp_path / "m", adata).adata is adata  # a given AnnData wins
+    # the model's own file: an overwrite replaces it, without save_anndata it goes
+    model.save(tmp_path / "m", overwrite=True)
+    assert not (tmp_path / "m" / "adata.h5ad").exists()
+    assert scvae.SCVAE.load(tmp_path / "m").adata is None
+
+
+def test_a_replaced_saved_anndata_is_refused_and_bad_uses_are_named(tmp_path):
+    adata = scvae.data.simulate(60, 12, seed=0)
+    model = scvae.SCVAE(adata, n_hidden=16, n_latent=3)
+    model.save(tmp_path / "m", save_anndata=True)
+    scvae.data.simulate(60, 12, seed=1).write_h5ad(tmp_path / "m" / "adata.h5ad")
+    with pytest.raises(ModelFileError, match=r"adata\.h5ad does not match the checksum"):
+        scvae.SCVAE.load(tmp_path / "m")
+    unattached = scvae.SCVAE.load(tmp_path / "m", adata)
+    unattached.adata = None
+    with pytest.raises(ValueError, match="no AnnData attached"):
+        unattached.save(tmp_path / "n", save_anndata=True)
+    adata.uns["not_h5ad"] = object()
+    with pytest.raises(ValueError, match=r"cannot be written as h5ad .*'not_h5ad'"):
+        model.save(tmp_path / "n", save_anndata=True)
+    assert not (tmp_path / "n").exists() and not list(tmp_path.glob(".n.tmp-*"))
+    del adata.uns["not_h5ad"]
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    backed = scvae.SCVAE(anndata.read_h5ad(tmp_path / "cells.h5ad", backed="r"), n_hidden=16)
+    with pytest.raises(ValueError, match="backed by .*cells.h5ad"):
+        backed.save(tmp_path / "n", save_anndata=True)
