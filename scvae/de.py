@@ -138,7 +138,8 @@ def define_comparisons(
 ) -> list[Comparison]:
     """The comparisons asked for, as cell index sets.
 
-    ``idx1`` (with ``idx2``, or against all other cells) takes priority over ``labels``; with
+    ``idx1`` (with ``idx2``, or against all other cells) or ``labels``, not both (scvi-tools
+    ignores the groups when given both; here that is an error, as is ``idx2`` alone); with
     labels, each of ``group1`` (None: every group, in category order) is compared with
     ``group2`` (None: all other cells, named "Rest").
 
@@ -150,6 +151,18 @@ def define_comparisons(
     >>> define_comparisons(4, labels=labels, group1="a", group2="c")[0].cells2
     array([3])
     """
+    if idx1 is None and idx2 is not None:
+        raise ValueError(
+            "idx2 is the second cell set of an idx1 / idx2 comparison, but idx1 is not given: "
+            "pass idx1= too, or compare groups with groupby= / group1= / group2=."
+        )
+    if idx1 is not None and (group1 is not None or group2 is not None or labels is not None):
+        pairs = (("groupby", labels), ("group1", group1), ("group2", group2))
+        given = [name for name, value in pairs if value is not None]
+        raise ValueError(
+            f"Pass either cell sets (idx1= / idx2=) or groups (groupby= / group1= / group2=), "
+            f"not both: with idx1, {' and '.join(given)} would be ignored."
+        )
     if idx1 is not None:
         cells1 = as_indices(idx1, n_obs, "idx1")
         if idx2 is None:

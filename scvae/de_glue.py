@@ -66,9 +66,10 @@ def differential_expression(
         Column of ``obs``; each of ``group1`` (None: every group, one-vs-rest) is compared
         with ``group2`` (None: all other cells, "Rest").
     idx1, idx2
-        Instead of groups: two cell sets (boolean masks, integer positions, negative ones
-        counting from the end, or an ``obs.eval`` query string); without ``idx2``, ``idx1``
-        against all other cells.
+        Instead of groups (not with ``groupby``, ``group1``, ``group2``): two cell sets
+        (boolean masks, integer positions, negative ones counting from the end, or an
+        ``obs.eval`` query string, where a missing value selects no cell, as in
+        ``obs.query``); without ``idx2``, ``idx1`` against all other cells.
     mode
         "vanilla" (P(rho1 > rho2)), "change" (P(|LFC| >= delta) over pairs of cells) or
         "group" (P(|LFC| >= delta) of the groups' mean expression).
@@ -240,4 +241,6 @@ def _obs_query(adata: ad.AnnData, selection: object, name: str) -> object:
             f"{err}); it must be a pandas query of obs columns (columns: {columns}), e.g. "
             "\"cell_type == 'B'\"."
         ) from None
+    if isinstance(result, pd.Series) and result.dtype == "boolean":
+        result = result.fillna(False)  # as obs.query: a missing value is not selected
     return np.asarray(result)

@@ -157,6 +157,11 @@ def test_define_comparisons_and_errors():
         de.define_comparisons(4, idx1=[True, False, True])
     with pytest.raises(IndexError):
         de.define_comparisons(4, idx1=[0, 9])
+    # what would be ignored is refused (scvi-tools ignores it): idx2 alone, groups with idx1
+    with pytest.raises(ValueError, match="idx1 is not given"):
+        de.define_comparisons(4, labels=np.array(list("xyxz")), group1="x", idx2=[1])
+    with pytest.raises(ValueError, match="with idx1, groupby and group1 would be ignored"):
+        de.define_comparisons(4, labels=np.array(list("xyxz")), group1="x", idx1=[0])
 
 
 def test_comparisons_as_scvi_tools_names_them():
@@ -407,6 +412,13 @@ def test_seed_reproducible_and_idx_selections(sim, trained):
         idx1=np.flatnonzero(mask)[:50], idx2=np.flatnonzero(~mask)[:60], n_samples_overall=50
     )
     assert (two["comparison"] == "group1 vs group2").all()
+    # a missing value of a nullable column selects no cell, as obs.query
+    nullable = sim.copy()
+    nullable.obs["keep"] = pd.array(np.where(mask, True, None), dtype="boolean")
+    by_nullable = trained.differential_expression(
+        nullable, idx1="keep == True", mode="change", n_samples_overall=200, seed=3
+    )
+    pd.testing.assert_frame_equal(by_mask[cols], by_nullable[cols])
 
 
 def test_bad_arguments_are_refused(sim, trained):
