@@ -671,6 +671,7 @@ def compare_groups(
                 f"({chosen.size}, {len(gene_names)})."
             )
         fits.append(fit_group(inputs))
+        del inputs  # cells x genes arrays: not kept while the other group's are built
     res: dict = group_statistics(fits[0], fits[1], delta=options.delta, test_mode=options.test_mode)
     res.update(stats)
     keys = (np.round(res["proba_de"], 6), np.abs(res["lfc_mean"]))

@@ -183,7 +183,7 @@ def differential_expression(
         params = model.get_likelihood_parameters(
             sub, n_samples=GROUP_POSTERIOR_SAMPLES, give_mean=True, batch_size=batch_size
         )
-        mean = params["mean"].astype(np.float64)
+        mean = params.pop("mean").astype(np.float64)
         if fixed_library and not corrected:
             # the library is the same in every sample: the mean is library x mean rho
             library = model.get_latent_library_size(sub, batch_size=batch_size)
@@ -200,13 +200,20 @@ def differential_expression(
         theta = params.get("dispersions")
         weight = None
         if "dropout" in params:
-            pi = params["dropout"].astype(np.float64)
-            if theta is None:
-                nb_zero = np.exp(-mean)
-            else:
-                th = theta.astype(np.float64)
-                nb_zero = np.exp(th * (np.log(th) - np.log(th + mean)))
-            weight = (1.0 - pi) * nb_zero / (pi + (1.0 - pi) * nb_zero)
+            dropout = params.pop("dropout")
+            weight = np.empty_like(mean)
+            # in blocks of genes: the float64 temporaries of the whole matrix were most of
+            # group mode's memory (about 100 bytes per sampled cell and gene in all)
+            step = max(1, de_group.GENE_BLOCK_ELEMENTS // max(len(cells), 1))
+            for j in range(0, mean.shape[1], step):
+                cols = slice(j, j + step)
+                pi, mu = dropout[:, cols].astype(np.float64), mean[:, cols]
+                if theta is None:
+                    nb_zero = np.exp(-mu)
+                else:
+                    th = theta[:, cols].astype(np.float64)
+                    nb_zero = np.exp(th * (np.log(th) - np.log(th + mu)))
+                weight[:, cols] = (1.0 - pi) * nb_zero / (pi + (1.0 - pi) * nb_zero)
         return de_group.GroupInputs(rho, counts, mean, theta, weight)
 
     count_blocks = model.registry.check_blocks(adata)

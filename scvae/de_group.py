@@ -50,6 +50,8 @@ EPS = 1e-8
 # Prior standard deviation of a group's factor beta (natural log): only keeps beta finite when
 # a group has no counts of a gene; the empirical-Bayes step does the shrinkage that matters.
 BETA_PRIOR_SD = 1.0
+# Cells x genes of one block of group_factor's float64 working arrays (8 MiB each).
+GENE_BLOCK_ELEMENTS = 2**20
 # Weight of the point mass at zero in the empirical-Bayes prior (ashr's "nullbiased" default):
 # with little evidence, the fitted prior leans towards "not DE".
 NULL_WEIGHT = 10.0
@@ -123,6 +125,37 @@ def group_factor(
     >>> bool(beta[0] < -1), round(float(np.exp(beta[1])), 2)
     (True, 4.92)
     """
+    n_genes = np.shape(counts)[1]
+    # genes are independent: in blocks, so the float64 working arrays stay ~8 MiB each
+    step = max(1, GENE_BLOCK_ELEMENTS // max(np.shape(counts)[0], 1))
+    parts = [
+        _group_factor_block(
+            np.asarray(counts)[:, j : j + step],
+            np.asarray(mean)[:, j : j + step],
+            None if theta is None else np.asarray(theta)[:, j : j + step],
+            None if zero_weight is None else np.asarray(zero_weight)[:, j : j + step],
+            prior_sd=prior_sd,
+            max_iter=max_iter,
+            tol=tol,
+        )
+        for j in range(0, n_genes, step)
+    ]
+    if not parts:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate([b for b, _ in parts]), np.concatenate([i for _, i in parts])
+
+
+def _group_factor_block(
+    counts: np.ndarray,
+    mean: np.ndarray,
+    theta: np.ndarray | None,
+    zero_weight: np.ndarray | None,
+    *,
+    prior_sd: float,
+    max_iter: int,
+    tol: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`group_factor` of a block of genes."""
     counts = np.asarray(counts, dtype=np.float64)
     mean = np.maximum(np.asarray(mean, dtype=np.float64), 1e-12)
     inv_theta = 0.0 if theta is None else 1.0 / np.maximum(np.asarray(theta, np.float64), 1e-8)

@@ -511,6 +511,20 @@ def test_group_factor_recovers_known_factors_and_their_spread():
     np.testing.assert_allclose(betas.std(0), 1.0 / np.sqrt(info), rtol=0.2)
 
 
+def test_group_factor_in_blocks_of_genes_is_the_same_fit(monkeypatch):
+    # bounded memory: the genes are fitted a block at a time, with the same result
+    rng = np.random.default_rng(2)
+    mu = np.exp(rng.normal(0.0, 1.0, (50, 7)))
+    x = rng.poisson(mu * np.exp(rng.normal(0.0, 0.5, 7))).astype(float)
+    theta, weight = np.full_like(mu, 3.0), rng.uniform(0.2, 1.0, mu.shape)
+    whole = de_group.group_factor(x, mu, theta, weight)
+    monkeypatch.setattr(de_group, "GENE_BLOCK_ELEMENTS", 50 * 3)  # blocks of 3, 3 and 1 genes
+    blocks = de_group.group_factor(x, mu, theta, weight)
+    for a, b in zip(whole, blocks, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [a.size for a in de_group.group_factor(x[:, :0], mu[:, :0], None)] == [0, 0]
+
+
 def test_group_factor_zero_weight_discounts_zero_inflation():
     rng = np.random.default_rng(1)
     mu = np.full((2000, 1), 3.0)
