@@ -188,9 +188,15 @@ def _write_atomically(
 
 
 def _read(path: str) -> ad.AnnData:
+    import warnings
+
     import scvae
 
-    adata = scvae.data.read(path)
+    with warnings.catch_warnings():
+        # repeated gene names are made unique below (10x) or refused by name (h5ad): anndata's
+        # two-line warning about them would only precede that one line
+        warnings.filterwarnings("ignore", message="Variable names are not unique")
+        adata = scvae.data.read(path)
     p = Path(path)
     if (p.is_dir() or p.suffix.lower() == ".h5") and not adata.var_names.is_unique:
         adata.var_names_make_unique()  # 10x gene symbols repeat; scanpy's readers do the same
@@ -547,7 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=raw,
     )
     de.add_argument("model_dir", help="model folder written by `scvae fit --model-dir`")
-    de.add_argument("input", help="the cells: .h5ad (e.g. the output of `scvae fit`), 10x .h5")
+    de.add_argument(
+        "input",
+        help="the cells: an .h5ad with the --groupby column in obs (e.g. the output of "
+        "`scvae fit`, with its leiden clusters)",
+    )
     de.add_argument("-o", "--output", required=True, metavar="OUT.csv", help="output file")
     de.add_argument("--groupby", required=True, metavar="KEY", help="obs column with the groups")
     de.add_argument(

@@ -126,6 +126,10 @@ def as_indices(selection: Selection, n_obs: int, what: str) -> np.ndarray:
     return np.unique(np.where(arr < 0, arr + n_obs, arr))
 
 
+#: One-vs-rest over a non-categorical integer column with more values than this is refused.
+MAX_INTEGER_GROUPS = 100
+
+
 def define_comparisons(
     n_obs: int,
     *,
@@ -198,6 +202,16 @@ def define_comparisons(
         # groups in category order (numbers in numeric order), as scvi-tools; each group's
         # label kept as the column holds it
         categories = series.astype("category").cat.categories
+        n_values = series.nunique()
+        if series.dtype.kind in "iu" and group1 is None and n_values > MAX_INTEGER_GROUPS:
+            # cluster numbers are groups; a number per cell (its total counts) is not
+            raise ValueError(
+                f"{groupby!r} holds {n_values} different integers (dtype {series.dtype}): a "
+                "number per cell, not groups, so one-vs-rest would make as many comparisons. "
+                "Pass a column of groups (e.g. clusters); to use these values as groups, make "
+                f"them categorical first: adata.obs[{groupby!r}] = adata.obs[{groupby!r}]"
+                ".astype('category')."
+            )
         present = set(series.dropna().astype(str))
         label_of = {str(c): c for c in categories if str(c) in present}
         known = list(label_of)

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -679,3 +680,16 @@ def test_python_dash_m_scvae_is_the_command(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("scvae fit: error: No file or folder at")
     assert proc.stderr.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_repeated_gene_names_are_one_line_without_anndata_s_warning(counts, tmp_path, capsys):
+    dup = counts.copy()
+    dup.var_names = ["g0", "g0", *dup.var_names[2:]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata warns while the file is written
+        dup.write_h5ad(tmp_path / "dup.h5ad")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        code, _, err = run(["fit", tmp_path / "dup.h5ad", "-o", tmp_path / "o.h5ad"], capsys)
+    check_one_line_error(code, err, "fit", r"g0")
+    assert not [w for w in seen if "not unique" in str(w.message)]

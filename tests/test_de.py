@@ -157,6 +157,13 @@ def test_define_comparisons_and_errors():
         de.define_comparisons(4, idx1=[True, False, True])
     with pytest.raises(IndexError):
         de.define_comparisons(4, idx1=[0, 9])
+    # cluster numbers are groups, a number per cell is not (unless made categorical)
+    totals = pd.Series(np.arange(101) * 7)
+    with pytest.raises(ValueError, match="101 different integers"):
+        de.define_comparisons(101, labels=totals, groupby="total_counts")
+    assert len(de.define_comparisons(101, labels=totals.astype("category"))) == 101
+    assert len(de.define_comparisons(101, labels=totals, group1=[0, 7])) == 2
+    assert len(de.define_comparisons(100, labels=totals[:100])) == 100
     # what would be ignored is refused (scvi-tools ignores it): idx2 alone, groups with idx1
     with pytest.raises(ValueError, match="idx1 is not given"):
         de.define_comparisons(4, labels=np.array(list("xyxz")), group1="x", idx2=[1])
