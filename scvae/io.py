@@ -9,8 +9,9 @@ A model directory holds the two files that scvae reads to rebuild a model:
 
 A training checkpoint is a model directory with one more safetensors file (the optimizer and
 random-generator states, see :mod:`scvae.checkpoint`), listed with its checksum under
-``extra_files`` in ``model.json``. Any other file in the directory is ignored: a pickle planted
-beside the weights is never opened.
+``extra_files`` in ``model.json``; a model saved with ``save_anndata=True`` lists its
+``adata.h5ad`` there too (read by anndata, through :func:`checked_extra`). Any other file in the
+directory is ignored: a pickle planted beside the weights is never opened.
 
 Saving writes into a temporary sibling directory ``.<name>.tmp-<random>``, fsyncs it and then
 puts it in place in one step: on Linux an existing directory is swapped with the new one by
