@@ -93,3 +93,31 @@ def test_the_hint_for_normalised_counts_names_only_layers_of_integers():
     adata.layers["counts"] = counts
     with pytest.raises(RegistryError, match=r"layer='counts' if that layer holds them"):
         scvae.SCVAE(adata)
+
+
+def test_zero_count_cells_are_counted_over_every_block_and_others_say_where():
+    from scvae.data.registry import check_counts
+
+    adata = scvae.data.simulate(300, 20, seed=0)
+    x = adata.X.toarray()
+    x[::3] = 0  # 100 cells without counts, spread over every block
+    adata.X = sp.csr_matrix(x)
+    with pytest.raises(scvae.data.RegistryError, match="^100 cells have zero total counts"):
+        check_counts(adata, None, block=64)
+    x = adata.X.toarray() + 1.0
+    x[200, 0] = 0.5  # a few fractional values among integers: not "log-normalised"
+    adata.X = sp.csr_matrix(x)
+    with pytest.raises(scvae.data.RegistryError, match="cells 192 to 255 of 300") as err:
+        check_counts(adata, None, block=64)
+    assert "log-normalised" not in str(err.value)
+
+
+def test_covariate_keys_may_be_any_sequence_of_names():
+    # adata.obs.columns[...] or a numpy array, as scvi-tools takes them
+    adata = scvae.data.simulate(60, 12, n_batches=2, seed=0)
+    adata.obs["c1"], adata.obs["c2"] = np.linspace(0, 1, 60), np.linspace(1, 0, 60)
+    for keys in (np.array(["c1", "c2"]), adata.obs.columns[-2:], pd.Series(["c1", "c2"])):
+        model = scvae.SCVAE(adata, continuous_covariate_keys=keys, n_hidden=8)
+        assert model.registry.continuous_covariate_keys == ["c1", "c2"]
+    model = scvae.SCVAE(adata, categorical_covariate_keys=np.array(["batch"]), n_hidden=8)
+    assert model.registry.categorical_covariate_keys == ["batch"]

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -306,8 +306,13 @@ def register(
     check_counts(adata, layer, allow_non_integer=allow_non_integer)
     batches = _categories(adata, batch_key, "batch_key")
     labels = _categories(adata, labels_key, "labels_key")
-    cat_keys = list(categorical_covariate_keys or [])
-    cont_keys = list(continuous_covariate_keys or [])
+    # any sequence of names (a list, a numpy array, adata.obs.columns[...]), as plain str
+    cat_keys = [
+        str(k) for k in ([] if categorical_covariate_keys is None else categorical_covariate_keys)
+    ]
+    cont_keys = [
+        str(k) for k in ([] if continuous_covariate_keys is None else continuous_covariate_keys)
+    ]
     for keys, what in ((cat_keys, "categorical"), (cont_keys, "continuous")):
         if len(set(keys)) != len(keys):
             raise RegistryError(f"{what}_covariate_keys lists a column twice: {keys}.")
@@ -351,8 +356,22 @@ def check_counts(
     if adata.n_obs <= block:
         get_counts(adata, layer, allow_non_integer=allow_non_integer)
         return
+    empty: list[int] = []  # cells without counts, in every block: their number is the message
     for start in range(0, adata.n_obs, block):
-        get_counts(adata[start : start + block], layer, allow_non_integer=allow_non_integer)
+        stop = min(start + block, adata.n_obs)
+        try:
+            csr = get_counts(
+                adata[start:stop], layer, allow_non_integer=allow_non_integer, refuse_empty=False
+            )
+        except RegistryError as err:
+            raise RegistryError(
+                f"{err} (Counted in cells {start} to {stop - 1} of {adata.n_obs}: the check "
+                "stops at the first block of cells with a problem.)"
+            ) from None
+        empty.extend(start + np.flatnonzero(np.asarray(csr.sum(axis=1)).ravel() <= 0))
+    if empty:
+        where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+        raise _zero_count_error(len(empty), adata.obs_names[empty[:3]], where)
 
 
 def get_counts(
@@ -361,6 +380,7 @@ def get_counts(
     *,
     allow_non_integer: bool = False,
     registered: bool = False,
+    refuse_empty: bool = True,
 ) -> sp.csr_matrix:
     """Return the counts as CSR float32 after checking they are usable raw counts.
 
@@ -379,6 +399,9 @@ def get_counts(
         Accept non-integer values (e.g. corrected or pseudo-counts).
     registered
         Word the errors for an AnnData checked against a model's registration.
+    refuse_empty
+        Refuse cells with zero total counts (False: :func:`check_counts` counts them over all
+        its blocks).
 
     Returns
     -------
@@ -452,7 +475,10 @@ def get_counts(
         if frac.any():
             example = values[frac][0]
             total = _common_total(csr if csr is not None else np.asarray(matrix))
-            if values.max() < _LOG_DATA_MAX:
+            # log-normalised data is fractional almost everywhere; a few fractional values
+            # among integers are something else
+            mostly = frac.sum() > 0.5 * np.count_nonzero(values)
+            if values.max() < _LOG_DATA_MAX and mostly:
                 looks = f"It looks log-normalised (largest value {values.max():.3g})."
             elif total is not None:
                 looks = (
@@ -483,17 +509,21 @@ def get_counts(
     if csr is None:
         csr = sp.csr_matrix(np.asarray(matrix, dtype=np.float32))
     csr = csr.astype(np.float32)
-    totals = np.asarray(csr.sum(axis=1)).ravel()
-    empty = np.flatnonzero(totals <= 0)
-    if empty.size:
-        first = ", ".join(map(str, adata.obs_names[empty[:3]]))
-        raise RegistryError(
-            f"{empty.size} cells have zero total counts in {where} (e.g. {first}); scvae "
-            "refuses cells without counts (their observed library size, the log of their "
-            "total, is undefined, and they hold nothing to encode). Remove them first: "
-            "sc.pp.filter_cells(adata, min_counts=1)."
-        )
+    if refuse_empty:
+        empty = np.flatnonzero(np.asarray(csr.sum(axis=1)).ravel() <= 0)
+        if empty.size:
+            raise _zero_count_error(empty.size, adata.obs_names[empty[:3]], where)
     return csr
+
+
+def _zero_count_error(n_cells: int, examples: Sequence[str], where: str) -> RegistryError:
+    first = ", ".join(map(str, examples))
+    return RegistryError(
+        f"{n_cells} cells have zero total counts in {where} (e.g. {first}); scvae refuses "
+        "cells without counts (their observed library size, the log of their total, is "
+        "undefined, and they hold nothing to encode). Remove them first: "
+        "sc.pp.filter_cells(adata, min_counts=1)."
+    )
 
 
 def _common_total(matrix: sp.csr_matrix | np.ndarray) -> float | None:
