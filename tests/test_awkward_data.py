@@ -121,3 +121,13 @@ def test_covariate_keys_may_be_any_sequence_of_names():
         assert model.registry.continuous_covariate_keys == ["c1", "c2"]
     model = scvae.SCVAE(adata, categorical_covariate_keys=np.array(["batch"]), n_hidden=8)
     assert model.registry.categorical_covariate_keys == ["batch"]
+
+
+def test_numbers_written_as_text_and_tiny_categories_as_scvi_tools_warns():
+    adata = scvae.data.simulate(60, 12, seed=0)
+    adata.obs["sf"] = adata.X.sum(1).A1.astype(str)
+    with pytest.raises(RegistryError, match=r"'sf'.*is not numeric \(dtype object\)"):
+        scvae.SCVAE(adata, size_factor_key="sf", n_hidden=8)
+    adata.obs["sample"] = ["s0"] * 58 + ["s1", "s2"]
+    with pytest.warns(UserWarning, match=r"'sample'.*2 categories with fewer than 3 cells"):
+        scvae.SCVAE(adata, batch_key="sample", n_hidden=8)

@@ -179,7 +179,7 @@ def test_transfer_labels_key_added(adata):
     assert list(query.obs.columns) == list(adata.obs.columns)
 
 
-def test_binomial_thinning_arguments(adata):
+def test_binomial_thinning_arguments(adata, tmp_path):
     cases = [
         ({"log2_fold_changes": (np.nan,)}, "log2_fold_changes must be finite positive"),
         ({"log2_fold_changes": (0.0, 1.0)}, "log2_fold_changes must be finite positive"),
@@ -189,14 +189,26 @@ def test_binomial_thinning_arguments(adata):
         ({"group_sizes": (10.5, 10)}, "group_sizes must be two whole numbers"),
         ({"group_sizes": 10}, "group_sizes must be two whole numbers"),
         ({"log2_fold_changes": ("a",)}, "log2_fold_changes must be finite positive"),
+        ({"seed": None}, "seed must be a whole number >= 0, got None"),
+        ({"seed": -1}, "seed must be a whole number >= 0, got -1"),
+        ({"min_fraction_expressing": np.nan}, r"min_fraction_expressing must be a fraction"),
+        ({"max_fraction_of_counts": "0.1"}, r"max_fraction_of_counts must be a fraction"),
+        ({"max_fraction_of_counts": -1.0}, r"max_fraction_of_counts must be a fraction"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             scvae.data.binomial_thinning(adata, cell_type_key=None, **{"n_de_genes": 2, **kwargs})
+    grouped = adata.copy()
+    grouped.obs["group"] = "x"
+    with pytest.raises(ValueError, match=r"already has a 'group' column"):
+        scvae.data.binomial_thinning(grouped, cell_type_key=None, n_de_genes=2)
     out = scvae.data.binomial_thinning(
         adata, cell_type_key=None, n_de_genes=2, log2_fold_changes=1.0, min_fraction_expressing=0
     )
     assert out.var["is_de"].sum() == 2
+    record = out.uns["thinning"]
+    assert record["cell_type"] == "" and record["group_sizes"] == [adata.n_obs // 2] * 2
+    out.write_h5ad(tmp_path / "thinned.h5ad")  # the record is what an h5ad holds
 
 
 def test_missing_registered_column_names_the_registration(model, adata):

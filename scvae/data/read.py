@@ -186,6 +186,7 @@ def read(path: str | os.PathLike, *, timeout: float | None = 120.0) -> ad.AnnDat
         adata = reader(p)
     except Exception as err:  # any failure inside h5py/anndata/scanpy
         reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        reason = reason.rstrip(".")  # the message below adds its own full stop
         if p.is_dir() and isinstance(err, FileNotFoundError):
             advice = (
                 "scanpy's 10x folder reader takes CellRanger v3's matrix.mtx.gz, "

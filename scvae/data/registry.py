@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -608,6 +609,11 @@ def _column(adata: ad.AnnData, key: str, what: str, fill: str = "e.g. with 'unkn
 
 def _numeric(adata: ad.AnnData, key: str, what: str) -> np.ndarray:
     column = _column(adata, key, what, fill="with a number")
+    if not pd.api.types.is_numeric_dtype(column):  # numbers written as text are not taken
+        raise RegistryError(
+            f"adata.obs[{key!r}] ({what}) is not numeric (dtype {column.dtype}). Convert it "
+            f"first, e.g. adata.obs[{key!r}] = pd.to_numeric(adata.obs[{key!r}])."
+        )
     try:
         values = column.to_numpy(dtype=np.float64)
     except (TypeError, ValueError):
@@ -617,6 +623,10 @@ def _numeric(adata: ad.AnnData, key: str, what: str) -> np.ndarray:
     if not np.isfinite(values).all():
         raise RegistryError(f"adata.obs[{key!r}] ({what}) has infinite values.")
     return values
+
+
+# A category with fewer cells than this is warned about at registration, as scvi-tools does.
+_FEW_CELLS = 3
 
 
 def _categories(adata: ad.AnnData, key: str | None, what: str) -> list[str]:
@@ -631,6 +641,16 @@ def _categories(adata: ad.AnnData, key: str | None, what: str) -> list[str]:
         # numbers, so batch 10 comes after batch 2), as text
         values = list(pd.Categorical(column.unique()).categories)
     names = [str(c) for c in values]
+    sizes = column.astype(str).value_counts()
+    few = [n for n in names if sizes.get(n, 0) < _FEW_CELLS]
+    if few:  # as scvi-tools' setup_anndata warns
+        warnings.warn(
+            f"adata.obs[{key!r}] ({what}) has {len(few)} categories with fewer than "
+            f"{_FEW_CELLS} cells (e.g. {', '.join(map(repr, few[:5]))}); a model learns "
+            "little about them. Is this a column of groups?",
+            UserWarning,
+            stacklevel=4,
+        )
     if len(set(names)) < len(names):  # 1 and "1": one name in the model's files, two groups
         seen: dict[str, Any] = {}
         for value, name in zip(values, names, strict=True):

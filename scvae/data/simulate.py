@@ -57,10 +57,12 @@ def simulate(
     AnnData with raw counts in ``X`` (CSR float32), the truth in ``obs`` (``cell_type``,
     ``batch``, ``library_size``), ``var`` (``theta``, ``dropout``), ``varm["log_fold_change"]``
     (genes x cell types, ln scale, of the logits against the baseline), ``varm["log_rho"]``
-    (each cell type's normalised expression, ln, without batch factors: the truth
-    of a comparison between types is the difference of two columns, which is not 0 for genes
-    without a logit shift, since rho is renormalised), ``varm["batch_log_factor"]`` (genes x
-    batches) and ``uns["simulation"]`` (every parameter).
+    (each cell type's normalised expression, ln: the truth of a comparison between types is
+    the difference of two columns, which is not 0 for genes without a logit shift, since rho
+    is renormalised; with one batch, the cells' own, its factor included; with several,
+    without batch factors), ``varm["batch_log_factor"]`` (genes x batches) and
+    ``uns["simulation"]`` (every parameter; ``seed`` is None where a numpy Generator or
+    SeedSequence was passed).
     Cells that draw zero counts in total get one count in a random gene, so every cell is
     usable.
 
@@ -148,7 +150,9 @@ def simulate(
     )
     adata = ad.AnnData(sp.csr_matrix(counts), obs=obs, var=var)
     adata.varm["log_fold_change"] = lfc
-    type_logits = base[:, None] + lfc  # genes x types, no batch factor
+    type_logits = base[:, None] + lfc  # genes x types
+    if n_batches == 1:  # every cell has that batch's factor: the truth of these cells has it
+        type_logits = type_logits + batch_log[0][:, None]
     adata.varm["log_rho"] = type_logits - np.logaddexp.reduce(type_logits, axis=0, keepdims=True)
     adata.varm["batch_log_factor"] = batch_log.T
     adata.uns["simulation"] = {
@@ -163,6 +167,7 @@ def simulate(
         "library_log_sd": library_log_sd,
         "theta_range": list(theta_range),
         "zero_inflation": zero_inflation,
-        "seed": seed,
+        # a whole number, else None: an h5ad cannot hold a Generator
+        "seed": int(seed) if isinstance(seed, numbers.Integral) else None,
     }
     return adata

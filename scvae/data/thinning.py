@@ -73,8 +73,9 @@ def binomial_thinning(
       of counts kept in that group (the thinning lowers every cell's library a little, which
       shifts the normalised expression of all genes; this term is usually tiny).
 
-    ``uns["thinning"]`` records the parameters and the number of cells dropped because thinning
-    left them with no counts (rare).
+    ``uns["thinning"]`` records the parameters (``cell_type_key``, ``cell_type`` and
+    ``layer`` as "" where None; ``group_sizes`` as drawn) and the number of cells dropped because
+    thinning left them with no counts (rare).
 
     Examples
     --------
@@ -110,6 +111,23 @@ def binomial_thinning(
                 f"group_sizes must be two whole numbers (cells in groups A and B) or None, got "
                 f"{group_sizes!r}."
             )
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a whole number >= 0, got {seed!r}.")
+    for name, value in (
+        ("min_fraction_expressing", min_fraction_expressing),
+        ("max_fraction_of_counts", max_fraction_of_counts),
+    ):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Real)
+            or not 0.0 <= value <= 1.0  # NaN fails this too
+        ):
+            raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}.")
+    if "group" in adata.obs:
+        raise ValueError(
+            "adata.obs already has a 'group' column, which the result's obs['group'] (the "
+            "A / B split) would replace: rename it first."
+        )
     rng = np.random.default_rng(seed)
     if cell_type is None:
         cells = np.arange(adata.n_obs)
@@ -167,8 +185,11 @@ def binomial_thinning(
     var["log2_fold_change"] = log2fc
     out = ad.AnnData(thinned[keep], obs=obs.iloc[keep], var=var)
     out.uns["thinning"] = {
-        "cell_type_key": str(cell_type_key),
-        "cell_type": str(cell_type),
+        # None (all cells) is stored as "": an h5ad cannot hold None
+        "cell_type_key": "" if cell_type is None else str(cell_type_key),
+        "cell_type": "" if cell_type is None else str(cell_type),
+        "group_sizes": [int(n_a), int(n_b)],
+        "layer": "" if layer is None else str(layer),
         "n_de_genes": int(n_de_genes),
         "log2_fold_changes": [float(s) for s in sizes],
         "min_fraction_expressing": float(min_fraction_expressing),

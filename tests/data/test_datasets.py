@@ -45,7 +45,17 @@ def test_simulate_states_its_truth_and_refuses_bad_parameters():
     expressed = np.exp(adata.varm["log_rho"]).min(1) > 2e-3
     assert np.corrcoef(observed[expressed], truth[expressed])[0, 1] > 0.99
     assert np.exp(adata.varm["log_rho"]).sum(0) == pytest.approx(1.0)
+    # with one batch log_rho is the cells' own expression (its batch factor included)
+    x = adata.X.toarray()
+    for t in (0, 1):
+        cells = types == f"type{t}"
+        diff = np.log(x[cells].sum(0) / x[cells].sum())[expressed]
+        diff -= adata.varm["log_rho"][expressed, t]
+        assert np.median(np.abs(diff - np.median(diff))) < 0.05  # 0.24 without the factor
     assert adata.uns["simulation"]["n_genes"] == 120
+    assert (
+        scvae.data.simulate(20, 5, seed=np.random.default_rng(0)).uns["simulation"]["seed"] is None
+    )  # an h5ad cannot hold the Generator
     for bad, match in (
         ({"de_fraction": 1.5}, r"de_fraction must be a finite number in \[0, 1\]"),
         ({"theta_range": (20, 2)}, r"theta_range must be \(low, high\)"),
