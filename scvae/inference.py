@@ -20,6 +20,9 @@ from scvae.module import VAE, Covariates
 Chunk = tuple[torch.Tensor, torch.Tensor, Covariates]
 # Bound on the elements (cells x samples x latent dims) held at once for the ln posterior mean.
 SAMPLE_ELEMENTS = 2**24
+# samples x cells x genes tensors alive at once in a pass of VAE.marginal_ll (measured: a
+# pass at the bound above peaked at about 12 x its 64 MiB)
+MARGINAL_LL_LIVE_TENSORS = 12
 
 
 class Chunks:

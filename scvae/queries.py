@@ -481,7 +481,11 @@ def get_marginal_ll(
     _warn_if_untrained(model, "get_marginal_ll")
     return_mean = _checks.flag("return_mean", return_mean)
     n_mc_samples = _count("n_mc_samples", n_mc_samples)
-    size = model._sampling_batch_size(batch_size, min(n_mc_samples, 100))
+    # a pass holds about a dozen samples x cells x genes tensors (the generative outputs and
+    # the likelihood's terms): the chunk is sized so that all of them stay under the bound
+    size = model._sampling_batch_size(
+        batch_size, inference.MARGINAL_LL_LIVE_TENSORS * min(n_mc_samples, 100)
+    )
     values = inference.marginal_ll(model.module, model._chunks(adata, indices, size), n_mc_samples)
     return np.float64(values.mean()) if return_mean else values
 

@@ -324,6 +324,7 @@ def differential_expression(
     pseudocounts: float | None = None,
     test_mode: Literal["three", "two"] = "three",
     key_added: str = "rank_genes_groups",
+    batch_size: int | None = None,
     seed: int | None = None,
 ) -> pd.DataFrame:
     """scVI's differential expression of each group, stored where scanpy's plots read it.
@@ -351,8 +352,11 @@ def differential_expression(
     reference
         "rest" (all other cells) or a group (its name, or an integer label) to compare every
         other group with; as in scanpy, the reference itself is not tested.
-    mode, delta, fdr_target, batch_correction, n_samples_overall, pseudocounts, test_mode, seed
+    mode, delta, fdr_target, batch_correction, n_samples_overall, pseudocounts, test_mode
         As in :meth:`scvae.SCVAE.differential_expression`.
+    batch_size, seed
+        As there: cells per chunk of the expression queries (None:
+        ``scvae.settings.inference_batch_size``) and the seed of the sampling.
     key_added
         Key of ``adata.uns``.
 
@@ -448,6 +452,7 @@ def differential_expression(
         n_samples_overall=n_samples_overall,
         pseudocounts=pseudocounts,
         test_mode=test_mode,
+        batch_size=batch_size,
         seed=seed,
     )
     targets = list(fdr_target_values(fdr_target))  # as the table's columns name them

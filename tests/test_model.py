@@ -516,3 +516,20 @@ def test_transform_batch_takes_integer_categories_and_none(sim):
     pd.testing.assert_frame_equal(own, model.get_normalized_expression(indices=[0, 1]))
     with pytest.raises(ValueError, match="cannot mix None"):
         model.get_normalized_expression(transform_batch=[None, 0])
+
+
+def test_marginal_ll_chunks_keep_every_live_sample_tensor_under_the_bound(trained, monkeypatch):
+    # a pass holds about a dozen samples x cells x genes tensors: sized for all of them
+    seen = []
+    original = scvae.inference.marginal_ll
+
+    def spy(module, chunks, n_mc_samples):
+        chunks = list(chunks)
+        seen.extend(x.shape[0] for x, _, _ in chunks)
+        return original(module, chunks, n_mc_samples)
+
+    monkeypatch.setattr(scvae.inference, "SAMPLE_ELEMENTS", 12 * 100 * trained.adata.n_vars * 4)
+    monkeypatch.setattr(scvae.queries, "_SAMPLE_ELEMENTS", scvae.inference.SAMPLE_ELEMENTS)
+    monkeypatch.setattr(scvae.inference, "marginal_ll", spy)
+    trained.get_marginal_ll(indices=np.arange(10), n_mc_samples=100)
+    assert max(seen) == 4

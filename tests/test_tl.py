@@ -367,3 +367,19 @@ def test_normalized_expression_refuses_backed_copy_and_backed_views_up_front(
     scvae.tl.normalized_expression(backed, model, layer_added="n")  # the whole backed AnnData
     assert backed.layers["n"].shape == backed.shape
     backed.file.close()
+
+
+def test_differential_expression_passes_its_batch_size_to_the_queries(adata_model, monkeypatch):
+    adata, model = adata_model
+    sizes = []
+    query = type(model).get_normalized_expression
+
+    def spy(self, *args, **kwargs):
+        sizes.append(kwargs.get("batch_size"))
+        return query(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "get_normalized_expression", spy)
+    scvae.tl.differential_expression(
+        adata.copy(), model, groupby="cell_type", groups="type0", n_samples_overall=50, batch_size=7
+    )
+    assert sizes and set(sizes) == {7}
