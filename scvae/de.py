@@ -299,7 +299,7 @@ def count_statistics(
     comparisons
         The cell sets.
 
-    Memory: one block of rows at a time, plus cells x (2 * comparisons) weights.
+    Memory: one block of rows at a time, and that block's cells x (2 * comparisons) weights.
 
     Examples
     --------
@@ -312,18 +312,18 @@ def count_statistics(
         matrix = sp.csr_matrix(counts)
         counts = (matrix[s : s + _CELL_BLOCK] for s in range(0, matrix.shape[0], _CELL_BLOCK))
     n_obs = 1 + max(int(max(c.cells1.max(), c.cells2.max())) for c in comparisons)
-    members = np.zeros((n_obs, 2 * len(comparisons)), dtype=np.float64)
-    for k, c in enumerate(comparisons):
-        members[c.cells1, 2 * k] = 1.0
-        members[c.cells2, 2 * k + 1] = 1.0
+    sides = [_sorted_unique(cells) for c in comparisons for cells in (c.cells1, c.cells2)]
     sums = nonzero = normalised = None
     start = 0
     for raw in counts:
         block = sp.csr_matrix(raw)
-        w = members[start : start + block.shape[0]]
-        if w.shape[0] < block.shape[0]:  # cells after the last member carry no weight
-            w = np.vstack([w, np.zeros((block.shape[0] - w.shape[0], w.shape[1]))])
-        start += block.shape[0]
+        stop = start + block.shape[0]
+        # this block's members of each side (sorted cells: a slice of each), never all cells'
+        w = np.zeros((block.shape[0], len(sides)))
+        for j, cells in enumerate(sides):
+            lo, hi = np.searchsorted(cells, [start, stop])
+            w[cells[lo:hi] - start, j] = 1.0
+        start = stop
         totals = np.asarray(block.sum(axis=1)).ravel()
         scale = np.divide(1e4, totals, out=np.zeros(totals.shape), where=totals > 0)
         ones = sp.csr_matrix((np.ones_like(block.data), block.indices, block.indptr), block.shape)
@@ -336,7 +336,7 @@ def count_statistics(
             normalised += parts[2]
     if sums is None or start < n_obs:
         raise ValueError(f"The count blocks cover {start} cells; the comparisons need {n_obs}.")
-    n = members.sum(axis=0)
+    n = np.array([cells.size for cells in sides], dtype=np.float64)
     out = []
     for k in range(len(comparisons)):
         st = {}
@@ -349,6 +349,12 @@ def count_statistics(
             st[f"{name}2"] = values[:, 2 * k + 1] / n[2 * k + 1]
         out.append(st)
     return out
+
+
+def _sorted_unique(cells: np.ndarray) -> np.ndarray:
+    """``cells`` itself when sorted without repeats (as comparisons hold them), else a copy."""
+    cells = np.asarray(cells)
+    return cells if bool(np.all(cells[1:] > cells[:-1])) else np.unique(cells)
 
 
 def _blocks(n_genes: int) -> list[slice]:

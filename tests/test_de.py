@@ -126,6 +126,28 @@ def test_count_statistics_match_dense_computation():
             )
 
 
+def test_count_statistics_hold_one_block_of_weights_not_all_cells(monkeypatch):
+    import tracemalloc
+
+    # one-vs-rest over many groups: the weights of cells x (2 x comparisons) were 16 bytes
+    # per cell and group (1 GB at a million cells and 40 groups); a block's are enough
+    n, k = 200_000, 40
+    x = sp.csr_matrix(np.ones((n, 3), dtype=np.float32))
+    labels = np.arange(n) % k
+    comps = [
+        de.Comparison(str(g), "Rest", np.flatnonzero(labels == g), np.flatnonzero(labels != g))
+        for g in range(k)
+    ]
+    tracemalloc.start()
+    stats = de.count_statistics(x, comps)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < n * 2 * k * 8 / 4, peak  # the whole weights were n x 2k float64
+    assert stats[3]["raw_mean1"].tolist() == [1.0] * 3
+    shuffled = de.Comparison("a", "b", np.array([9, 2, 2, 5]), np.array([0, 1]))
+    assert de.count_statistics(x[:10], [shuffled])[0]["raw_mean1"].tolist() == [1.0] * 3
+
+
 def test_sample_pairs_with_replacement_inside_each_group():
     rng = np.random.default_rng(0)
     cells1, cells2 = np.array([3, 9]), np.arange(10, 20)
