@@ -304,7 +304,6 @@ class _Growing:
         return self._data
 
 
-@torch.no_grad()
 def denoised_samples(
     module: VAE,
     chunks: Iterable[Chunk],
@@ -312,21 +311,65 @@ def denoised_samples(
     n_samples: int,
     rna_size_factor: float,
     transform_batch: int | None,
-) -> np.ndarray:
-    """Gamma draws of the denoised expression at a fixed library, ``(cells * samples, genes)``.
+) -> Iterator[np.ndarray]:
+    """Gamma draws of the denoised expression at a fixed library, chunk by chunk.
 
+    Yields float32 arrays ``(chunk cells * samples, genes)`` (each cell's samples together).
     For each posterior sample, rate = ``rna_size_factor * rho`` and the draw is
     Gamma(theta, theta / rate) (mean ``rate``), as in scVI's gene-gene correlations.
     """
-    parts = []
     for x, b, cov in chunks:
-        inf = module.inference(x, b, cov, n_samples=n_samples)
-        b_t = b if transform_batch is None else torch.full_like(b, transform_batch)
-        gen = module.generative(inf["z"], inf["library"], b_t, cov)
-        rate = rna_size_factor * gen["rho"]
-        theta = gen["theta"].expand_as(rate) if module.config.gene_likelihood != "poisson" else None
-        draw = rate if theta is None else torch.distributions.Gamma(theta, theta / rate).sample()
-        if n_samples == 1:
-            draw = draw.unsqueeze(0)
-        parts.append(draw.transpose(0, 1).reshape(-1, draw.shape[-1]).cpu())
-    return torch.cat(parts).numpy()
+        with torch.no_grad():
+            inf = module.inference(x, b, cov, n_samples=n_samples)
+            b_t = b if transform_batch is None else torch.full_like(b, transform_batch)
+            gen = module.generative(inf["z"], inf["library"], b_t, cov)
+            rate = rna_size_factor * gen["rho"]
+            poisson = module.config.gene_likelihood == "poisson"
+            theta = None if poisson else gen["theta"].expand_as(rate)
+            if theta is None:
+                draw = rate
+            else:
+                draw = torch.distributions.Gamma(theta, theta / rate).sample()
+            if n_samples == 1:
+                draw = draw.unsqueeze(0)
+        yield draw.transpose(0, 1).reshape(-1, draw.shape[-1]).cpu().numpy()
+
+
+class Moments:
+    """Running column sums and cross-products of row blocks, for a correlation matrix.
+
+    Sums are kept in float64 around a shift (the first block's column means), so the
+    covariance does not lose digits to large means. Memory: genes x genes, whatever the rows.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0); x = rng.normal(size=(100, 3))
+    >>> m = Moments(3); m.add(x[:40]); m.add(x[40:])
+    >>> bool(np.allclose(m.correlation(), np.corrcoef(x, rowvar=False)))
+    True
+    """
+
+    def __init__(self, n_columns: int) -> None:
+        self.n = 0
+        self.shift: np.ndarray | None = None
+        self.total = np.zeros(n_columns)
+        self.cross = np.zeros((n_columns, n_columns))
+
+    def add(self, rows: np.ndarray) -> None:
+        """Add a block of rows."""
+        rows = np.asarray(rows, dtype=np.float64)
+        if self.shift is None:
+            self.shift = rows.mean(axis=0) if len(rows) else np.zeros(rows.shape[1])
+        centred = rows - self.shift
+        self.n += len(rows)
+        self.total += centred.sum(axis=0)
+        self.cross += centred.T @ centred
+
+    def correlation(self) -> np.ndarray:
+        """Pearson correlation of the columns (NaN for a constant column, as ``np.corrcoef``)."""
+        mean = self.total / max(self.n, 1)
+        cov = self.cross / max(self.n, 1) - np.outer(mean, mean)
+        sd = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            corr = cov / np.outer(sd, sd)
+        return np.clip(corr, -1.0, 1.0)

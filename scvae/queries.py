@@ -19,6 +19,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import scipy.stats
 import torch
 
 from scvae import _checks, inference
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 
 # Bound on the elements (cells x samples x genes) held at once by sampling queries.
 _SAMPLE_ELEMENTS = inference.SAMPLE_ELEMENTS
+# Rows of ranked draws turned into float64 at a time for the Spearman correlation's sums.
+_CORRELATION_ROWS = 4096
 
 
 def _covariates(model: SCVAE, adata: ad.AnnData) -> Covariates:
@@ -743,7 +746,9 @@ def get_feature_correlation_matrix(
     Denoised values are Gamma draws with mean ``rna_size_factor * rho`` (and the model's
     dispersion) for each posterior sample of each cell. With several batches, one matrix per
     batch and their mean, as scvi-tools (batch differences do not enter the correlation).
-    Memory grows with cells x samples x genes.
+    Memory: "pearson" is computed from running sums (genes x genes, whatever the cells);
+    "spearman" ranks every gene over all draws, so it holds them once, cells x samples x genes
+    in float32 (scvi-tools holds several copies).
 
     Parameters
     ----------
@@ -786,21 +791,37 @@ def get_feature_correlation_matrix(
         )
     codes = model._batch_codes(transform_batch) or [None]
     size = model._sampling_batch_size(batch_size, n_samples)
-    corr = np.zeros((model.registry.n_vars, model.registry.n_vars))
+    n_genes = model.registry.n_vars
+    corr = np.zeros((n_genes, n_genes))
     for code in codes:
-        data = inference.denoised_samples(
+        chunks = model._chunks(adata, indices, size)
+        n_draws = len(chunks) * n_samples
+        if n_draws < 2:
+            raise ValueError(
+                "get_feature_correlation_matrix needs at least 2 draws (cells x n_samples) to "
+                f"correlate genes, got {n_draws}; pass more cells or n_samples."
+            )
+        draws = inference.denoised_samples(
             model.module,
-            model._chunks(adata, indices, size),
+            chunks,
             n_samples=n_samples,
             rna_size_factor=rna_size_factor,
             transform_batch=code,
         )
-        if data.shape[0] < 2:
-            raise ValueError(
-                "get_feature_correlation_matrix needs at least 2 draws (cells x n_samples) to "
-                f"correlate genes, got {data.shape[0]}; pass more cells or n_samples."
-            )
-        if correlation_type == "spearman":
-            data = np.apply_along_axis(lambda c: pd.Series(c).rank().to_numpy(), 0, data)
-        corr += np.corrcoef(data, rowvar=False) / len(codes)
+        moments = inference.Moments(n_genes)
+        if correlation_type == "pearson":  # streamed: genes x genes sums, whatever the cells
+            for block in draws:
+                moments.add(block)
+        else:  # ranks need whole columns: the draws once, in float32, ranked in place
+            data = np.empty((n_draws, n_genes), dtype=np.float32)
+            filled = 0
+            for block in draws:
+                data[filled : filled + len(block)] = block
+                filled += len(block)
+            for g in range(n_genes):
+                data[:, g] = scipy.stats.rankdata(data[:, g])
+            for start in range(0, n_draws, _CORRELATION_ROWS):
+                moments.add(data[start : start + _CORRELATION_ROWS])
+            del data
+        corr += moments.correlation() / len(codes)
     return pd.DataFrame(corr, index=model.var_names, columns=model.var_names)

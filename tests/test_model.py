@@ -533,3 +533,33 @@ def test_marginal_ll_chunks_keep_every_live_sample_tensor_under_the_bound(traine
     monkeypatch.setattr(scvae.inference, "marginal_ll", spy)
     trained.get_marginal_ll(indices=np.arange(10), n_mc_samples=100)
     assert max(seen) == 4
+
+
+def test_feature_correlation_is_numpy_s_and_pearson_streams(trained, monkeypatch):
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    n_genes = trained.registry.n_vars
+    blocks = [rng.gamma(2.0, 1.0, (n, n_genes)).astype(np.float32) for n in (30, 30, 20)]
+    blocks[0][:, 0] = 1.0  # ties in the first block
+    monkeypatch.setattr(scvae.inference, "denoised_samples", lambda *a, **k: iter(blocks))
+    whole = np.vstack(blocks)
+    pearson = trained.get_feature_correlation_matrix(
+        indices=range(80), n_samples=1, correlation_type="pearson"
+    )
+    np.testing.assert_allclose(pearson.to_numpy(), np.corrcoef(whole, rowvar=False), atol=1e-12)
+    spearman = trained.get_feature_correlation_matrix(indices=range(80), n_samples=1)
+    ranked = pd.DataFrame(whole).rank().to_numpy()
+    np.testing.assert_allclose(spearman.to_numpy(), np.corrcoef(ranked, rowvar=False), atol=1e-7)
+    # memory: pearson keeps genes x genes sums, not the cells x genes draws (here 40 MiB)
+    many = [rng.gamma(2.0, 1.0, (1000, n_genes)).astype(np.float32) for _ in range(500)]
+    n_draws = sum(len(b) for b in many)
+    monkeypatch.setattr(scvae.inference, "denoised_samples", lambda *a, **k: iter(many))
+    monkeypatch.setattr(
+        scvae.SCVAE, "_chunks", lambda *a: type("C", (), {"__len__": lambda s: n_draws})()
+    )
+    tracemalloc.start()
+    trained.get_feature_correlation_matrix(n_samples=1, correlation_type="pearson")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < n_draws * n_genes * 4 / 4, peak
