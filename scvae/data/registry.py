@@ -357,7 +357,7 @@ def check_counts(
     if adata.n_obs <= block:
         get_counts(adata, layer, allow_non_integer=allow_non_integer)
         return
-    empty: list[int] = []  # cells without counts, in every block: their number is the message
+    n_empty, examples = 0, []  # cells without counts in every block: their number is the message
     for start in range(0, adata.n_obs, block):
         stop = min(start + block, adata.n_obs)
         try:
@@ -369,10 +369,12 @@ def check_counts(
                 f"{err} (Counted in cells {start} to {stop - 1} of {adata.n_obs}: the check "
                 "stops at the first block of cells with a problem.)"
             ) from None
-        empty.extend(start + np.flatnonzero(np.asarray(csr.sum(axis=1)).ravel() <= 0))
-    if empty:
+        empty = start + np.flatnonzero(np.asarray(csr.sum(axis=1)).ravel() <= 0)
+        n_empty += empty.size
+        examples.extend(empty[: 3 - len(examples)])
+    if n_empty:
         where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-        raise _zero_count_error(len(empty), adata.obs_names[empty[:3]], where)
+        raise _zero_count_error(n_empty, adata.obs_names[examples], where)
 
 
 def get_counts(
