@@ -74,20 +74,39 @@ GroupInputsFn = Callable[[np.ndarray], GroupInputs]
 class Comparison:
     """Two cell sets (indices into the cells) and their names.
 
+    The second set is either given, or (``given2=None``) all other cells of ``n_obs``, built
+    when asked for: one-vs-rest over many groups does not hold every group's rest at once.
+
     Examples
     --------
     >>> Comparison("B", "Rest", np.array([0, 1]), np.array([2])).label
     'B vs Rest'
+    >>> Comparison("B", "Rest", np.array([0, 1]), None, n_obs=4).cells2
+    array([2, 3])
     """
 
     name1: str
     name2: str
     cells1: np.ndarray
-    cells2: np.ndarray
+    given2: np.ndarray | None
     # the groups' labels as the groupby column holds them (e.g. integers), for the group1 and
     # group2 columns; None: the names
     value1: Any = None
     value2: Any = None
+    n_obs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.given2 is None and self.n_obs is None:
+            raise ValueError("A comparison with the rest of the cells needs n_obs.")
+
+    @property
+    def cells2(self) -> np.ndarray:
+        """The second cell set (sorted, for the rest)."""
+        if self.given2 is not None:
+            return self.given2
+        rest = np.ones(self.n_obs, dtype=bool)
+        rest[self.cells1] = False
+        return np.flatnonzero(rest)
 
     @property
     def label(self) -> str:
@@ -170,7 +189,7 @@ def define_comparisons(
     if idx1 is not None:
         cells1 = as_indices(idx1, n_obs, "idx1")
         if idx2 is None:
-            cells2 = np.setdiff1d(np.arange(n_obs), cells1)
+            cells2 = None  # the rest, built when needed
             name2 = "Rest"
         else:
             cells2 = as_indices(idx2, n_obs, "idx2")
@@ -186,7 +205,7 @@ def define_comparisons(
                     UserWarning,
                     stacklevel=4,
                 )
-        comps = [Comparison("group1", name2, cells1, cells2)]
+        comps = [Comparison("group1", name2, cells1, cells2, n_obs=n_obs)]
     else:
         if labels is None:
             raise ValueError("Pass groupby= (a column of adata.obs) or idx1= (the cells).")
@@ -243,16 +262,17 @@ def define_comparisons(
         comps = []
         for g in groups:
             cells1 = np.flatnonzero(values == str(g))
-            if group2 is None:
-                cells2 = np.flatnonzero(values != str(g))
-            else:
-                cells2 = np.flatnonzero(values == str(group2))
+            # the rest (every other cell, unlabelled ones too) is built when needed
+            cells2 = None if group2 is None else np.flatnonzero(values == str(group2))
             name2 = "Rest" if group2 is None else str(group2)
             value2 = "Rest" if group2 is None else label_of[str(group2)]
-            comps.append(Comparison(str(g), name2, cells1, cells2, label_of[str(g)], value2))
+            comps.append(
+                Comparison(str(g), name2, cells1, cells2, label_of[str(g)], value2, n_obs=n_obs)
+            )
     for c in comps:
-        for name, cells in ((c.name1, c.cells1), (c.name2, c.cells2)):
-            if cells.size == 0:
+        n2 = c.n_obs - c.cells1.size if c.given2 is None else c.given2.size
+        for name, size in ((c.name1, c.cells1.size), (c.name2, n2)):
+            if size == 0:
                 raise ValueError(f"Comparison {c.label!r}: {name!r} has no cells.")
     return comps
 
@@ -311,8 +331,16 @@ def count_statistics(
     if sp.issparse(counts):
         matrix = sp.csr_matrix(counts)
         counts = (matrix[s : s + _CELL_BLOCK] for s in range(0, matrix.shape[0], _CELL_BLOCK))
-    n_obs = 1 + max(int(max(c.cells1.max(), c.cells2.max())) for c in comparisons)
-    sides = [_sorted_unique(cells) for c in comparisons for cells in (c.cells1, c.cells2)]
+    # each side's sorted cells; None: the rest of the first side's comparison (its n_obs)
+    sides = [
+        _sorted_unique(cells) if cells is not None else None
+        for c in comparisons
+        for cells in (c.cells1, c.given2)
+    ]
+    n_obs = max(
+        int(c.n_obs) if c.given2 is None else 1 + int(max(c.cells1.max(), c.given2.max()))
+        for c in comparisons
+    )
     sums = nonzero = normalised = None
     start = 0
     for raw in counts:
@@ -321,6 +349,11 @@ def count_statistics(
         # this block's members of each side (sorted cells: a slice of each), never all cells'
         w = np.zeros((block.shape[0], len(sides)))
         for j, cells in enumerate(sides):
+            if cells is None:  # the rest: this block's cells (below n_obs) not in side 1
+                rest_of = comparisons[j // 2].n_obs
+                w[: max(0, min(stop, rest_of) - start), j] = 1.0
+                w[:, j] -= w[:, j - 1]
+                continue
             lo, hi = np.searchsorted(cells, [start, stop])
             w[cells[lo:hi] - start, j] = 1.0
         start = stop
@@ -336,7 +369,13 @@ def count_statistics(
             normalised += parts[2]
     if sums is None or start < n_obs:
         raise ValueError(f"The count blocks cover {start} cells; the comparisons need {n_obs}.")
-    n = np.array([cells.size for cells in sides], dtype=np.float64)
+    n = np.array(
+        [
+            cells.size if cells is not None else comparisons[j // 2].n_obs - sides[j - 1].size
+            for j, cells in enumerate(sides)
+        ],
+        dtype=np.float64,
+    )
     out = []
     for k in range(len(comparisons)):
         st = {}
