@@ -36,7 +36,14 @@ from scvae.data.loader import count_source
 from scvae.data.registry import Registry, register
 from scvae.device import resolve_device
 from scvae.module import VAE, ModuleConfig
-from scvae.train import KL_WARMUP_EPOCHS, TrainConfig, TrainingDiverged, fit, split_indices
+from scvae.train import (
+    KL_WARMUP_EPOCHS,
+    TrainConfig,
+    TrainingDiverged,
+    TrainingInterrupted,
+    fit,
+    split_indices,
+)
 
 LATENT_KEY = "X_scvae"
 # The least variance of a batch's log-library prior (use_observed_lib_size=False): cells with
@@ -537,8 +544,12 @@ class SCVAE:
         step (and the history of the finished epochs), so it can still be saved or queried,
         unless those weights give non-finite values in evaluation (then, as for any other
         failure, the weights from before the call are restored; the message says so).
-        Any other failure (an error or Ctrl-C) restores the weights from before the call, so
-        no half-trained model is left behind; with ``checkpoint_dir`` the same call resumes.
+        Ctrl-C (a notebook's stop button) keeps the epochs finished in this call, as
+        scvi-tools does: the model has the weights of the last one and its history, and
+        warns; the steps of the unfinished epoch are dropped (with no epoch finished, the model
+        is as before the call). Any other failure (an error) restores the weights from before
+        the call, so no half-trained model is left behind. With ``checkpoint_dir`` (or in several
+        processes), Ctrl-C restores them too, and the same call resumes from the checkpoint.
 
         On the CPU, a run killed and resumed from its checkpoint ends with the same weights,
         bit for bit, as an uninterrupted run. A checkpoint is resumed only by the same run on
@@ -761,6 +772,20 @@ class SCVAE:
                 "run the missing operations on the CPU. (scvae uses no sparse tensors: the "
                 "counts are plain index/value arrays, so MPS's lack of sparse CSR is no issue.)"
             ) from err
+        except TrainingInterrupted as err:
+            # Ctrl-C after some epochs: they are kept, as scvi-tools keeps them (fit put back
+            # the weights of the last one); otherwise (none done, a checkpoint to resume from)
+            # a plain KeyboardInterrupt reaches the restoring branch below
+            self._record_training(err.history, train_idx, val_idx, train_config)
+            warnings.warn(
+                f"Training stopped (Ctrl-C) after {err.epochs} epoch(s) of this call: the "
+                "model keeps them (model.history). Pass checkpoint_dir= to resume a run "
+                "where it stopped.",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.module.eval()
+            raise
         except BaseException:
             self.module.load_state_dict(before)
             self.module.eval()

@@ -240,6 +240,17 @@ class _Sums:
         }
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training after ``epochs`` finished epochs, whose ``history`` the module
+    keeps (it has the weights of the last one). Raised by :func:`fit` only in one process
+    without a checkpoint (which resumes instead); otherwise Ctrl-C stays a plain
+    ``KeyboardInterrupt``."""
+
+    def __init__(self, *, history: pd.DataFrame, epochs: int) -> None:
+        super().__init__()
+        self.history, self.epochs = history, epochs
+
+
 class TrainingDiverged(FloatingPointError):
     """The loss (or its gradient) became NaN or infinite; the bad step was not applied.
 
@@ -477,118 +488,132 @@ def fit(
         disable=not config.progress_bar or not world.is_main,
         unit="epoch",
     )
-    while loop.next_epoch < config.max_epochs and not loop.stopped_early:
-        epoch = loop.next_epoch
-        start = time.perf_counter()
-        weight = kl_weight(epoch, config.n_epochs_kl_warmup)
-        module.train()
-        sums = _Sums(device)
-        batches = counts.batches(
-            train_t,
-            config.batch_size,
-            shuffle=True,
-            generator=generator,
-            drop_last_below=_MIN_LAST_BATCH,
-            rank=world.rank,
-            world_size=world.size,
-        )
-        for step, (idx, x, nonzero) in enumerate(batches):
-            for keep, buf in zip(saved, buffers, strict=True):
-                keep.copy_(buf)
-            out = run_step(
-                x, batch_codes[idx], covariates.take(idx), kl_weight=weight, nonzero=nonzero
+    finished: dict[str, torch.Tensor] | None = None  # the state after the last epoch done
+    finished_epochs = 0
+    try:
+        while loop.next_epoch < config.max_epochs and not loop.stopped_early:
+            epoch = loop.next_epoch
+            start = time.perf_counter()
+            weight = kl_weight(epoch, config.n_epochs_kl_warmup)
+            module.train()
+            sums = _Sums(device)
+            batches = counts.batches(
+                train_t,
+                config.batch_size,
+                shuffle=True,
+                generator=generator,
+                drop_last_below=_MIN_LAST_BATCH,
+                rank=world.rank,
+                world_size=world.size,
             )
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if not all_true(_all_finite(out.loss, params), device, world):
+            for step, (idx, x, nonzero) in enumerate(batches):
                 for keep, buf in zip(saved, buffers, strict=True):
-                    buf.copy_(keep)
+                    keep.copy_(buf)
+                out = run_step(
+                    x, batch_codes[idx], covariates.take(idx), kl_weight=weight, nonzero=nonzero
+                )
                 optimizer.zero_grad(set_to_none=True)
-                module.eval()
-                bar.close()
-                lr = optimizer.param_groups[0]["lr"]
-                raise TrainingDiverged(
-                    _divergence_message(epoch, step, x, out.loss.detach(), lr),
-                    epoch=epoch,
-                    step=step,
-                    history=loop.history(),
-                    steps_applied=steps_applied,
+                out.loss.backward()
+                if not all_true(_all_finite(out.loss, params), device, world):
+                    for keep, buf in zip(saved, buffers, strict=True):
+                        buf.copy_(keep)
+                    optimizer.zero_grad(set_to_none=True)
+                    module.eval()
+                    bar.close()
+                    lr = optimizer.param_groups[0]["lr"]
+                    raise TrainingDiverged(
+                        _divergence_message(epoch, step, x, out.loss.detach(), lr),
+                        epoch=epoch,
+                        step=step,
+                        history=loop.history(),
+                        steps_applied=steps_applied,
+                    )
+                optimizer.step()
+                steps_applied += 1
+                sums.add(out)
+            sums.reduce(world)
+            sync_buffers(module, world)  # rank 0's batch-norm statistics everywhere
+            row = {"epoch": epoch, **sums.row("train")}
+            if has_val:
+                row.update(
+                    # in training-sized chunks: the validation pass needs no more memory than a
+                    # step
+                    evaluate(
+                        module,
+                        counts,
+                        batch_codes,
+                        covariates,
+                        val_t,
+                        "validation",
+                        chunk=config.batch_size,
+                        world=world,
+                    )
                 )
-            optimizer.step()
-            steps_applied += 1
-            sums.add(out)
-        sums.reduce(world)
-        sync_buffers(module, world)  # rank 0's batch-norm statistics everywhere
-        row = {"epoch": epoch, **sums.row("train")}
-        if has_val:
             row.update(
-                # in training-sized chunks: the validation pass never needs more memory than a step
-                evaluate(
-                    module,
-                    counts,
-                    batch_codes,
-                    covariates,
-                    val_t,
-                    "validation",
-                    chunk=config.batch_size,
-                    world=world,
-                )
+                kl_weight=weight,
+                lr=optimizer.param_groups[0]["lr"],
+                seconds=time.perf_counter() - start,
             )
-        row.update(
-            kl_weight=weight,
-            lr=optimizer.param_groups[0]["lr"],
-            seconds=time.perf_counter() - start,
-        )
-        loop.rows.append(row)
-        loop.next_epoch = epoch + 1
-        bar.update(1)
-        shown = {k: f"{row[k]:.1f}" for k in ("elbo_train", "elbo_validation") if k in row}
-        bar.set_postfix(shown, refresh=False)  # the validation value shows overfitting
-        monitor = row.get("elbo_validation", row["elbo_train"])
-        if scheduler is not None:
-            scheduler.step(monitor)
-        if config.early_stopping and has_val and epoch >= config.early_stopping_warmup_epochs:
-            # as Lightning's EarlyStopping: kept as "lower is better" (mode "max": negated)
-            watched = row[config.early_stopping_monitor]
-            watched = watched if config.early_stopping_mode == "min" else -watched
-            if not math.isfinite(watched):  # as Lightning's check_finite: stop, saying why
-                loop.stopped_early = True
-                logger.warning(
-                    "Early stopping after epoch %d: %s is %s.",
-                    epoch,
-                    config.early_stopping_monitor,
-                    row[config.early_stopping_monitor],
-                )
-            elif watched < loop.early_stopping_best - config.early_stopping_min_delta:
-                loop.early_stopping_best, loop.since_best = watched, 0
-            else:
-                loop.since_best += 1
-                if loop.since_best >= config.early_stopping_patience:
+            loop.rows.append(row)
+            loop.next_epoch = epoch + 1
+            if checkpoint is None and not world.distributed:  # what Ctrl-C keeps
+                finished = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                finished_epochs += 1
+            bar.update(1)
+            shown = {k: f"{row[k]:.1f}" for k in ("elbo_train", "elbo_validation") if k in row}
+            bar.set_postfix(shown, refresh=False)  # the validation value shows overfitting
+            monitor = row.get("elbo_validation", row["elbo_train"])
+            if scheduler is not None:
+                scheduler.step(monitor)
+            if config.early_stopping and has_val and epoch >= config.early_stopping_warmup_epochs:
+                # as Lightning's EarlyStopping: kept as "lower is better" (mode "max": negated)
+                watched = row[config.early_stopping_monitor]
+                watched = watched if config.early_stopping_mode == "min" else -watched
+                if not math.isfinite(watched):  # as Lightning's check_finite: stop, saying why
                     loop.stopped_early = True
-                    logger.info(
-                        "Early stopping after epoch %d: %s did not improve for %d epochs.",
+                    logger.warning(
+                        "Early stopping after epoch %d: %s is %s.",
                         epoch,
                         config.early_stopping_monitor,
-                        config.early_stopping_patience,
+                        row[config.early_stopping_monitor],
                     )
-        improved = monitor < loop.best_monitor
-        if improved:
-            loop.best_monitor, loop.best_epoch = monitor, epoch
-        if checkpoint is not None:
-            # every rank's own random state (a collective: all ranks take part); rank 0 writes
-            ranks = gather_rng_states(device, world) if world.distributed else None
-            if world.is_main:
-                final = loop.next_epoch >= config.max_epochs or loop.stopped_early
-                checkpoint.epoch_end(
-                    module,
-                    optimizer,
-                    scheduler,
-                    generator,
-                    loop,
-                    improved=improved,
-                    final=final,
-                    ranks=ranks,
-                )
+                elif watched < loop.early_stopping_best - config.early_stopping_min_delta:
+                    loop.early_stopping_best, loop.since_best = watched, 0
+                else:
+                    loop.since_best += 1
+                    if loop.since_best >= config.early_stopping_patience:
+                        loop.stopped_early = True
+                        logger.info(
+                            "Early stopping after epoch %d: %s did not improve for %d epochs.",
+                            epoch,
+                            config.early_stopping_monitor,
+                            config.early_stopping_patience,
+                        )
+            improved = monitor < loop.best_monitor
+            if improved:
+                loop.best_monitor, loop.best_epoch = monitor, epoch
+            if checkpoint is not None:
+                # every rank's own random state (a collective: all ranks take part); rank 0 writes
+                ranks = gather_rng_states(device, world) if world.distributed else None
+                if world.is_main:
+                    final = loop.next_epoch >= config.max_epochs or loop.stopped_early
+                    checkpoint.epoch_end(
+                        module,
+                        optimizer,
+                        scheduler,
+                        generator,
+                        loop,
+                        improved=improved,
+                        final=final,
+                        ranks=ranks,
+                    )
+    except KeyboardInterrupt as err:
+        bar.close()
+        if finished is None:  # nothing to keep: the caller puts back the weights it had
+            raise
+        module.load_state_dict(finished)  # the epochs done are kept, as scvi-tools keeps them
+        module.eval()
+        raise TrainingInterrupted(history=loop.history(), epochs=finished_epochs) from err
     bar.close()
     module.eval()
     return loop.history()

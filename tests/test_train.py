@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import scvae
 from scvae.data.loader import DeviceCSR
 from scvae.module import VAE, Covariates, ModuleConfig
 from scvae.train import TrainConfig, TrainingDiverged, fit, kl_weight, split_indices
@@ -194,3 +195,40 @@ def test_lightning_names_of_float32(name):
     model = scvae.SCVAE(scvae.data.simulate(60, 10, seed=0), n_hidden=8, n_latent=2)
     model.train(max_epochs=1, precision=name, device="cpu")
     assert model.train_config["precision"] == "32"
+
+
+def _stop_at_step(monkeypatch, step: int) -> None:
+    """Ctrl-C at the given training step (counted over the call)."""
+    calls = {"n": 0}
+    check = scvae.train._all_finite
+
+    def interrupting(loss, params):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt
+        return check(loss, params)
+
+    monkeypatch.setattr(scvae.train, "_all_finite", interrupting)
+
+
+def test_ctrl_c_keeps_the_epochs_done_as_scvi_tools(monkeypatch, tmp_path):
+    adata = scvae.data.simulate(300, 20, seed=0)
+    done = scvae.SCVAE(adata, n_hidden=16, n_latent=3)
+    done.train(max_epochs=2, progress_bar=False)
+    steps = len(done.train_indices) // 128 + 1  # per epoch
+    stopped = scvae.SCVAE(adata, n_hidden=16, n_latent=3)
+    _stop_at_step(monkeypatch, 2 * steps + 1)  # in the third epoch
+    with pytest.warns(UserWarning, match=r"after 2 epoch\(s\)"), pytest.raises(KeyboardInterrupt):
+        stopped.train(max_epochs=10, progress_bar=False)
+    assert stopped.is_trained and list(stopped.history.index) == [0, 1]
+    for name, value in done.module.state_dict().items():  # the weights of epoch 2, exactly
+        assert torch.equal(value, stopped.module.state_dict()[name]), name
+    # in the first epoch, or with a checkpoint to resume from: as before the call
+    for kwargs in ({}, {"checkpoint_dir": tmp_path / "ck"}):
+        fresh = scvae.SCVAE(adata, n_hidden=16, n_latent=3)
+        before = {k: v.clone() for k, v in fresh.module.state_dict().items()}
+        _stop_at_step(monkeypatch, 2 if not kwargs else 2 * steps + 1)
+        with pytest.raises(KeyboardInterrupt):
+            fresh.train(max_epochs=10, progress_bar=False, **kwargs)
+        assert not fresh.is_trained
+        assert all(torch.equal(v, fresh.module.state_dict()[k]) for k, v in before.items())
