@@ -204,9 +204,7 @@ def differential_expression(
             weight = np.empty_like(mean)
             # in blocks of genes: the float64 temporaries of the whole matrix were most of
             # group mode's memory (about 100 bytes per sampled cell and gene in all)
-            step = max(1, de_group.GENE_BLOCK_ELEMENTS // max(len(cells), 1))
-            for j in range(0, mean.shape[1], step):
-                cols = slice(j, j + step)
+            for cols in de_group.gene_blocks(*mean.shape):
                 pi, mu = dropout[:, cols].astype(np.float64), mean[:, cols]
                 if theta is None:
                     nb_zero = np.exp(-mu)

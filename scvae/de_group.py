@@ -98,6 +98,18 @@ class GroupParts(NamedTuple):
         return GroupFit(self.log_rho + self.beta, self.var_rho + self.var_beta)
 
 
+def gene_blocks(n_cells: int, n_genes: int) -> list[slice]:
+    """Slices of the genes whose cells x genes blocks hold ``GENE_BLOCK_ELEMENTS`` each.
+
+    Examples
+    --------
+    >>> gene_blocks(2**19, 5)
+    [slice(0, 2, None), slice(2, 4, None), slice(4, 6, None)]
+    """
+    step = max(1, GENE_BLOCK_ELEMENTS // max(n_cells, 1))
+    return [slice(j, j + step) for j in range(0, n_genes, step)]
+
+
 def group_factor(
     counts: np.ndarray,
     mean: np.ndarray,
@@ -125,20 +137,18 @@ def group_factor(
     >>> bool(beta[0] < -1), round(float(np.exp(beta[1])), 2)
     (True, 4.92)
     """
-    n_genes = np.shape(counts)[1]
     # genes are independent: in blocks, so the float64 working arrays stay ~8 MiB each
-    step = max(1, GENE_BLOCK_ELEMENTS // max(np.shape(counts)[0], 1))
     parts = [
         _group_factor_block(
-            np.asarray(counts)[:, j : j + step],
-            np.asarray(mean)[:, j : j + step],
-            None if theta is None else np.asarray(theta)[:, j : j + step],
-            None if zero_weight is None else np.asarray(zero_weight)[:, j : j + step],
+            np.asarray(counts)[:, cols],
+            np.asarray(mean)[:, cols],
+            None if theta is None else np.asarray(theta)[:, cols],
+            None if zero_weight is None else np.asarray(zero_weight)[:, cols],
             prior_sd=prior_sd,
             max_iter=max_iter,
             tol=tol,
         )
-        for j in range(0, n_genes, step)
+        for cols in gene_blocks(*np.shape(counts))
     ]
     if not parts:
         return np.zeros(0), np.zeros(0)
