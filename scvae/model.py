@@ -778,7 +778,7 @@ class SCVAE:
             # a plain KeyboardInterrupt reaches the restoring branch below
             self._record_training(err.history, train_idx, val_idx, train_config)
             warnings.warn(
-                f"Training stopped (Ctrl-C) after {err.epochs} epoch(s) of this call: the "
+                f"Training stopped (Ctrl-C) after {len(err.history)} epoch(s) of this call: the "
                 "model keeps them (model.history). Pass checkpoint_dir= to resume a run "
                 "where it stopped.",
                 UserWarning,

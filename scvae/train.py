@@ -241,14 +241,13 @@ class _Sums:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training after ``epochs`` finished epochs, whose ``history`` the module
-    keeps (it has the weights of the last one). Raised by :func:`fit` only in one process
-    without a checkpoint (which resumes instead); otherwise Ctrl-C stays a plain
-    ``KeyboardInterrupt``."""
+    """Ctrl-C during training after the epochs of ``history``, which the module keeps (it
+    has the weights of the last one). Raised by :func:`fit` only in one process without a
+    checkpoint (which resumes instead); otherwise Ctrl-C stays a plain ``KeyboardInterrupt``."""
 
-    def __init__(self, *, history: pd.DataFrame, epochs: int) -> None:
+    def __init__(self, *, history: pd.DataFrame) -> None:
         super().__init__()
-        self.history, self.epochs = history, epochs
+        self.history = history
 
 
 class TrainingDiverged(FloatingPointError):
@@ -489,7 +488,6 @@ def fit(
         unit="epoch",
     )
     finished: dict[str, torch.Tensor] | None = None  # the state after the last epoch done
-    finished_epochs = 0
     try:
         while loop.next_epoch < config.max_epochs and not loop.stopped_early:
             epoch = loop.next_epoch
@@ -558,7 +556,6 @@ def fit(
             loop.next_epoch = epoch + 1
             if checkpoint is None and not world.distributed:  # what Ctrl-C keeps
                 finished = {k: v.detach().clone() for k, v in module.state_dict().items()}
-                finished_epochs += 1
             bar.update(1)
             shown = {k: f"{row[k]:.1f}" for k in ("elbo_train", "elbo_validation") if k in row}
             bar.set_postfix(shown, refresh=False)  # the validation value shows overfitting
@@ -613,7 +610,7 @@ def fit(
             raise
         module.load_state_dict(finished)  # the epochs done are kept, as scvi-tools keeps them
         module.eval()
-        raise TrainingInterrupted(history=loop.history(), epochs=finished_epochs) from err
+        raise TrainingInterrupted(history=loop.history()) from err
     bar.close()
     module.eval()
     return loop.history()
