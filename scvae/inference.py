@@ -56,8 +56,8 @@ class _Rows:
         self.parts: list[np.ndarray] = []
         self.pos = 0
 
-    def add(self, value: torch.Tensor) -> None:
-        a = value.detach().cpu().numpy()
+    def add(self, value: torch.Tensor | np.ndarray) -> None:
+        a = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
         if self.dtype is not None:
             a = a.astype(self.dtype, copy=False)
         axis = self.axis % a.ndim
@@ -314,7 +314,7 @@ def denoised_samples(
 ) -> Iterator[np.ndarray]:
     """Gamma draws of the denoised expression at a fixed library, chunk by chunk.
 
-    Yields float32 arrays ``(chunk cells * samples, genes)`` (each cell's samples together).
+    Yields float32 arrays ``(chunk cells, samples, genes)``.
     For each posterior sample, rate = ``rna_size_factor * rho`` and the draw is
     Gamma(theta, theta / rate) (mean ``rate``), as in scVI's gene-gene correlations.
     """
@@ -332,7 +332,18 @@ def denoised_samples(
                 draw = torch.distributions.Gamma(theta, theta / rate).sample()
             if n_samples == 1:
                 draw = draw.unsqueeze(0)
-        yield draw.transpose(0, 1).reshape(-1, draw.shape[-1]).cpu().numpy()
+        yield draw.transpose(0, 1).cpu().numpy()
+
+
+def denoised_matrix(module: VAE, chunks: Iterable[Chunk], **options: Any) -> np.ndarray:
+    """All of :func:`denoised_samples`' draws in one array allocated once, float32
+    ``(cells * samples, genes)`` (each cell's samples together)."""
+    rows = _Rows(chunks)
+    for draws in denoised_samples(module, chunks, **options):
+        rows.add(draws)
+    n_genes = module.config.n_input
+    out = rows.result(np.zeros((0, options["n_samples"], n_genes), dtype=np.float32))
+    return out.reshape(-1, n_genes)
 
 
 class Moments:

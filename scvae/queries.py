@@ -801,23 +801,17 @@ def get_feature_correlation_matrix(
                 "get_feature_correlation_matrix needs at least 2 draws (cells x n_samples) to "
                 f"correlate genes, got {n_draws}; pass more cells or n_samples."
             )
-        draws = inference.denoised_samples(
-            model.module,
-            chunks,
-            n_samples=n_samples,
-            rna_size_factor=rna_size_factor,
-            transform_batch=code,
-        )
+        options = {
+            "n_samples": n_samples,
+            "rna_size_factor": rna_size_factor,
+            "transform_batch": code,
+        }
         moments = inference.Moments(n_genes)
         if correlation_type == "pearson":  # streamed: genes x genes sums, whatever the cells
-            for block in draws:
-                moments.add(block)
+            for block in inference.denoised_samples(model.module, chunks, **options):
+                moments.add(block.reshape(-1, n_genes))
         else:  # ranks need whole columns: the draws once, in float32, ranked in place
-            data = np.empty((n_draws, n_genes), dtype=np.float32)
-            filled = 0
-            for block in draws:
-                data[filled : filled + len(block)] = block
-                filled += len(block)
+            data = inference.denoised_matrix(model.module, chunks, **options)
             for g in range(n_genes):
                 data[:, g] = scipy.stats.rankdata(data[:, g])
             for start in range(0, n_draws, _CORRELATION_ROWS):

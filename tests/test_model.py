@@ -542,7 +542,10 @@ def test_feature_correlation_is_numpy_s_and_pearson_streams(trained, monkeypatch
     n_genes = trained.registry.n_vars
     blocks = [rng.gamma(2.0, 1.0, (n, n_genes)).astype(np.float32) for n in (30, 30, 20)]
     blocks[0][:, 0] = 1.0  # ties in the first block
-    monkeypatch.setattr(scvae.inference, "denoised_samples", lambda *a, **k: iter(blocks))
+    # denoised_samples yields (cells, samples, genes): here one sample per cell
+    monkeypatch.setattr(
+        scvae.inference, "denoised_samples", lambda *a, **k: (b[:, None] for b in blocks)
+    )
     whole = np.vstack(blocks)
     pearson = trained.get_feature_correlation_matrix(
         indices=range(80), n_samples=1, correlation_type="pearson"
@@ -554,7 +557,9 @@ def test_feature_correlation_is_numpy_s_and_pearson_streams(trained, monkeypatch
     # memory: pearson keeps genes x genes sums, not the cells x genes draws (here 40 MiB)
     many = [rng.gamma(2.0, 1.0, (1000, n_genes)).astype(np.float32) for _ in range(500)]
     n_draws = sum(len(b) for b in many)
-    monkeypatch.setattr(scvae.inference, "denoised_samples", lambda *a, **k: iter(many))
+    monkeypatch.setattr(
+        scvae.inference, "denoised_samples", lambda *a, **k: (b[:, None] for b in many)
+    )
     monkeypatch.setattr(
         scvae.SCVAE, "_chunks", lambda *a: type("C", (), {"__len__": lambda s: n_draws})()
     )
