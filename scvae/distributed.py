@@ -199,11 +199,7 @@ def gather_rng_states(device: torch.device, world: World) -> list[dict[str, torc
     own = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         own["cuda"] = torch.cuda.get_rng_state(device)
-    if not world.distributed:
-        return [own]
-    states: list[Any] = [None] * world.size
-    dist.all_gather_object(states, own)
-    return [{k: v.cpu() for k, v in s.items()} for s in states]
+    return [{k: v.cpu() for k, v in s.items()} for s in every_rank(own, world)]
 
 
 def every_rank(value: Any, world: World) -> list[Any]:
@@ -236,8 +232,7 @@ def check_same_run(fingerprint: dict[str, Any], world: World) -> None:
     """
     if not world.distributed:
         return
-    runs: list[Any] = [None] * world.size
-    dist.all_gather_object(runs, fingerprint)
+    runs = every_rank(fingerprint, world)
     first = runs[0]
     differences = [
         f"rank {rank} has {key} {run.get(key)!r} where rank 0 has {first.get(key)!r}"
