@@ -373,8 +373,7 @@ def check_counts(
         n_empty += empty.size
         examples.extend(empty[: 3 - len(examples)])
     if n_empty:
-        where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-        raise _zero_count_error(n_empty, adata.obs_names[examples], where)
+        raise _zero_count_error(n_empty, adata.obs_names[examples], _where(layer))
 
 
 def get_counts(
@@ -416,7 +415,7 @@ def get_counts(
     >>> get_counts(ad.AnnData(np.array([[1.0, 0.0]], dtype=np.float32)), None).nnz
     1
     """
-    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    where = _where(layer)
     if layer is None:
         matrix = adata.X
         if matrix is None:
@@ -517,6 +516,11 @@ def get_counts(
         if empty.size:
             raise _zero_count_error(empty.size, adata.obs_names[empty[:3]], where)
     return csr
+
+
+def _where(layer: str | None) -> str:
+    """Where the counts are, as the messages name it."""
+    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
 
 
 def _zero_count_error(n_cells: int, examples: Sequence[str], where: str) -> RegistryError:
