@@ -19,6 +19,9 @@ if not logger.handlers:
     _handler.setFormatter(logging.Formatter("%(levelname)s scvae: %(message)s"))
     logger.addHandler(_handler)
     logger.setLevel(logging.INFO)
+    # scvae's own handler prints each line; a root handler (logging.basicConfig) would print it
+    # again (scvi-tools, anndata and torch keep their loggers to themselves the same way)
+    logger.propagate = False
 
 # numpy's global generator takes seeds up to 2**32 - 1 (so does Lightning's seed_everything,
 # which scvi.settings.seed calls)
@@ -144,20 +147,44 @@ class Settings:
 
     @property
     def verbosity(self) -> str:
-        """Logging level of the ``scvae`` logger ("debug", "info", "warning", "error")."""
+        """Logging level of the ``scvae`` logger: "debug", "info", "warning", "error" or
+        "critical"; set it by name or by logging's number (``logging.INFO``), as
+        ``scvi.settings.verbosity``."""
         return logging.getLevelName(logger.level).lower()
 
     @verbosity.setter
     def verbosity(self, level: str | int) -> None:
-        if isinstance(level, str):
-            name = level.upper()
-            if name not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-                raise ValueError(
-                    f"verbosity {level!r} is not a level; use 'debug', 'info', 'warning' "
-                    "or 'error'."
-                )
-            level = getattr(logging, name)
-        logger.setLevel(level)
+        logger.setLevel(_check_verbosity(level))
+
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+
+def _check_verbosity(level: object) -> int:
+    """logging's number of a verbosity given by name or by number; anything else refused."""
+    allowed = (
+        "use 'debug', 'info', 'warning', 'error' or 'critical', or logging's numbers "
+        "(logging.DEBUG = 10 to logging.CRITICAL = 50)"
+    )
+    if isinstance(level, str) and level.lower() in _LEVELS:
+        return _LEVELS[level.lower()]
+    whole = isinstance(level, numbers.Integral) and not isinstance(level, bool)
+    if whole and int(level) in _LEVELS.values():  # type: ignore[arg-type]
+        return int(level)  # type: ignore[arg-type]
+    hint = ""
+    if whole and 0 <= int(level) <= 4:  # type: ignore[arg-type]
+        # scanpy's sc.settings.verbosity counts 0 (errors) to 4 (debug): not logging's scale
+        hint = (
+            " (scanpy's verbosity scale, 0 = errors to 4 = debug, is not logging's: for "
+            "scanpy's 1, warnings, use 'warning')"
+        )
+    raise ValueError(f"settings.verbosity cannot be {level!r}{hint}; {allowed}.")
 
 
 def _check_seed(value: object) -> None:

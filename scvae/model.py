@@ -128,7 +128,9 @@ def _train_worker(rank: int, world_size: int, init_method: str, payload: str) ->
     with open(payload, "rb") as file:
         model, data, options, out, verbosity = pickle.load(file)
     # the caller's verbosity; rank 0 alone says what every rank would (resuming, stopping)
-    settings.verbosity = verbosity if rank == 0 or verbosity in ("warning", "error") else "warning"
+    settings.verbosity = (
+        verbosity if rank == 0 or verbosity in ("warning", "error", "critical") else "warning"
+    )
     device = resolve_device(options.get("device", "auto"))
     torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
     dist.init_process_group(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,16 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 @pytest.fixture(autouse=True)
 def _quiet():
     scvae.settings.progress_bar = False
+
+
+@pytest.fixture(autouse=True)
+def _scvae_logs_in_caplog(caplog):
+    """The ``scvae`` logger does not propagate to the root logger, where pytest's ``caplog``
+    listens: its handler is added to the ``scvae`` logger for each test instead."""
+    log = logging.getLogger("scvae")
+    log.addHandler(caplog.handler)
+    yield
+    log.removeHandler(caplog.handler)
 
 
 @pytest.fixture(scope="session")

@@ -227,6 +227,32 @@ def test_settings_refuse_values_that_would_fail_later():
     assert scvae.settings.seed == 0 and scvae.settings.progress_bar in (True, False)
 
 
+def test_verbosity_takes_logging_names_and_numbers_only():
+    import logging
+
+    before = scvae.settings.verbosity
+    try:
+        for given, read in (("critical", "critical"), (logging.INFO, "info"), ("DEBUG", "debug")):
+            scvae.settings.verbosity = given
+            assert scvae.settings.verbosity == read
+        # scanpy's 1 (warnings) was logging level 1, below DEBUG: everything was printed
+        with pytest.raises(ValueError, match="scanpy's verbosity scale.*'warning'"):
+            scvae.settings.verbosity = 1
+        for bad in (True, 25, 2.5, None, "loud"):
+            with pytest.raises(ValueError, match="settings.verbosity cannot be"):
+                scvae.settings.verbosity = bad
+        assert scvae.settings.verbosity == "debug"
+    finally:
+        scvae.settings.verbosity = before
+
+
+def test_log_lines_are_not_printed_again_by_a_root_handler():
+    import logging
+
+    # with logging.basicConfig(...) every line came twice: scvae's handler and the root's
+    assert logging.getLogger("scvae").propagate is False
+
+
 def test_settings_refuse_names_they_do_not_have():
     # scvi.settings.batch_size set by habit, or a typo, was set and read by nothing
     size = scvae.settings.inference_batch_size
