@@ -517,7 +517,6 @@ def fit(
                         buf.copy_(keep)
                     optimizer.zero_grad(set_to_none=True)
                     module.eval()
-                    bar.close()
                     lr = optimizer.param_groups[0]["lr"]
                     raise TrainingDiverged(
                         _divergence_message(epoch, step, x, out.loss.detach(), lr),
@@ -556,9 +555,11 @@ def fit(
             loop.next_epoch = epoch + 1
             if checkpoint is None and not world.distributed:  # what Ctrl-C keeps
                 finished = {k: v.detach().clone() for k, v in module.state_dict().items()}
-            bar.update(1)
             shown = {k: f"{row[k]:.1f}" for k in ("elbo_train", "elbo_validation") if k in row}
-            bar.set_postfix(shown, refresh=False)  # the validation value shows overfitting
+            # set before the update draws the bar, so the bar shows this epoch's values; the
+            # validation value shows overfitting
+            bar.set_postfix(shown, refresh=False)
+            bar.update(1)
             monitor = row.get("elbo_validation", row["elbo_train"])
             if scheduler is not None:
                 scheduler.step(monitor)
@@ -605,13 +606,15 @@ def fit(
                         ranks=ranks,
                     )
     except KeyboardInterrupt as err:
-        bar.close()
         if finished is None:  # nothing to keep: the caller puts back the weights it had
             raise
         module.load_state_dict(finished)  # the epochs done are kept, as scvi-tools keeps them
         module.eval()
         raise TrainingInterrupted(history=loop.history()) from err
-    bar.close()
+    finally:
+        # on any error too: a bar left open stays in tqdm's list and the next one is drawn a
+        # line lower
+        bar.close()
     module.eval()
     return loop.history()
 

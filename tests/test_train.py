@@ -232,3 +232,36 @@ def test_ctrl_c_keeps_the_epochs_done_as_scvi_tools(monkeypatch, tmp_path):
             fresh.train(max_epochs=10, progress_bar=False, **kwargs)
         assert not fresh.is_trained
         assert all(torch.equal(v, fresh.module.state_dict()[k]) for k, v in before.items())
+
+
+def test_the_progress_bar_closes_on_any_error_and_shows_each_epochs_values(monkeypatch):
+    import tqdm as tqdm_module
+
+    import scvae.train as train_module
+
+    shown = []
+
+    class Recording(tqdm_module.tqdm):
+        def update(self, n=1):
+            shown.append(self.postfix or "")  # what the bar draws at this update
+            return super().update(n)
+
+    monkeypatch.setattr(train_module, "tqdm", Recording)
+    monkeypatch.setattr(scvae.settings, "progress_bar", True)
+    adata = scvae.data.simulate(150, 20, seed=0)
+    model = scvae.SCVAE(adata)
+    model.train(max_epochs=3, seed=0)
+    elbo = [f"{v:.1f}" for v in model.history["elbo_train"]]
+    # the bar's figures lagged an epoch: the postfix was set after the update had drawn it
+    assert [f"elbo_train={e}" in s for s, e in zip(shown, elbo, strict=True)] == [True] * 3
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train_module, "evaluate", broken)  # an ordinary error mid-run
+    before = len(tqdm_module.tqdm._instances)
+    with pytest.raises(OSError, match="disk full") as info:
+        model.train(max_epochs=2, seed=0)
+    # a bar left open stays in tqdm's list while the traceback is kept (as IPython keeps it),
+    # and the next bar is drawn a line lower
+    assert info.traceback and len(tqdm_module.tqdm._instances) == before
