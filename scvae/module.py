@@ -25,7 +25,9 @@ torch.Size([])
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -196,6 +198,24 @@ class LossOutput:
         return -(self.reconstruction_loss + self.kl_z + self.kl_l)
 
 
+def _in_float32(init: Callable[..., None]) -> Callable[..., None]:
+    """Build a module with float32 as torch's default dtype (the parameters are float32, as
+    scvi-tools'), whatever default the caller set (``torch.set_default_dtype(torch.float64)``
+    made float64 weights that the float32 counts could not be multiplied with); the same
+    seed gives the same weights either way. The caller's default is restored."""
+
+    @functools.wraps(init)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            init(*args, **kwargs)
+        finally:
+            torch.set_default_dtype(previous)
+
+    return wrapper
+
+
 class VAE(nn.Module):
     """scVI's variational autoencoder (see the module docstring for the model).
 
@@ -214,6 +234,7 @@ class VAE(nn.Module):
     True
     """
 
+    @_in_float32
     def __init__(
         self,
         config: ModuleConfig,

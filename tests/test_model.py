@@ -568,3 +568,25 @@ def test_feature_correlation_is_numpy_s_and_pearson_streams(trained, monkeypatch
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < n_draws * n_genes * 4 / 4, peak
+
+
+def test_a_float64_default_dtype_changes_nothing(sim):
+    # torch.set_default_dtype(torch.float64) built float64 weights that the float32 counts
+    # could not be multiplied with (train failed deep inside), and load turned weights float64
+    adata = sim[:200, :40].copy()
+    reference = scvae.SCVAE(adata)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = scvae.SCVAE(adata)
+        assert torch.get_default_dtype() == torch.float64  # the caller's default is kept
+        for (name, a), b in zip(
+            model.module.state_dict().items(), reference.module.state_dict().values(), strict=True
+        ):
+            assert a.dtype == b.dtype and torch.equal(a, b), name  # same seed, same weights
+        model.train(max_epochs=1, seed=0)
+        assert model.get_latent_representation().dtype == np.float32
+        ldvae = scvae.LDVAE(adata)
+        assert {p.dtype for p in ldvae.module.parameters()} == {torch.float32}
+    finally:
+        torch.set_default_dtype(previous)
