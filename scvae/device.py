@@ -15,6 +15,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, str) and device.split(":")[0].lower() in ("gpu", "accelerator"):
+        # Lightning's accelerator="gpu" (scvi-tools' train(accelerator="gpu")) by habit
+        raise ValueError(
+            f"device={device!r}: torch calls GPUs 'cuda'; use 'cuda' (or 'cuda:0'), or 'auto' "
+            "to pick the GPU when there is one."
+        )
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
@@ -37,5 +43,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
             "renumbers them from 0)."
         )
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device={device!r} was asked for, but MPS is not available here.")
+        raise ValueError(
+            f"device={device!r} was asked for, but MPS is not available here (it needs Apple "
+            "silicon and a torch built with MPS); use 'auto' or 'cpu'."
+        )
     return dev

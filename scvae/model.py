@@ -418,6 +418,30 @@ class SCVAE:
         """Where the module's parameters live."""
         return next(self.module.parameters()).device
 
+    def to_device(self, device: str | int | torch.device) -> None:
+        """Move the model's weights to ``device``, as scvi-tools' ``model.to_device``.
+
+        The queries then run there; ``train(device=...)`` trains where it says (by default the
+        GPU when there is one). Nothing else changes (weights, history and options are kept).
+
+        Parameters
+        ----------
+        device
+            "cpu", "cuda", "cuda:1", a GPU's index (``1``: "cuda:1"), "mps", or "auto" (the
+            GPU when there is one, else the CPU). A device that is not here is refused and
+            the model stays where it is.
+
+        Examples
+        --------
+        >>> import scvae
+        >>> model = scvae.SCVAE(scvae.data.simulate(50, 20, seed=0))
+        >>> model.to_device("cpu")
+        >>> model.device
+        device(type='cpu')
+        """
+        whole = isinstance(device, numbers.Integral) and not isinstance(device, bool)
+        self.module.to(resolve_device(f"cuda:{int(device)}" if whole else device))
+
     def __repr__(self) -> str:
         c = self.module.config
         state = "trained" if self.is_trained else "not trained"

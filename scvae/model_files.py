@@ -226,6 +226,7 @@ def load(
     >>> scvae.SCVAE.load(path, adata).is_trained
     False
     """
+    dev = resolve_device(device)  # a device that is not here is refused before any reading
     if adata is not None:
         _checks.anndata(
             "adata", adata, hint=" Read the file first: SCVAE.load(dir_path, ad.read_h5ad(path))."
@@ -338,7 +339,7 @@ def load(
         cells = attached
     model = cls.__new__(cls)
     model._decoder_bias = config.decoder_bias
-    model._setup(adata, registry, module.to(resolve_device(device)))
+    model._setup(adata, registry, module.to(dev))
     model.is_trained = bool(description.get("is_trained", False))
     model.train_config = train_config
     model.history = history

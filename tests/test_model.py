@@ -590,3 +590,33 @@ def test_a_float64_default_dtype_changes_nothing(sim):
         assert {p.dtype for p in ldvae.module.parameters()} == {torch.float32}
     finally:
         torch.set_default_dtype(previous)
+
+
+def test_to_device_moves_the_weights_and_refuses_a_device_that_is_not_here(trained):
+    # scvi-tools' model.to_device; the docs sent users to train(device=), which trains more
+    model = trained
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    model.to_device("cpu")
+    assert model.device == torch.device("cpu") and len(model.history) == len(trained.history)
+    for bad, message in (
+        (1, "cuda:1"),
+        ("gpu", "torch calls GPUs 'cuda'"),
+        ("mps", "use 'auto' or 'cpu'"),
+    ):
+        if bad == "mps" and torch.backends.mps.is_available():
+            continue
+        if bad == 1 and torch.cuda.device_count() > 1:
+            continue
+        with pytest.raises(ValueError, match=message):
+            model.to_device(bad)
+    assert model.device == torch.device("cpu")
+    for k, v in model.module.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_load_refuses_a_missing_device_before_reading_anything(tmp_path, sim):
+    model = scvae.SCVAE(sim[:60, :20].copy())
+    model.save(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"broken")  # not reached
+    with pytest.raises(ValueError, match="torch calls GPUs 'cuda'"):
+        scvae.SCVAE.load(tmp_path / "m", device="gpu")
