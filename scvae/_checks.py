@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
 import anndata as ad
@@ -63,3 +66,27 @@ def positive_number(value: Any) -> bool:
         and math.isfinite(value)
         and value > 0
     )
+
+
+_PACKAGE = str(Path(__file__).resolve().parent)
+
+
+def warn_user(message: str) -> None:
+    """``warnings.warn(message, UserWarning)`` pointing at the user's line: the first caller
+    outside the scvae package, however deep inside it the warning is raised (a fixed
+    ``stacklevel`` is right for one entry point only: a check reached from ``scvae.tl`` and
+    from a model method is one frame deeper in one of them).
+
+    Examples
+    --------
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as seen:
+    ...     warnings.simplefilter("always")
+    ...     warn_user("careful")
+    >>> seen[0].message.args[0], seen[0].filename == __file__
+    ('careful', False)
+    """
+    level, frame = 2, sys._getframe(1)  # stacklevel 2: warn_user's caller
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, UserWarning, stacklevel=level)

@@ -39,7 +39,6 @@ Examples
 from __future__ import annotations
 
 import numbers
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -48,6 +47,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scvae import _checks
 from scvae.de_group import (
     EPS,
     GroupInputs,
@@ -200,10 +200,8 @@ def define_comparisons(
                     "idx1 and idx2 are the same cells: a group cannot be compared with itself."
                 )
             if shared:
-                warnings.warn(
+                _checks.warn_user(
                     f"idx1 and idx2 share {shared} cells; they count in both groups.",
-                    UserWarning,
-                    stacklevel=4,
                 )
         comps = [Comparison("group1", name2, cells1, cells2, n_obs=n_obs)]
     else:

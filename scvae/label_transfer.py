@@ -3,13 +3,12 @@ latent space (numpy and scikit-learn; no torch)."""
 
 from __future__ import annotations
 
-import warnings
-
 import anndata as ad
 import numpy as np
 import pandas as pd
 from sklearn.neighbors import NearestNeighbors
 
+from scvae import _checks
 from scvae.data.registry import CategoryMatcher
 
 UNKNOWN = "Unknown"
@@ -160,11 +159,9 @@ def transfer_labels(
     codes = np.asarray(present.codes, dtype=np.int64)
     k = min(n_neighbors, ref.shape[0])
     if k < n_neighbors:
-        warnings.warn(
+        _checks.warn_user(
             f"n_neighbors={n_neighbors} is more than the reference's {ref.shape[0]} cells: "
             f"each query cell's vote takes all {k} of them.",
-            UserWarning,
-            stacklevel=2,
         )
     dist, idx = NearestNeighbors(n_neighbors=k).fit(ref).kneighbors(query)
     scale = dist.mean(axis=1, keepdims=True)

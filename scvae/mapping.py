@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -199,12 +198,10 @@ def load_query_data(
     )
     model._untrained_reference = not reference.is_trained
     if not reference.is_trained:
-        warnings.warn(
+        _checks.warn_user(
             f"The reference {type(reference).__name__} has not been trained: its encoder is "
             "random, and so would be the query's latent. Train the reference first "
             "(reference.train(...)), then map the query onto it.",
-            UserWarning,
-            stacklevel=2,
         )
     if not new and not any(new_cats.values()) and not unfrozen:
         parts = surgery.trainable_modules(model.module, model.frozen)
@@ -219,14 +216,12 @@ def load_query_data(
             if registry.categorical_covariate_keys
             else ""
         )
-        warnings.warn(
+        _checks.warn_user(
             f"None of the query's batches is new (all are in the reference's "
             f"adata.obs[{registry.batch_key!r}]){covariates}, so mapping adds no columns to "
             "train. scvae keeps the reference's batch and covariate columns frozen (scvi-tools "
             f"trains them): model.train() fits {fits}. To fit the query's own batch effect, "
             "give its cells a new batch name.",
-            UserWarning,
-            stacklevel=2,
         )
     logger.info(
         "Query of %d cells: %d new batch(es) %s added to the reference's %d; %d cells of "

@@ -803,12 +803,10 @@ class SCVAE:
             # the weights of the last one); otherwise (none done, a checkpoint to resume from)
             # a plain KeyboardInterrupt reaches the restoring branch below
             self._record_training(err.history, train_idx, val_idx, train_config)
-            warnings.warn(
+            _checks.warn_user(
                 f"Training stopped (Ctrl-C) after {len(err.history)} epoch(s) of this call: the "
                 "model keeps them (model.history). Pass checkpoint_dir= to resume a run "
                 "where it stopped.",
-                UserWarning,
-                stacklevel=2,
             )
             self.module.eval()
             raise
@@ -832,15 +830,13 @@ class SCVAE:
         train_config: dict[str, Any],
     ) -> None:
         if not distributed.current_world().distributed:  # a worker's parent warns, once
-            self._warn_if_resplit(train_idx, val_idx, stacklevel=4)
+            self._warn_if_resplit(train_idx, val_idx)
         self.history = _continued(self.history, history) if self.is_trained else history
         self.is_trained = True
         self.train_indices, self.validation_indices = train_idx, val_idx
         self.train_config = train_config
 
-    def _warn_if_resplit(
-        self, train_idx: np.ndarray, val_idx: np.ndarray, *, stacklevel: int
-    ) -> None:
+    def _warn_if_resplit(self, train_idx: np.ndarray, val_idx: np.ndarray) -> None:
         """Warn when a later ``train`` call trained on cells an earlier call held out, or
         validated on cells it trained on (another seed or split options); called once the
         call has trained, so a call that fails warns of nothing."""
@@ -861,14 +857,12 @@ class SCVAE:
                 f"{now_validating} cells trained on before are validation cells now, so "
                 "elbo_validation is no longer held out"
             )
-        warnings.warn(
+        _checks.warn_user(
             f"This train() call split the cells anew (another seed, train_size or "
             f"validation_size than the earlier call, or with train_size=None another "
             f"batch_size): {'; '.join(parts)}. Held-out scores on model.validation_indices "
             "then include cells the model has seen. Pass the seed and split options of the "
             "first call to keep its split.",
-            UserWarning,
-            stacklevel=stacklevel,
         )
 
     def _run_fingerprint(
@@ -985,7 +979,7 @@ class SCVAE:
         """Weights, history and split of a model trained in other processes."""
         if not result.is_trained:  # nothing trained there: this model stays as it is
             return
-        self._warn_if_resplit(result.train_indices, result.validation_indices, stacklevel=5)
+        self._warn_if_resplit(result.train_indices, result.validation_indices)
         self.module.load_state_dict(result.module.state_dict())
         self.module.eval()
         self.history, self.is_trained = result.history, True
@@ -1011,12 +1005,10 @@ class SCVAE:
             sel = log_totals[(batch == b) & train]
             if not len(sel) and (batch == b).any():
                 sel = log_totals[batch == b]
-                warnings.warn(
+                _checks.warn_user(
                     f"Batch {self.registry.batch_categories[b]!r} has no training cells (its "
                     f"{len(sel)} cell(s) are all held out for validation): its library prior "
                     "is taken from all its cells. A larger train_size keeps some for training.",
-                    UserWarning,
-                    stacklevel=3,
                 )
             if len(sel):
                 means[b] = sel.mean()
@@ -1024,13 +1016,11 @@ class SCVAE:
                 if variances[b] < _LIBRARY_VAR_FLOOR:
                     # equal totals (downsampled cells, two alike): a prior of (almost) no width
                     # makes the library's KL term explode, and the loss with it
-                    warnings.warn(
+                    _checks.warn_user(
                         f"The training cells of batch {self.registry.batch_categories[b]!r} "
                         f"have (nearly) equal library sizes (variance of the log library "
                         f"{float(variances[b]):.3g}): the library prior's variance is set to "
                         f"{_LIBRARY_VAR_FLOOR:g} instead.",
-                        UserWarning,
-                        stacklevel=3,
                     )
                     variances[b] = _LIBRARY_VAR_FLOOR
         self.module.library_log_means.copy_(torch.from_numpy(means))

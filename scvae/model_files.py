@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -328,12 +327,10 @@ def load(
                 if cells.get("n_obs") != adata.n_obs
                 else "other cell names, or another order"
             )
-            warnings.warn(
+            _checks.warn_user(
                 f"This AnnData's cells are not those the model was trained on ({how}), and "
                 "model.train_indices / validation_indices are positions among those cells: "
                 "they are left empty. Load with the training AnnData to keep them.",
-                UserWarning,
-                stacklevel=2,
             )
             train_indices = val_indices = np.array([], dtype=np.int64)
         cells = attached

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import numbers
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -124,20 +123,16 @@ def _warn_if_untrained(model: SCVAE, query: str) -> None:
     if model.is_trained or _QUIET.get():
         return
     if getattr(model, "frozen", None) is None:
-        warnings.warn(
+        _checks.warn_user(
             f"{query} on a model that has not been trained: its encoder is random, so is the "
             "result. Call model.train() first, or load a trained model with "
             "SCVAE.load(dir_path, adata).",
-            UserWarning,
-            stacklevel=3,
         )
     elif getattr(model, "_untrained_reference", False):
-        warnings.warn(
+        _checks.warn_user(
             f"{query} on a query model whose reference was never trained: the encoder it "
             "carries is random, so is the result. Train the reference, then map the query "
             "onto it again with load_query_data.",
-            UserWarning,
-            stacklevel=3,
         )
 
 
@@ -571,13 +566,11 @@ def get_normalized_expression(
     )
     if values.ndim == 3:
         if return_numpy is False:  # as scvi-tools: a DataFrame cannot hold the samples axis
-            warnings.warn(
+            _checks.warn_user(
                 "get_normalized_expression keeps n_samples posterior samples "
                 "(return_mean=False), which a DataFrame cannot hold: returning an ndarray "
                 "(samples, cells, genes). Pass return_numpy=True or None to silence this, "
                 "or return_mean=True for a DataFrame of the mean.",
-                UserWarning,
-                stacklevel=2,
             )
         return values
     if return_numpy:

@@ -383,3 +383,24 @@ def test_differential_expression_passes_its_batch_size_to_the_queries(adata_mode
         adata.copy(), model, groupby="cell_type", groups="type0", n_samples_overall=50, batch_size=7
     )
     assert sizes and set(sizes) == {7}
+
+
+def test_warnings_point_at_the_users_line_from_every_entry_point():
+    # a fixed stacklevel was right for one entry point: through scvae.tl (or from a model
+    # method where the check sat one frame shallower) warnings named scvae's own files
+    adata = scvae.data.simulate(120, 30, seed=0)
+    adata.obs["few"] = ["a"] * 118 + ["b", "c"]
+    model = scvae.SCVAE(adata)
+    calls = {
+        "untrained, through tl": lambda: scvae.tl.normalized_expression(adata, model, copy=True),
+        "few cells, through tl.fit": lambda: scvae.tl.fit(
+            adata.copy(), batch_key="few", max_epochs=1
+        ),
+        "shared cells, model method": lambda: model.differential_expression(
+            idx1=np.arange(60), idx2=np.arange(50, 120)
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.warns(UserWarning) as seen:
+            call()
+        assert {w.filename for w in seen} == {__file__}, name

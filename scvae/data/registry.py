@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,6 +16,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from scvae import _checks
 
 # Non-integer data whose largest value is below this looks log-normalised, not like counts.
 _LOG_DATA_MAX = 30.0
@@ -650,12 +651,10 @@ def _categories(adata: ad.AnnData, key: str | None, what: str) -> list[str]:
     sizes = column.astype(str).value_counts()
     few = [n for n in names if sizes.get(n, 0) < _FEW_CELLS]
     if few:  # as scvi-tools' setup_anndata warns
-        warnings.warn(
+        _checks.warn_user(
             f"adata.obs[{key!r}] ({what}) has {len(few)} categories with fewer than "
             f"{_FEW_CELLS} cells (e.g. {', '.join(map(repr, few[:5]))}); a model learns "
             "little about them. Is this a column of groups?",
-            UserWarning,
-            stacklevel=4,
         )
     if len(set(names)) < len(names):  # 1 and "1": one name in the model's files, two groups
         seen: dict[str, Any] = {}
