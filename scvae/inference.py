@@ -90,10 +90,21 @@ def latent(
     mc_samples: int = 5000,
     return_dist: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Posterior mean (or one sample, or the Gaussian's mean and variance) per cell."""
+    """Posterior mean (or one sample, or the Gaussian's mean and variance) per cell.
+
+    The encoder draws a sample of z with every pass; where the answer needs none (the mean of
+    the normal latent, or the distribution itself), the draw is taken from a fork of torch's
+    generator, so the caller's random state is left as it was (as the docs say: only
+    ``give_mean=False`` and the ``ln`` latent's mean draw).
+    """
     means, variances = _Rows(chunks), _Rows(chunks)
+    drawless = return_dist or (give_mean and module.config.latent_distribution != "ln")
     for x, b, cov in chunks:
-        qz = module.inference(x, b, cov)["qz"]
+        if drawless:
+            with _forked_rng(x.device):
+                qz = module.inference(x, b, cov)["qz"]
+        else:
+            qz = module.inference(x, b, cov)["qz"]
         if return_dist:
             means.add(qz.loc)
             variances.add(qz.variance)
@@ -106,6 +117,13 @@ def latent(
     empty = np.zeros((0, module.config.n_latent), dtype=np.float32)
     out = means.result(empty)
     return (out, variances.result(empty)) if return_dist else out
+
+
+def _forked_rng(device: torch.device) -> Any:
+    """A fork of torch's generator for ``device`` (the CPU's, or that CUDA device's as well):
+    what is drawn inside is undone when the block ends."""
+    cuda = [device] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=cuda)
 
 
 def _ln_mean(module: VAE, qz: torch.distributions.Normal, mc_samples: int) -> torch.Tensor:

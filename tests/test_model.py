@@ -620,3 +620,13 @@ def test_load_refuses_a_missing_device_before_reading_anything(tmp_path, sim):
     (tmp_path / "m" / "model.safetensors").write_bytes(b"broken")  # not reached
     with pytest.raises(ValueError, match="torch calls GPUs 'cuda'"):
         scvae.SCVAE.load(tmp_path / "m", device="gpu")
+
+
+def test_the_latent_mean_draws_nothing_from_the_callers_generator(trained):
+    # the encoder samples z in every pass: the mean advanced torch's global generator
+    state = torch.get_rng_state()
+    trained.get_latent_representation()
+    trained.get_latent_representation(return_dist=True)
+    assert torch.equal(state, torch.get_rng_state())
+    trained.get_latent_representation(give_mean=False)  # a draw, as documented
+    assert not torch.equal(state, torch.get_rng_state())
