@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -68,7 +69,8 @@ def positive_number(value: Any) -> bool:
     )
 
 
-_PACKAGE = str(Path(__file__).resolve().parent)
+# with the separator: a user's file beside the package ("scvae_demo/run.py") is not in it
+_PACKAGE = str(Path(__file__).resolve().parent) + os.sep
 
 
 def warn_user(message: str) -> None:
