@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING
 import anndata as ad
 import numpy as np
 import pandas as pd
-import torch
 
-from scvae import _checks, de, de_group
+from scvae import _checks, _rng, de, de_group
 from scvae._settings import settings
 from scvae.queries import _untrained_warned, _warn_if_untrained
 
@@ -217,9 +216,8 @@ def differential_expression(
     count_blocks = model.registry.check_blocks(adata)
 
     seed = settings.seed if seed is None else seed
-    cuda = [model.device.index or 0] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), _untrained_warned():  # warned once, above
-        torch.manual_seed(seed)
+    # the CPU's and the model device's generators seeded; every caller's generator put back
+    with _rng.seeded(seed, model.device), _untrained_warned():  # warned once, above
         return de.run(
             comparisons,
             count_blocks,

@@ -22,7 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from scvae import _checks, de_glue, distributed, mapping, model_files, queries
+from scvae import _checks, _rng, de_glue, distributed, mapping, model_files, queries
 from scvae._settings import logger, settings
 from scvae.data.backed import (
     BLOCK_ROWS,
@@ -356,9 +356,9 @@ class SCVAE:
             },
         )
         # Initial weights from scvae.settings.seed, so the same seeds give the same model
-        # whatever else used torch's global generator before.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(settings._seed_of_weights())
+        # whatever else used torch's global generator before (built on the CPU: only the
+        # CPU's generator is seeded, and every generator is put back after).
+        with _rng.seeded(settings._seed_of_weights()):
             module = VAE(config)
         self._setup(adata, registry, module)
 
@@ -752,9 +752,9 @@ class SCVAE:
                 )
             else:
                 source = count_source(counts, dev)
-            # training seeds torch's generator; the caller's random state is put back after
-            cuda = [dev.index or 0] if dev.type == "cuda" else []
-            with torch.random.fork_rng(devices=cuda):
+            # training seeds torch's CPU generator and the device's; the caller's generators
+            # (every GPU's, which a checkpoint's resume sets) are put back after
+            with _rng.kept_generators(dev):
                 history = fit(
                     self.module,
                     source,

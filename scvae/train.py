@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from scvae._rng import seed_generators
 from scvae._settings import logger
 from scvae.checkpoint import Checkpointer, CheckpointError, LoopState
 from scvae.data.loader import CountSource, DeviceCSR  # noqa: F401 (DeviceCSR: the examples)
@@ -412,7 +413,8 @@ def fit(
     if epochs_before:  # a later call: new randomness, still determined by the seed
         stream = int(np.random.SeedSequence([config.seed, epochs_before]).generate_state(1)[0])
     generator = torch.Generator().manual_seed(stream)  # the same on every rank
-    torch.manual_seed(stream + world.rank)  # sampling noise: its own on each rank
+    # sampling noise: its own on each rank; only the CPU's and this device's generators
+    seed_generators(stream + world.rank, device)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(
         params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay

@@ -160,6 +160,49 @@ def test_the_settings_seed_is_no_global_reseed_for_new_models_or_tl_fit(sim, mon
     assert seeded == [0]
 
 
+def test_seeded_calls_reseed_no_gpu_generator(sim, monkeypatch):
+    # torch.manual_seed also reseeds every CUDA device (or queues that seed until CUDA starts),
+    # which a fork of the CPU generator does not put back: new models, train and DE seed only
+    # the generators they draw from (no GPU here: record what would reach every GPU)
+    reseeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    data = sim[:100].copy()
+    model = scvae.SCVAE(data, n_hidden=8, n_latent=3)
+    model.train(max_epochs=1, seed=11, device="cpu")
+    model.differential_expression(data, groupby="cell_type", n_samples_overall=20, seed=5)
+    assert reseeded == []
+
+
+def test_seeded_blocks_put_back_every_gpu_generator(monkeypatch):
+    # a block keeps every CUDA device's generator once CUDA has started (a checkpoint's
+    # resume sets them all) and seeds only its own device's; faked, as there is no GPU here
+    from scvae import _rng
+
+    states = {0: torch.tensor([0]), 1: torch.tensor([1])}
+    fakes = (torch.Generator(), torch.Generator())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "default_generators", fakes)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda i: states[i].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: states.__setitem__(i, s))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert _rng.kept_cuda_devices(torch.device("cpu")) == []  # never started: left alone
+    assert _rng.kept_cuda_devices(torch.device("cuda:1")) == [0, 1]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert _rng.kept_cuda_devices(torch.device("cpu")) == [0, 1]
+    before = torch.get_rng_state()
+    fakes[0].manual_seed(99)
+    untouched = fakes[0].get_state()
+    with _rng.seeded(7, torch.device("cuda:1")):
+        assert fakes[1].initial_seed() == 7  # its own device's generator
+        states[0] = states[1] = torch.tensor([-1])  # e.g. a checkpoint resume set them all
+        torch.rand(3)
+    assert torch.equal(fakes[0].get_state(), untouched)  # the other GPU was not reseeded
+    assert [int(states[i]) for i in (0, 1)] == [0, 1]
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_save_load_gives_identical_outputs(trained, sim, tmp_path):
     path = tmp_path / "model"
     trained.save(str(path))
