@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from scvae import _checks
+from scvae import _checks, _rng
 from scvae.de import fdr_target_values
 from scvae.train import KL_WARMUP_EPOCHS
 
@@ -107,8 +107,9 @@ def fit(
         As in :meth:`scvae.SCVAE.train`.
     seed
         Seed of the initial weights, the train/validation split, the minibatch order and the
-        sampling (None: ``scvae.settings.seed``); the same seed gives the same latent on the
-        CPU, bit for bit.
+        sampling, the latent query's included (None: ``scvae.settings.seed``); the same seed
+        gives the same latent on the CPU, bit for bit, and the caller's global generators
+        are left as they were.
     progress_bar
         Show a progress bar while training (None: ``scvae.settings.progress_bar``).
     n_processes
@@ -192,7 +193,10 @@ def fit(
         progress_bar=progress_bar,
         n_processes=n_processes,
     )
-    adata.obsm[key_added] = model.get_latent_representation(adata)
+    # the query samples with latent_distribution="ln": seeded too, so the latent is the
+    # seed's, whatever the caller's global generators held, and those are left as they were
+    with _rng.seeded(seed, model.device):
+        adata.obsm[key_added] = model.get_latent_representation(adata)
     last = model.history.iloc[-1]
     record: dict[str, Any] = {
         "version": __version__,

@@ -220,6 +220,20 @@ def test_fit_seed_is_the_whole_run_and_settings_are_restored(small):
     assert not np.array_equal(a.get_latent_representation(), c.get_latent_representation())
 
 
+def test_fit_seed_fixes_a_sampled_latent_and_leaves_the_global_generator(small):
+    # latent_distribution="ln" samples in the latent query: drawn from the seed too, so the
+    # caller's global torch state before the call changes nothing, and it is left as it was
+    latents = []
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)
+        before = torch.get_rng_state()
+        adata = small.copy()
+        scvae.tl.fit(adata, latent_distribution="ln", n_hidden=8, max_epochs=1, seed=0)
+        assert torch.equal(torch.get_rng_state(), before)
+        latents.append(adata.obsm["X_scvae"])
+    np.testing.assert_array_equal(latents[0], latents[1])
+
+
 def test_a_fit_seed_is_lent_to_its_own_thread_only(small):
     import threading
 
