@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scvae import _checks
+from scvae import _checks, _rng
 from scvae._settings import logger
 from scvae.data.registry import Registry
 from scvae.device import resolve_device
@@ -308,7 +308,8 @@ def load(
             f"{dir_path}: the weights do not fit the saved configuration (e.g. "
             f"{', '.join(wrong[:3])}). Restore the directory from the original save."
         )
-    module = VAE(config)
+    with _rng.kept_generators():  # the random initial weights, overwritten: the caller's
+        module = VAE(config)  # generator is put back as it was
     module.load_state_dict(weights, strict=True)
     if adata is not None:
         from scvae.model import _refuse_backed_view

@@ -407,6 +407,17 @@ def test_two_processes_train_without_validation_cells():
     assert model.is_trained and len(model.validation_indices) == 0
 
 
+def test_two_processes_leave_the_callers_generator():
+    # the caller loads rank 0's result, and loading drew the random initial weights of a new
+    # module from the caller's global generator; the largest seed leaves room for seed + rank
+    adata = scvae.data.simulate(120, 30, seed=0)
+    model = scvae.SCVAE(adata, n_hidden=8)
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    model.train(max_epochs=1, batch_size=32, n_processes=2, seed=2**32 - 1, progress_bar=False)
+    assert model.is_trained and torch.equal(torch.get_rng_state(), before)
+
+
 def test_workers_log_at_the_callers_verbosity_and_once(capfd):
     # the workers started with the default verbosity and every rank said the same things
     adata = scvae.data.simulate(200, 30, seed=0)

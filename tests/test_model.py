@@ -228,6 +228,18 @@ def test_save_load_gives_identical_outputs(trained, sim, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_load_leaves_the_callers_generator(sim, tmp_path):
+    # load builds the module (random initial weights) before putting the saved ones in: that
+    # drew from the caller's global generator
+    for cls in (scvae.SCVAE, scvae.LDVAE):
+        path = tmp_path / cls.__name__
+        cls(sim[:60].copy(), n_hidden=8, n_latent=2).save(str(path))
+        torch.manual_seed(1)
+        before = torch.get_rng_state()
+        cls.load(str(path))
+        assert torch.equal(torch.get_rng_state(), before), cls.__name__
+
+
 def test_load_without_adata_then_query_other_adata(trained, sim, tmp_path):
     trained.save(str(tmp_path / "m"))
     loaded = scvae.SCVAE.load(str(tmp_path / "m"))
