@@ -17,6 +17,10 @@ from typing import Any
 import anndata as ad
 import numpy as np
 
+# The largest seed: numpy's global generator and Lightning's seed_everything (which
+# scvi.settings.seed calls) take no more, and it stays an int64 in an h5ad record
+SEED_MAX = 2**32 - 1
+
 
 def flag(name: str, value: Any, *, none: bool = False) -> bool | None:
     """``value`` as a bool, or a TypeError naming ``name`` (None passes with ``none=True``).
@@ -92,3 +96,26 @@ def warn_user(message: str) -> None:
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
         level, frame = level + 1, frame.f_back
     warnings.warn(message, UserWarning, stacklevel=level)
+
+
+def seed(name: str, value: Any, *, none: bool = False, why: str = "", hint: str = "") -> int | None:
+    """``value`` as a seed (a whole number from 0 to ``SEED_MAX`` = 2**32 - 1), or a
+    ValueError naming ``name`` and the range (None passes with ``none=True``; ``why`` follows
+    the range in the message, ``hint`` ends it).
+
+    Examples
+    --------
+    >>> seed("seed", np.int64(3)), seed("seed", None, none=True)
+    (3, None)
+    >>> seed("seed", 2**32)
+    Traceback (most recent call last):
+    ...
+    ValueError: seed must be a whole number from 0 to 2**32 - 1, got 4294967296.
+    """
+    if value is None and none:
+        return None
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if whole and 0 <= value <= SEED_MAX:
+        return int(value)
+    allowed = "None or a whole number" if none else "a whole number"
+    raise ValueError(f"{name} must be {allowed} from 0 to 2**32 - 1{why}, got {value!r}.{hint}")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from scvae import _checks
+
 logger = logging.getLogger("scvae")
 if not logger.handlers:
     _handler = logging.StreamHandler()
@@ -23,9 +25,6 @@ if not logger.handlers:
     # again (scvi-tools, anndata and torch keep their loggers to themselves the same way)
     logger.propagate = False
 
-# numpy's global generator takes seeds up to 2**32 - 1 (so does Lightning's seed_everything,
-# which scvi.settings.seed calls)
-SEED_MAX = 2**32 - 1
 # tl.fit's seed for the initial weights of the model it builds, per thread (None: settings.seed)
 _WEIGHTS_SEED: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "scvae_weights_seed", default=None
@@ -131,10 +130,7 @@ class Settings:
         ...     scvae.settings._seed_of_weights(), scvae.settings.seed
         (7, 0)
         """
-        whole = isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
-        if not (whole and seed >= 0):
-            raise ValueError(f"seed must be a whole number >= 0, got {seed!r}.")
-        token = _WEIGHTS_SEED.set(int(seed))
+        token = _WEIGHTS_SEED.set(_checks.seed("seed", seed))
         try:
             yield
         finally:
@@ -188,14 +184,13 @@ def _check_verbosity(level: object) -> int:
 
 
 def _check_seed(value: object) -> None:
-    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not (whole and 0 <= value <= SEED_MAX):  # type: ignore[operator]
-        raise ValueError(
-            f"settings.seed must be a whole number from 0 to 2**32 - 1 (numpy's global "
-            f"generator takes no more), got {value!r}. Setting it seeds torch's, numpy's and "
-            "random's global generators; pass seed= to a call, or set another number here, "
-            "for different draws."
-        )
+    _checks.seed(
+        "settings.seed",
+        value,
+        why=" (numpy's global generator takes no more)",
+        hint=" Setting it seeds torch's, numpy's and random's global generators; pass seed= "
+        "to a call, or set another number here, for different draws.",
+    )
 
 
 settings = Settings()

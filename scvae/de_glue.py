@@ -87,8 +87,8 @@ def differential_expression(
     n_samples_overall
         Cells sampled per group (group mode: at most this many, without replacement).
     batch_size, seed
-        Cells per chunk of the expression query; seed of the sampling (None:
-        ``scvae.settings.seed``).
+        Cells per chunk of the expression query; seed of the sampling, 0 to 2**32 - 1
+        (None: ``scvae.settings.seed``).
 
     Returns
     -------
@@ -152,10 +152,7 @@ def differential_expression(
     )
     if not isinstance(batch_correction, bool | np.bool_):
         raise ValueError(f"batch_correction must be True or False, got {batch_correction!r}.")
-    if seed is not None and (
-        isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0
-    ):
-        raise ValueError(f"seed must be None or a non-negative integer, got {seed!r}.")
+    seed = _checks.seed("seed", seed, none=True)
     options = de.DEOptions(mode, delta, fdr_target, n_samples_overall, pseudocounts, test_mode)
     batches = model.registry.batch_categories
     codes = list(range(len(batches))) if batch_correction else [None]

@@ -516,7 +516,7 @@ class SCVAE:
         reduce_lr_on_plateau
             Multiply the learning rate by 0.6 after 30 epochs without validation improvement.
         seed
-            Seed of the split, the minibatch order and all sampling (None:
+            Seed of the split, the minibatch order and all sampling, 0 to 2**32 - 1 (None:
             ``scvae.settings.seed``); the same seed gives bit-identical weights on the CPU
             (with ``compile=True``, between runs in fresh processes: a second compiled run in
             the same process can differ in the last bits).
@@ -600,7 +600,7 @@ class SCVAE:
         n_cells = self.registry_adata().n_obs
         if max_epochs is None:
             max_epochs = max(min(round(20000 / n_cells * 400), 400), 1)
-        seed = settings.seed if seed is None else seed
+        seed = settings.seed if seed is None else _checks.seed("seed", seed)
         if precision == "32-true" or (type(precision) is int and precision == 32):
             precision = "32"  # Lightning's other names of float32
         config = TrainConfig(

@@ -107,9 +107,9 @@ def fit(
         As in :meth:`scvae.SCVAE.train`.
     seed
         Seed of the initial weights, the train/validation split, the minibatch order and the
-        sampling, the latent query's included (None: ``scvae.settings.seed``); the same seed
-        gives the same latent on the CPU, bit for bit, and the caller's global generators
-        are left as they were.
+        sampling, the latent query's included, 0 to 2**32 - 1 (None: ``scvae.settings.seed``);
+        the same seed gives the same latent on the CPU, bit for bit, and the caller's global
+        generators are left as they were.
     progress_bar
         Show a progress bar while training (None: ``scvae.settings.progress_bar``).
     n_processes
@@ -176,7 +176,7 @@ def fit(
         "use_batch_norm": use_batch_norm,
         "use_layer_norm": use_layer_norm,
     }
-    seed = settings.seed if seed is None else seed
+    seed = settings.seed if seed is None else _checks.seed("seed", seed)
     # the initial weights from this seed, for this model and thread only: settings.seed is
     # left as it is and the caller's global generators are not seeded (as setting it would)
     with settings._weights_seed(seed):

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from scvae import _checks
 from scvae._rng import seed_generators
 from scvae._settings import logger
 from scvae.checkpoint import Checkpointer, CheckpointError, LoopState
@@ -129,7 +130,7 @@ class TrainConfig:
             )
         whole("lr_patience", 0)
         real("lr_factor", 0.0, strict=True, high=1.0)
-        whole("seed", 0)
+        object.__setattr__(self, "seed", _checks.seed("seed", self.seed))
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"precision must be one of {', '.join(map(repr, PRECISIONS))} (train() also "
@@ -413,7 +414,8 @@ def fit(
     if epochs_before:  # a later call: new randomness, still determined by the seed
         stream = int(np.random.SeedSequence([config.seed, epochs_before]).generate_state(1)[0])
     generator = torch.Generator().manual_seed(stream)  # the same on every rank
-    # sampling noise: its own on each rank; only the CPU's and this device's generators
+    # sampling noise: its own on each rank; only the CPU's and this device's generators (a
+    # seed is at most 2**32 - 1, so seed + rank stays far inside torch's 64-bit seeds)
     seed_generators(stream + world.rank, device)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(

@@ -160,9 +160,11 @@ def test_simulate_types_and_seed():
         scvae.data.simulate("10", 5)
     with pytest.raises(TypeError, match="n_cells must be a whole number, got 10.5"):
         scvae.data.simulate(10.5, 5)
-    for wrong in (-1, 1.5, "1"):
-        with pytest.raises(ValueError, match="seed must be a whole number >= 0, None or a numpy"):
+    message = r"seed must be a whole number from 0 to 2\*\*32 - 1, None or a numpy Generator"
+    for wrong in (-1, 1.5, "1", 2**32, 2**64):  # 2**64: accepted, then no h5ad could hold it
+        with pytest.raises(ValueError, match=message):
             scvae.data.simulate(10, 5, seed=wrong)
+    assert scvae.data.simulate(10, 5, seed=2**32 - 1).uns["simulation"]["seed"] == 2**32 - 1
     assert scvae.data.simulate(np.int64(10), 5, seed=None).shape == (10, 5)
     a = scvae.data.simulate(10, 5, seed=np.random.default_rng(0)).X.toarray()
     b = scvae.data.simulate(10, 5, seed=np.random.SeedSequence(0)).X.toarray()
@@ -189,8 +191,9 @@ def test_binomial_thinning_arguments(adata, tmp_path):
         ({"group_sizes": (10.5, 10)}, "group_sizes must be two whole numbers"),
         ({"group_sizes": 10}, "group_sizes must be two whole numbers"),
         ({"log2_fold_changes": ("a",)}, "log2_fold_changes must be finite positive"),
-        ({"seed": None}, "seed must be a whole number >= 0, got None"),
-        ({"seed": -1}, "seed must be a whole number >= 0, got -1"),
+        ({"seed": None}, r"seed must be a whole number from 0 to 2\*\*32 - 1, got None"),
+        ({"seed": -1}, r"seed must be a whole number from 0 to 2\*\*32 - 1, got -1"),
+        ({"seed": 2**32}, r"seed must be a whole number from 0 to 2\*\*32 - 1, got 4294967296"),
         ({"min_fraction_expressing": np.nan}, r"min_fraction_expressing must be a fraction"),
         ({"max_fraction_of_counts": "0.1"}, r"max_fraction_of_counts must be a fraction"),
         ({"max_fraction_of_counts": -1.0}, r"max_fraction_of_counts must be a fraction"),

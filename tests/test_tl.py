@@ -276,8 +276,9 @@ def test_fit_copy_leaves_the_input_alone(small):
         ({"key_added": ""}, ValueError, "key_added must be a non-empty string"),
         ({"n_latent": 0}, ValueError, "n_latent must be a whole number >= 1"),
         ({"max_epochs": 0}, ValueError, "max_epochs must be a whole number >= 1"),
+        ({"seed": 2**32}, ValueError, r"seed must be a whole number from 0 to 2\*\*32 - 1, got"),
     ],
-    ids=["batch_key", "labels_key", "layer", "key_added", "n_latent", "max_epochs"],
+    ids=["batch_key", "labels_key", "layer", "key_added", "n_latent", "max_epochs", "seed"],
 )
 def test_fit_bad_options_name_the_problem_and_change_nothing(small, options, error, match):
     adata = small.copy()
@@ -339,6 +340,16 @@ def test_normalized_expression_copy_and_errors(adata_model):
     assert (on_layer.layers["counts"] != on_layer.X).nnz == 0  # the raw counts left alone
     with pytest.raises(ValueError, match="key_added must be a non-empty string"):
         scvae.tl.differential_expression(adata, model, groupby="cell_type", key_added="")
+
+
+def test_de_seed_out_of_range_is_refused_by_name(adata_model):
+    # seeds past 2**64 - 1 failed inside torch ("Overflow when unpacking long long")
+    adata, model = adata_model
+    with pytest.raises(ValueError, match=r"seed must be None or a whole number from 0 to 2\*\*32"):
+        scvae.tl.differential_expression(
+            adata, model, groupby="cell_type", n_samples_overall=20, seed=2**64, key_added="big"
+        )
+    assert "big" not in adata.uns
 
 
 def test_groupby_bool_or_with_unused_categories_is_refused(adata_model):

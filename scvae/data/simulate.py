@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scvae import _checks
+
 
 def simulate(
     n_cells: int = 1000,
@@ -50,7 +52,7 @@ def simulate(
     zero_inflation
         Mean dropout probability (per gene, Beta-distributed around it).
     seed
-        Random seed; the same seed gives the same data.
+        Random seed, 0 to 2**32 - 1 (or a numpy Generator); the same seed gives the same data.
 
     Returns
     -------
@@ -86,10 +88,7 @@ def simulate(
     # or a whole number >= 0
     generators = (np.random.Generator, np.random.BitGenerator, np.random.SeedSequence)
     if seed is not None and not isinstance(seed, generators):
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise ValueError(
-                f"seed must be a whole number >= 0, None or a numpy Generator, got {seed!r}."
-            )
+        _checks.seed("seed", seed, why=", None or a numpy Generator")
     for name, value, ok, allowed in (
         ("de_fraction", de_fraction, 0 <= de_fraction <= 1, "in [0, 1]"),
         ("de_log_fold_change", de_log_fold_change, de_log_fold_change >= 0, ">= 0"),

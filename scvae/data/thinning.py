@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scvae import _checks
 from scvae.data.registry import get_counts
 
 
@@ -59,7 +60,7 @@ def binomial_thinning(
     layer
         Layer with the counts (None: ``X``).
     seed
-        Random seed of the split, the genes and the thinning.
+        Random seed of the split, the genes and the thinning, 0 to 2**32 - 1.
 
     Returns
     -------
@@ -111,8 +112,7 @@ def binomial_thinning(
                 f"group_sizes must be two whole numbers (cells in groups A and B) or None, got "
                 f"{group_sizes!r}."
             )
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a whole number >= 0, got {seed!r}.")
+    seed = _checks.seed("seed", seed)
     for name, value in (
         ("min_fraction_expressing", min_fraction_expressing),
         ("max_fraction_of_counts", max_fraction_of_counts),
