@@ -372,7 +372,11 @@ def differential_expression(
     -----
     ``uns[key_added]`` holds ``params`` (``groupby``, ``reference``, ``method`` =
     ``"scvae_vanilla"``, ``"scvae_change"`` or ``"scvae_group"``, ``use_raw=False``,
-    ``corr_method="none"``, and the test's options), then per group, genes ranked by score:
+    ``corr_method="none"``, and the options used: ``mode``, ``delta`` and ``pseudocounts``
+    (``"estimated"`` for None), ``fdr_target``, ``batch_correction``,
+    ``n_samples_overall``, ``test_mode``, and ``batch_size`` and ``seed`` as resolved from
+    ``scvae.settings`` when None; the same call with them on the same model gives the same
+    result), then per group, genes ranked by score:
 
     - ``names``;
     - ``scores``: vanilla, the ``bayes_factor`` (log odds of P(rho1 > rho2): positive when higher
@@ -406,6 +410,8 @@ def differential_expression(
     >>> sc.get.rank_genes_groups_df(adata, "type0").columns.tolist()[:3]
     ['names', 'scores', 'logfoldchanges']
     """
+    from scvae._settings import settings
+
     _adata_and_model(adata, model)
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"key_added must be a non-empty string (a uns key), got {key_added!r}.")
@@ -444,6 +450,9 @@ def differential_expression(
         chosen = [g for g in chosen if g != reference]
     if not chosen:
         raise ValueError(f"No group to test against the reference {reference!r}.")
+    # resolved here, so that uns records the values used (the model checks them)
+    seed = settings.seed if seed is None else seed
+    batch_size = settings.inference_batch_size if batch_size is None else batch_size
     table = model.differential_expression(
         adata,
         groupby=groupby,
@@ -472,6 +481,10 @@ def differential_expression(
         "fdr_target": targets[0] if len(targets) == 1 else targets,
         "batch_correction": bool(batch_correction),
         "n_samples_overall": int(n_samples_overall),
+        "pseudocounts": "estimated" if pseudocounts is None else float(pseudocounts),
+        "test_mode": str(test_mode),
+        "batch_size": int(batch_size),
+        "seed": int(seed),
     }
     if reference != "rest":  # as scanpy: the reference's fraction is a column of pts
         result["pts"][reference] = result.pop("pts_rest")[chosen[0]]

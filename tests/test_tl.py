@@ -85,6 +85,30 @@ def test_change_and_group_scores_are_signed_probabilities(adata_model, mode):
         assert (lfc[scores > 0.5] > 0).all() and (lfc[scores < -0.5] < 0).all()
 
 
+def test_params_record_the_options_used_and_repeat_the_run(adata_model, tmp_path):
+    # seed and batch_size (None: read from scvae.settings) and the test's options are recorded
+    # as used, so the run can be repeated from the h5ad
+    adata, model = adata_model
+    table = scvae.tl.differential_expression(
+        adata, model, groupby="cell_type", mode="change", n_samples_overall=50, key_added="rep"
+    )
+    path = tmp_path / "rep.h5ad"
+    adata.write_h5ad(path)
+    params = dict(sc.read_h5ad(path).uns["rep"]["params"])
+    assert params["seed"] == scvae.settings.seed
+    assert params["batch_size"] == scvae.settings.inference_batch_size
+    assert params["pseudocounts"] == "estimated" and params["test_mode"] == "three"
+    assert params["method"] == "scvae_change" and params["use_raw"] is False
+    options = {k: params[k] for k in ("groupby", "mode", "n_samples_overall", "batch_correction")}
+    for key in ("delta", "pseudocounts"):
+        options[key] = None if params[key] == "estimated" else params[key]
+    for key in ("fdr_target", "test_mode", "batch_size", "seed"):
+        options[key] = params[key]
+    options["reference"] = params["reference"]
+    again = scvae.tl.differential_expression(adata, model, key_added="rep", **options)
+    pd.testing.assert_frame_equal(again, table)
+
+
 def test_scanpy_plots_draw_it(adata_model, tmp_path):
     adata, model = adata_model
     scvae.tl.differential_expression(adata, model, groupby="cell_type", n_samples_overall=300)
