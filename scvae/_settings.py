@@ -63,7 +63,9 @@ class Settings:
         torch's global generators at once, as setting ``scvi.settings.seed`` does (Lightning's
         ``seed_everything``), so the sampling queries (``get_elbo``,
         ``posterior_predictive_sample``, ``get_normalized_expression`` with samples...), which
-        draw from torch's global generator, give the same draws after setting the same seed.
+        draw from torch's global generator, give the same draws after setting the same seed
+        (with the same chunk size: ``batch_size``, or ``inference_batch_size`` when it is None;
+        the draws are made chunk by chunk, as in scvi-tools).
         It is also the seed of the initial weights of a new model and the default of
         ``train(seed=None)``, ``differential_expression(seed=None)`` and ``tl.fit(seed=None)``;
         those use generators of their own and leave the global ones as they were. The value

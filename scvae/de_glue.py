@@ -88,7 +88,9 @@ def differential_expression(
         Cells sampled per group (group mode: at most this many, without replacement).
     batch_size, seed
         Cells per chunk of the expression query; seed of the sampling, 0 to 2**32 - 1
-        (None: ``scvae.settings.seed``).
+        (None: ``scvae.settings.seed``). The same seed gives the same result only with the
+        same chunk size (None: ``scvae.settings.inference_batch_size``): the cells are
+        drawn chunk by chunk, as in scvi-tools.
 
     Returns
     -------

@@ -684,7 +684,8 @@ def posterior_predictive_sample(
     ``(cells, genes, n_samples)`` otherwise (an N-D COO array, scipy >= 1.15). scvi-tools
     returns a ``sparse.GCXS`` of the same shape; ``.todense()`` gives the dense ndarray in
     both. Draws come from torch's global generator (``scvae.settings.seed = n`` or
-    ``torch.manual_seed(n)`` makes them repeat).
+    ``torch.manual_seed(n)`` makes them repeat, for the same ``batch_size``: they are drawn
+    chunk by chunk).
 
     Parameters
     ----------

@@ -108,8 +108,10 @@ def fit(
     seed
         Seed of the initial weights, the train/validation split, the minibatch order and the
         sampling, the latent query's included, 0 to 2**32 - 1 (None: ``scvae.settings.seed``);
-        the same seed gives the same latent on the CPU, bit for bit, and the caller's global
-        generators are left as they were.
+        the same seed gives the same latent on the CPU, bit for bit (with
+        ``latent_distribution="ln"``, whose latent is sampled chunk by chunk, for the same
+        ``scvae.settings.inference_batch_size``), and the caller's global generators are left
+        as they were.
     progress_bar
         Show a progress bar while training (None: ``scvae.settings.progress_bar``).
     n_processes
@@ -360,7 +362,9 @@ def differential_expression(
         As in :meth:`scvae.SCVAE.differential_expression`.
     batch_size, seed
         As there: cells per chunk of the expression queries (None:
-        ``scvae.settings.inference_batch_size``) and the seed of the sampling.
+        ``scvae.settings.inference_batch_size``) and the seed of the sampling. The same seed
+        gives the same result only with the same chunk size (both are recorded in
+        ``params``).
     key_added
         Key of ``adata.uns``.
 
