@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from scvae import _rng
 from scvae.module import VAE, Covariates
 
 Chunk = tuple[torch.Tensor, torch.Tensor, Covariates]
@@ -93,15 +94,15 @@ def latent(
     """Posterior mean (or one sample, or the Gaussian's mean and variance) per cell.
 
     The encoder draws a sample of z with every pass; where the answer needs none (the mean of
-    the normal latent, or the distribution itself), the draw is taken from a fork of torch's
-    generator, so the caller's random state is left as it was (as the docs say: only
+    the normal latent, or the distribution itself), the caller's generators are put back after
+    it, so the caller's random state is left as it was (as the docs say: only
     ``give_mean=False`` and the ``ln`` latent's mean draw).
     """
     means, variances = _Rows(chunks), _Rows(chunks)
     drawless = return_dist or (give_mean and module.config.latent_distribution != "ln")
     for x, b, cov in chunks:
         if drawless:
-            with _forked_rng(x.device):
+            with _rng.kept_generators(x.device):
                 qz = module.inference(x, b, cov)["qz"]
         else:
             qz = module.inference(x, b, cov)["qz"]
@@ -117,13 +118,6 @@ def latent(
     empty = np.zeros((0, module.config.n_latent), dtype=np.float32)
     out = means.result(empty)
     return (out, variances.result(empty)) if return_dist else out
-
-
-def _forked_rng(device: torch.device) -> Any:
-    """A fork of torch's generator for ``device`` (the CPU's, or that CUDA device's as well):
-    what is drawn inside is undone when the block ends."""
-    cuda = [device] if device.type == "cuda" else []
-    return torch.random.fork_rng(devices=cuda)
 
 
 def _ln_mean(module: VAE, qz: torch.distributions.Normal, mc_samples: int) -> torch.Tensor:
