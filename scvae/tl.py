@@ -55,8 +55,10 @@ def fit(
     latent_distribution: Literal["normal", "ln"] = "normal",
     use_observed_lib_size: bool = True,
     encode_covariates: bool = False,
+    deeply_inject_covariates: bool = True,
     use_batch_norm: Literal["encoder", "decoder", "both", "none"] = "both",
     use_layer_norm: Literal["encoder", "decoder", "both", "none"] = "none",
+    log_variational: bool = True,
     max_epochs: int | None = None,
     batch_size: int = 128,
     train_size: float | None = 0.9,
@@ -98,7 +100,9 @@ def fit(
         Latent dimension, width and depth of the networks, encoder dropout.
     dispersion, gene_likelihood, latent_distribution
         As in :class:`scvae.SCVAE`.
-    use_observed_lib_size, encode_covariates, use_batch_norm, use_layer_norm
+    use_observed_lib_size, encode_covariates, deeply_inject_covariates
+        As in :class:`scvae.SCVAE`.
+    use_batch_norm, use_layer_norm, log_variational
         As in :class:`scvae.SCVAE`.
     max_epochs
         Passes over the training cells (None: ``min(round(20000 / n_cells * 400), 400)``, as
@@ -175,8 +179,10 @@ def fit(
         "latent_distribution": latent_distribution,
         "use_observed_lib_size": use_observed_lib_size,
         "encode_covariates": encode_covariates,
+        "deeply_inject_covariates": deeply_inject_covariates,
         "use_batch_norm": use_batch_norm,
         "use_layer_norm": use_layer_norm,
+        "log_variational": log_variational,
     }
     seed = settings.seed if seed is None else _checks.seed("seed", seed)
     # the initial weights from this seed, for this model and thread only: settings.seed is

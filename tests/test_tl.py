@@ -453,3 +453,23 @@ def test_warnings_point_at_the_users_line_from_every_entry_point():
         with pytest.warns(UserWarning) as seen:
             call()
         assert {w.filename for w in seen} == {__file__}, name
+
+
+def test_fit_takes_every_model_option_of_scvae(small):
+    import inspect
+
+    # tl.fit is "SCVAE(adata, ...) then train(...)": two of SCVAE's options were missing
+    model_options = set(inspect.signature(scvae.SCVAE.__init__).parameters) - {"self", "adata"}
+    assert model_options <= set(inspect.signature(scvae.tl.fit).parameters)
+    adata = small.copy()
+    model = scvae.tl.fit(
+        adata,
+        batch_key="batch",
+        deeply_inject_covariates=False,
+        log_variational=False,
+        max_epochs=1,
+    )
+    assert not model.module.config.deeply_inject_covariates
+    assert not model.module.config.log_variational
+    recorded = adata.uns["scvae"]["model"]
+    assert recorded["deeply_inject_covariates"] is False and recorded["log_variational"] is False
