@@ -209,7 +209,13 @@ def fit(
     record: dict[str, Any] = {
         "version": __version__,
         "key_added": key_added,
-        "model": {k: v for k, v in model_options.items() if v is not None},
+        # the covariate keys as a list of names: a tuple or a pandas Index, which registration
+        # accepts, is nothing write_h5ad can hold
+        "model": {
+            k: [str(name) for name in v] if k.endswith("_keys") else v
+            for k, v in model_options.items()
+            if v is not None
+        },
         "train": {
             k: v for k, v in model.train_config.items() if v is not None and k != "progress_bar"
         },

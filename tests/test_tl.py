@@ -473,3 +473,20 @@ def test_fit_takes_every_model_option_of_scvae(small):
     assert not model.module.config.log_variational
     recorded = adata.uns["scvae"]["model"]
     assert recorded["deeply_inject_covariates"] is False and recorded["log_variational"] is False
+
+
+def test_fit_records_covariate_keys_that_h5ad_can_hold(small, tmp_path):
+    # keys as a tuple or adata.obs.columns[...] (accepted by registration) were recorded as
+    # given, and write_h5ad failed on uns["scvae"] ("No method registered for writing tuple")
+    adata = small.copy()
+    adata.obs["donor"] = np.where(np.arange(adata.n_obs) % 2, "d1", "d2")
+    adata.obs["score"] = np.linspace(0.0, 1.0, adata.n_obs)
+    scvae.tl.fit(
+        adata,
+        categorical_covariate_keys=("donor",),
+        continuous_covariate_keys=adata.obs.columns[adata.obs.columns == "score"],
+        max_epochs=1,
+    )
+    assert adata.uns["scvae"]["model"]["categorical_covariate_keys"] == ["donor"]
+    assert adata.uns["scvae"]["model"]["continuous_covariate_keys"] == ["score"]
+    adata.write_h5ad(tmp_path / "fit.h5ad")
