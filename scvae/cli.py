@@ -25,9 +25,10 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -188,8 +189,6 @@ def _write_atomically(
 
 
 def _read(path: str) -> ad.AnnData:
-    import warnings
-
     import scvae
 
     with warnings.catch_warnings():
@@ -610,6 +609,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_line(command: str) -> Callable[..., None]:
+    """``warnings.showwarning`` for the command: ``scvae COMMAND: warning: message``, one line
+    on stderr (the category named unless it is a plain UserWarning)."""
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        kind = "" if category is UserWarning else f"{category.__name__}: "
+        text = " ".join(str(message).split())
+        print(f"scvae {command}: warning: {kind}{text}", file=sys.stderr)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scvae`` command; returns the exit code.
 
@@ -646,7 +657,10 @@ def main(argv: list[str] | None = None) -> int:
             raise CLIError(f"--max-epochs must be at least 1, got {args.max_epochs}")
         if not 0 <= args.seed < 2**32:  # numpy's and scanpy's random states take no more
             raise CLIError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
-        with _sigterm_as_exit():  # SIGTERM unwinds, so half-written temporary files go
+        # a warning is one line naming the command, as an error is, not Python's "file:line:"
+        # (the first frame outside scvae is runpy's or the console script's, no help here)
+        with _sigterm_as_exit(), warnings.catch_warnings():  # SIGTERM unwinds, so
+            warnings.showwarning = _warning_line(args.command)  # half-written files go
             args.func(args)
     except (CLIError, ValueError, OSError) as err:
         # scvae's own bad-input errors (unreadable data, unknown key or layer, not raw counts,

@@ -693,3 +693,16 @@ def test_repeated_gene_names_are_one_line_without_anndata_s_warning(counts, tmp_
         code, _, err = run(["fit", tmp_path / "dup.h5ad", "-o", tmp_path / "o.h5ad"], capsys)
     check_one_line_error(code, err, "fit", r"g0")
     assert not [w for w in seen if "not unique" in str(w.message)]
+
+
+def test_warnings_are_one_line_naming_the_command(counts, tmp_path, capsys):
+    # a warning showed Python's "<frozen runpy>:88: UserWarning:" and the message on two lines
+    few = counts.copy()
+    few.obs["label"] = ["a"] * (few.n_obs - 1) + ["b"]  # a category of one cell: warned
+    few.write_h5ad(tmp_path / "few.h5ad")
+    argv = ["fit", tmp_path / "few.h5ad", "-o", tmp_path / "o.h5ad", "--max-epochs", "1"]
+    code, _, err = run([*argv, "--labels-key", "label", "--no-progress"], capsys)
+    assert code == 0
+    lines = [line for line in err.splitlines() if "fewer than" in line]
+    assert len(lines) == 1 and lines[0].startswith("scvae fit: warning: adata.obs['label']")
+    assert "UserWarning" not in err and ".py:" not in err
