@@ -600,7 +600,7 @@ class SCVAE:
         n_cells = self.registry_adata().n_obs
         if max_epochs is None:
             max_epochs = max(min(round(20000 / n_cells * 400), 400), 1)
-        seed = settings.seed if seed is None else _checks.seed("seed", seed)
+        seed = settings.seed if seed is None else seed  # checked by TrainConfig
         if precision == "32-true" or (type(precision) is int and precision == 32):
             precision = "32"  # Lightning's other names of float32
         config = TrainConfig(
@@ -635,7 +635,7 @@ class SCVAE:
             if on
         ]
         if watched and not len(
-            split_indices(n_cells, train_size, validation_size, seed, batch_size)[1]
+            split_indices(n_cells, train_size, validation_size, config.seed, batch_size)[1]
         ):
             given = f"train_size={train_size}" + (
                 "" if validation_size is None else f" with validation_size={validation_size}"

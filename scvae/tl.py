@@ -184,7 +184,7 @@ def fit(
         "use_layer_norm": use_layer_norm,
         "log_variational": log_variational,
     }
-    seed = settings.seed if seed is None else _checks.seed("seed", seed)
+    seed = settings.seed if seed is None else seed  # checked by settings._weights_seed
     # the initial weights from this seed, for this model and thread only: settings.seed is
     # left as it is and the caller's global generators are not seeded (as setting it would)
     with settings._weights_seed(seed):
