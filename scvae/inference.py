@@ -8,6 +8,7 @@ the host. ``SCVAE`` builds the chunks from an AnnData; memory is bounded by the 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -95,26 +96,24 @@ def latent(
 
     The encoder draws a sample of z with every pass; where the answer needs none (the mean of
     the normal latent, or the distribution itself), the caller's generators are put back after
-    it, so the caller's random state is left as it was (as the docs say: only
+    the passes, so the caller's random state is left as it was (as the docs say: only
     ``give_mean=False`` and the ``ln`` latent's mean draw).
     """
     means, variances = _Rows(chunks), _Rows(chunks)
     drawless = return_dist or (give_mean and module.config.latent_distribution != "ln")
-    for x, b, cov in chunks:
-        if drawless:
-            with _rng.kept_generators(x.device):
-                qz = module.inference(x, b, cov)["qz"]
-        else:
+    device = next(module.parameters()).device
+    with _rng.kept_generators(device) if drawless else contextlib.nullcontext():
+        for x, b, cov in chunks:
             qz = module.inference(x, b, cov)["qz"]
-        if return_dist:
-            means.add(qz.loc)
-            variances.add(qz.variance)
-        elif not give_mean:
-            means.add(module.transform_z(qz.sample()))
-        elif module.config.latent_distribution == "ln":
-            means.add(_ln_mean(module, qz, mc_samples))
-        else:
-            means.add(qz.loc)
+            if return_dist:
+                means.add(qz.loc)
+                variances.add(qz.variance)
+            elif not give_mean:
+                means.add(module.transform_z(qz.sample()))
+            elif module.config.latent_distribution == "ln":
+                means.add(_ln_mean(module, qz, mc_samples))
+            else:
+                means.add(qz.loc)
     empty = np.zeros((0, module.config.n_latent), dtype=np.float32)
     out = means.result(empty)
     return (out, variances.result(empty)) if return_dist else out
